@@ -1,0 +1,541 @@
+"""The privacy-first analytics collector: configuration, the HTTP app, and main().
+
+Run it with `python collector.py`. With no configuration it collects into a local SQLite
+event log under ./data; see env.example for every setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from aiohttp import web
+from multidict import MultiMapping
+
+import privacy
+from pathways import VISITOR_TRACKED, ContractError, Emitter, LocalSink, Pathways, wait_any
+from store import DB_FILENAME, Store, StoreClosedError
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("collector")
+
+SERVICE_NAME = "flow-analytics-collector"
+MAX_PAGEVIEW_BYTES = 8 * 1024
+MAX_PATH_LENGTH = 2048
+MAX_DOMAIN_LENGTH = 253
+SECRET_KEY_FILE = "secret_key"
+MIN_SECRET_KEY_LENGTH = 32
+MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
+# No client address and no user agent: the access log must not undo what hashing protects.
+ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Clock = Callable[[], datetime]
+
+# -- configuration ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "0.0.0.0", "Address to listen on."),
+    Setting("PORT", "3005", "Port to listen on."),
+    Setting("DATA_DIR", "./data", "Directory of the SQLite database and the generated secret key."),
+    Setting(
+        "SECRET_KEY",
+        "",
+        "Seeds the daily visitor-hash salt; at least 32 characters. When unset, one is generated "
+        "and kept in DATA_DIR/secret_key (mode 0600). Changing it changes every visitor hash.",
+    ),
+    Setting(
+        "TRUSTED_PROXIES",
+        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,169.254.0.0/16,fe80::/10",
+        "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For, "
+        "X-Real-IP and CF-Connecting-IP headers are believed. Empty: believe none.",
+    ),
+    Setting("TIMEZONE", "UTC", "IANA time zone whose days the statistics follow, e.g. Europe/Copenhagen."),
+    Setting(
+        "HANDLER_MAX_ATTEMPTS",
+        "5",
+        "Attempts a failing event handler gets before the event goes to the dead-letter table.",
+    ),
+    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+)
+DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    data_dir: Path
+    secret_key: str = field(repr=False)
+    trusted_proxies: tuple[IPNetwork, ...]
+    timezone: ZoneInfo
+    handler_max_attempts: int
+    log_level: str
+
+
+def load_config(environ: Mapping[str, str]) -> Config:
+    """Read every setting once; a bad value raises ConfigError naming the variable."""
+
+    def get(name: str) -> str:
+        return environ.get(name, DEFAULTS[name]).strip()
+
+    data_dir = Path(get("DATA_DIR") or DEFAULTS["DATA_DIR"])
+    return Config(
+        host=get("HOST") or DEFAULTS["HOST"],
+        port=_integer("PORT", get("PORT"), 1, 65535),
+        data_dir=data_dir,
+        secret_key=_secret_key(environ.get("SECRET_KEY", ""), data_dir),
+        trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
+        timezone=_zone("TIMEZONE", get("TIMEZONE")),
+        handler_max_attempts=_integer("HANDLER_MAX_ATTEMPTS", get("HANDLER_MAX_ATTEMPTS"), 1, 1000),
+        log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
+    )
+
+
+def _integer(name: str, text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low} to {high}, not {value}")
+    return value
+
+
+def _choice(name: str, text: str, choices: Sequence[str]) -> str:
+    if text not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {text!r}")
+    return text
+
+
+def _networks(name: str, text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range") from None
+    return tuple(networks)
+
+
+def _zone(name: str, text: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name} must be an IANA time zone such as Europe/Copenhagen, not {text!r}") from None
+
+
+def _secret_key(given: str, data_dir: Path) -> str:
+    """SECRET_KEY from the environment, else the one kept in DATA_DIR, else a new one kept there."""
+    if given:
+        if len(given) < MIN_SECRET_KEY_LENGTH:
+            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters long")
+        return given
+    path = data_dir / SECRET_KEY_FILE
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            key = path.read_text().strip()
+            if len(key) < MIN_SECRET_KEY_LENGTH:
+                raise ConfigError(f"SECRET_KEY: the key stored in {path} is shorter than {MIN_SECRET_KEY_LENGTH}")
+            logger.info("SECRET_KEY is not set: using the one stored in %s", path)
+            return key
+        key = secrets.token_urlsafe(48)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(key + "\n")
+    except OSError as error:
+        raise ConfigError(f"SECRET_KEY is not set and DATA_DIR cannot keep a generated one: {error}") from None
+    logger.info("SECRET_KEY is not set: generated one and stored it in %s (mode 0600)", path)
+    return key
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An answer in the one error shape: {"status": N, "error": "what is wrong"}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"status": status, "error": message}, status=status)
+
+
+@web.middleware
+async def errors_and_cors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error leaves as JSON in one shape, without internals; CORS headers go on every
+    answer of the collection endpoint, errors included, so a browser can read them."""
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = error_response(error.status, error.message)
+    except ContractError as error:
+        response = error_response(400, str(error))
+    except StoreClosedError:
+        response = error_response(503, "the collector is shutting down; try again")
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        response = error_response(error.status, _http_error_message(request, error))
+    except Exception:
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+        response = error_response(500, "internal error")
+    if request.path in CORS_PATHS:
+        add_cors_headers(request, response)
+    return response
+
+
+def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
+    if error.status == 404:
+        return f"no such endpoint: {request.path}"
+    if error.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    return error.reason
+
+
+# -- the collection endpoint --------------------------------------------------------------------------------
+
+CORS_PATHS = {"/api/pageview"}
+PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
+BODY_TYPES = ("application/json", "text/plain")
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@dataclass(frozen=True)
+class PageviewInput:
+    pathname: str
+    referrer: str
+    domain: str
+
+
+def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    origin = request.headers.get("Origin")
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+
+
+async def pageview_preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type",
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+
+
+async def pageview(request: web.Request) -> web.Response:
+    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed."""
+    if request.content_type not in BODY_TYPES:
+        raise ApiError(415, f"Content-Type must be application/json or text/plain, not {request.content_type}")
+    fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), request.headers)
+    config = request.app[CONFIG]
+    now = request.app[CLOCK]()
+    day = privacy.salt_day(now)
+    ip = client_ip(request.remote, request.headers, config.trusted_proxies)
+    payload = {
+        "visitorHash": privacy.visitor_hash(ip, request.headers.get("User-Agent"), day, config.secret_key),
+        "domain": fields.domain,
+        "pathname": fields.pathname,
+        "referrer": fields.referrer,
+        "sessionContext": {"dailySaltRotation": day},
+    }
+    await request.app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
+    return web.Response(status=204)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    unknown = sorted(set(data) - set(PAGEVIEW_FIELDS))
+    if unknown:
+        names = ", ".join(repr(name[:64]) for name in unknown[:10])
+        raise ApiError(400, f"unknown fields: {names}; expected pathname, referrer and domain")
+    pathname = _text_field(data, "pathname", 1, MAX_PATH_LENGTH)
+    referrer = _text_field(data, "referrer", 0, MAX_PATH_LENGTH)
+    if "domain" in data:
+        domain = normalize_host(_text_field(data, "domain", 1, MAX_DOMAIN_LENGTH))
+        if domain is None:
+            raise ApiError(400, "domain must be a hostname such as example.com")
+    else:
+        domain = domain_from_headers(headers)
+    return PageviewInput(pathname, referrer, domain)
+
+
+def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
+    if name not in data:
+        raise ApiError(400, f"{name} is required")
+    value = data[name]
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    if not low <= len(value) <= high:
+        raise ApiError(400, f"{name} must be {low} to {high} characters long")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{name} is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+def normalize_host(text: str) -> str | None:
+    """A lower-case hostname (IDNA-encoded) or a bracketed IPv6 address; None if it is neither."""
+    host = text.strip().rstrip(".").lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            return None
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not 0 < len(host) <= MAX_DOMAIN_LENGTH or not all(HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        return None
+    return host
+
+
+def domain_from_headers(headers: Mapping[str, str]) -> str:
+    """The host of the Origin header, else of the Referer header."""
+    for name in ("Origin", "Referer"):
+        try:
+            host = urlsplit(headers.get(name, "")).hostname
+        except ValueError:
+            continue
+        if host:
+            domain = normalize_host(f"[{host}]" if ":" in host else host)
+            if domain is not None:
+                return domain
+    raise ApiError(400, "domain is missing, and neither an Origin nor a Referer header names a host")
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An address as proxies write it: bare, bracketed IPv6, or with a port; None if not one."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: IPAddress, proxies: Sequence[IPNetwork]) -> bool:
+    return any(address in network for network in proxies)
+
+
+def client_ip(peer: str | None, headers: MultiMapping[str], proxies: Sequence[IPNetwork]) -> str:
+    """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
+    address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
+    peer_address = parse_ip(peer or "")
+    if peer_address is None:
+        return peer or "unknown"
+    if not _trusted(peer_address, proxies):
+        return str(peer_address)
+    forwarded = _from_forwarded_for(headers, proxies)
+    if forwarded is not None:
+        return str(forwarded)
+    for name in ("X-Real-IP", "CF-Connecting-IP"):
+        address = parse_ip(headers.get(name, ""))
+        if address is not None:
+            return str(address)
+    return str(peer_address)
+
+
+def _from_forwarded_for(headers: MultiMapping[str], proxies: Sequence[IPNetwork]) -> IPAddress | None:
+    values = headers.getall("X-Forwarded-For", [])
+    hops = [hop for value in values for hop in value.split(",") if hop.strip()]
+    last: IPAddress | None = None
+    for hop in reversed(hops):
+        address = parse_ip(hop)
+        if address is None:
+            return None  # a hop we cannot read: nothing left of it can be trusted
+        if not _trusted(address, proxies):
+            return address
+        last = address
+    return last  # every hop is a trusted proxy: the left-most is the origin
+
+
+# -- service endpoints ----------------------------------------------------------------------------------------
+
+ENDPOINTS = {
+    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain.",
+    "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
+    "GET /test.html": "A test page that sends page views to this collector.",
+    "GET /": "This list.",
+}
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"service": SERVICE_NAME, "version": __version__, "mode": "local", "endpoints": ENDPOINTS}
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(5):
+            counts = await request.app[STORE].health()
+    except Exception as error:
+        logger.error("health check: the database does not answer: %s", error)
+        body = {"status": "unavailable", "mode": "local", "version": __version__, "database": "unavailable"}
+        return web.json_response(body, status=503)
+    return web.json_response(
+        {
+            "status": "ok",
+            "mode": "local",
+            "version": __version__,
+            "database": "ok",
+            "backlog": counts["outbox"] + counts["undelivered"],
+            "outbox": counts["outbox"],
+            "dead_letters": counts["dead_letters"],
+            "last_processed_at": counts["last_processed_at"],
+        }
+    )
+
+
+async def test_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "test.html", headers={"Cache-Control": "no-cache"})
+
+
+# -- the application ---------------------------------------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CONFIG = web.AppKey("config", Config)
+CLOCK = web.AppKey("clock", Callable[[], datetime])
+STORE = web.AppKey("store", Store)
+PATHWAYS = web.AppKey("pathways", Pathways)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
+    app = web.Application(middlewares=[errors_and_cors])
+    app[CONFIG] = config
+    app[CLOCK] = clock
+    app.cleanup_ctx.append(runtime)
+    app.router.add_get("/", index)
+    app.router.add_get("/health", health)
+    app.router.add_post("/api/pageview", pageview)
+    app.router.add_route("OPTIONS", "/api/pageview", pageview_preflight)
+    app.router.add_get("/test.html", test_page)
+    return app
+
+
+async def runtime(app: web.Application) -> AsyncIterator[None]:
+    """Open the store, start the emitter and the maintenance job; on the way out, stop
+    them in order: the emitter finishes its batch, pending commits land, the file closes."""
+    config = app[CONFIG]
+    store = Store(config.data_dir / DB_FILENAME, config.timezone)
+    await store.open()
+    pathways = Pathways(store, max_attempts=config.handler_max_attempts)
+    pathways.register(VISITOR_TRACKED)
+    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    emitter = Emitter(store, LocalSink(store, pathways))
+    app[STORE], app[PATHWAYS] = store, pathways
+    emitter.start()
+    stop_maintenance = asyncio.Event()
+    maintenance = asyncio.create_task(run_maintenance(store, app[CLOCK], stop_maintenance), name="maintenance")
+    try:
+        yield
+    finally:
+        stop_maintenance.set()
+        with suppress(Exception):
+            await maintenance
+        await emitter.stop()
+        await store.close()
+        logger.info("stopped; the database is closed")
+
+
+async def run_maintenance(store: Store, clock: Clock, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await store.forget_expired_visitors(clock().astimezone(timezone.utc).date())
+        except Exception:
+            logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
+        await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(os.environ)
+    except ConfigError as error:
+        print(f"collector: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    logger.info(
+        "%s %s: mode local, data in %s, listening on %s:%d, days in %s",
+        SERVICE_NAME, __version__, config.data_dir.resolve(), config.host, config.port, config.timezone.key,
+    )
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=10.0,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

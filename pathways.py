@@ -1,0 +1,435 @@
+"""Pathways: event contracts, the registry, `write` into the outbox, the emitter that drains
+the outbox to a sink, and the router that hands each event to its handler exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import aiosqlite
+
+from store import LoggedEvent, OutboxRow, Store, iso_ms
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENT_ID_LENGTH = 128
+
+
+class ContractError(ValueError):
+    """A payload that breaks its pathway's contract."""
+
+
+class EnvelopeError(ValueError):
+    """An event envelope that is malformed."""
+
+
+class UnknownPathwayError(LookupError):
+    """No pathway is registered for the envelope's flow type and event type."""
+
+
+# -- contracts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string field: length bounds (in characters) and an optional full-match pattern."""
+
+    min_length: int = 0
+    max_length: int = 2048
+    pattern: re.Pattern[str] | None = None
+    pattern_help: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, str):
+            raise ContractError(f"{name} must be a string")
+        if not self.min_length <= len(value) <= self.max_length:
+            raise ContractError(f"{name} must be {self.min_length} to {self.max_length} characters long")
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise ContractError(f"{name} must be {self.pattern_help}")
+
+
+@dataclass(frozen=True)
+class Obj:
+    """An object field: exactly these keys, each checked by its own spec."""
+
+    fields: Mapping[str, Text | Obj]
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise ContractError(f"{name} must be an object")
+        unknown = sorted(set(value) - set(self.fields))
+        if unknown:
+            raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
+        for key, spec in self.fields.items():
+            if key not in value:
+                raise ContractError(f"{name}.{key} is required")
+            spec.check(f"{name}.{key}", value[key])
+
+
+@dataclass(frozen=True)
+class Contract:
+    flow_type: str
+    event_type: str
+    description: str
+    schema: Obj
+
+    @property
+    def key(self) -> str:
+        return f"{self.flow_type}/{self.event_type}"
+
+    def validate(self, payload: Any) -> None:
+        self.schema.check("payload", payload)
+
+
+VISITOR_TRACKED = Contract(
+    flow_type="visitor.v0",
+    event_type="visitor.tracked.v0",
+    description="A page view by an anonymous visitor, identified only by a daily-rotating hash.",
+    schema=Obj(
+        {
+            "visitorHash": Text(64, 64, re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters"),
+            "domain": Text(1, 253),
+            "pathname": Text(1, 2048),
+            "referrer": Text(0, 2048),
+            "sessionContext": Obj(
+                {"dailySaltRotation": Text(10, 10, re.compile(r"\d{4}-\d{2}-\d{2}"), "a date as YYYY-MM-DD")}
+            ),
+        }
+    ),
+)
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    flow_type: str
+    event_type: str
+    valid_time: datetime
+    payload: dict[str, Any]
+    time_bucket: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.flow_type}/{self.event_type}"
+
+    def envelope(self) -> str:
+        """The event as a Flowcore envelope, for the dead-letter table."""
+        return json.dumps(
+            {
+                "eventId": self.event_id,
+                "timeBucket": self.time_bucket,
+                "flowType": self.flow_type,
+                "eventType": self.event_type,
+                "metadata": self.metadata,
+                "payload": self.payload,
+                "validTime": iso_ms(self.valid_time),
+            }
+        )
+
+    @classmethod
+    def from_log(cls, logged: LoggedEvent) -> Event:
+        return cls(
+            event_id=logged.event_id,
+            flow_type=logged.flow_type,
+            event_type=logged.event_type,
+            valid_time=parse_time(logged.valid_time),
+            payload=json.loads(logged.payload),
+            time_bucket=logged.time_bucket,
+        )
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("a time without a zone")
+    return moment
+
+
+def parse_envelope(raw: Any) -> Event:
+    """A Flowcore event envelope; the legacy `aggregator` names the flow type, as the
+    original router read it."""
+    if not isinstance(raw, dict):
+        raise EnvelopeError("the event envelope must be a JSON object")
+    flow_type = raw.get("aggregator") or raw.get("flowType")
+    for name, value in (("flowType (or aggregator)", flow_type), ("eventType", raw.get("eventType"))):
+        if not isinstance(value, str) or not value:
+            raise EnvelopeError(f"envelope.{name} must be a non-empty string")
+    event_id = raw.get("eventId")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID_LENGTH:
+        raise EnvelopeError(f"envelope.eventId must be a string of 1 to {MAX_EVENT_ID_LENGTH} characters")
+    if not isinstance(raw.get("payload"), dict):
+        raise EnvelopeError("envelope.payload must be an object")
+    valid_time = raw.get("validTime")
+    try:
+        moment = parse_time(valid_time) if isinstance(valid_time, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise EnvelopeError("envelope.validTime must be an ISO 8601 time with a zone")
+    metadata = raw.get("metadata")
+    return Event(
+        event_id=event_id,
+        flow_type=str(flow_type),
+        event_type=raw["eventType"],
+        valid_time=moment,
+        payload=raw["payload"],
+        time_bucket=str(raw.get("timeBucket") or ""),
+        metadata=metadata if isinstance(metadata, dict) else {},
+    )
+
+
+def secret_matches(expected: str, provided: str | None) -> bool:
+    """Constant-time comparison, so the secret cannot be guessed byte by byte from timings."""
+    return provided is not None and hmac.compare_digest(expected.encode(), provided.encode())
+
+
+def time_bucket(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y%m%d%H0000")
+
+
+# A random node instead of the MAC address: an event id says when, never on which machine.
+_UUID_NODE = int.from_bytes(os.urandom(6), "big") | 0x010000000000
+
+
+def time_uuid() -> str:
+    """A version-1 (time-based) UUID, as Flowcore assigns event ids."""
+    return str(uuid.uuid1(node=_UUID_NODE))
+
+
+# -- registry, write, router -------------------------------------------------------------------------
+
+
+Handler = Callable[[aiosqlite.Connection, Sequence[Event]], Awaitable[None]]
+
+
+class Outcome(enum.Enum):
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"  # rolled back; the sender should deliver it again
+    DEAD_LETTERED = "dead-lettered"
+
+
+class Pathways:
+    """The registry of contracts and handlers, the writer, and the router."""
+
+    def __init__(self, store: Store, *, max_attempts: int = 5, retry_delay: float = 0.5) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+        self._contracts: dict[str, Contract] = {}
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, contract: Contract) -> None:
+        if contract.key in self._contracts:
+            raise ValueError(f"pathway {contract.key} is registered already")
+        self._contracts[contract.key] = contract
+
+    def handle(self, contract: Contract, handler: Handler) -> None:
+        if contract.key not in self._contracts:
+            raise ValueError(f"pathway {contract.key} is not registered")
+        if contract.key in self._handlers:
+            raise ValueError(f"pathway {contract.key} has a handler already")
+        self._handlers[contract.key] = handler
+
+    def contract_for(self, event: Event) -> Contract:
+        contract = self._contracts.get(event.key)
+        if contract is None:
+            raise UnknownPathwayError(f"no pathway {event.key}")
+        return contract
+
+    async def write(self, contract: Contract, payload: dict[str, Any], collected_at: datetime) -> None:
+        """Validate a payload and commit it to the outbox; returns once it is durable."""
+        if contract.key not in self._contracts:
+            raise UnknownPathwayError(f"no pathway {contract.key}")
+        contract.validate(payload)
+        await self.store.append_outbox(
+            contract.flow_type, contract.event_type, json.dumps(payload, separators=(",", ":")), iso_ms(collected_at)
+        )
+
+    async def process(self, event: Event) -> Outcome:
+        """Route one event: record its id and run its handler in ONE transaction, so a
+        redelivered event is acknowledged and changes nothing."""
+        self.contract_for(event).validate(event.payload)
+        try:
+            async with self.store.transaction() as tx:
+                if not await self.store.claim_events(tx, {event.event_id: event.key}):
+                    return Outcome.DUPLICATE
+                handler = self._handlers.get(event.key)
+                if handler is not None:
+                    await handler(tx, [event])
+        except Exception as error:
+            return await self._failed(event, error, self.max_attempts)
+        return Outcome.PROCESSED
+
+    async def deliver(self, events: Sequence[Event]) -> None:
+        """Process events in order: together in one transaction when they all succeed,
+        one by one (with retries and dead letters) when any fails."""
+        try:
+            await self._process_together(events)
+        except Exception as error:
+            logger.warning("a batch of %d events failed (%s); processing them one by one", len(events), error)
+            for event in events:
+                await self._process_with_retries(event)
+
+    async def _process_together(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.contract_for(event).validate(event.payload)
+        async with self.store.transaction() as tx:
+            new = await self.store.claim_events(tx, {e.event_id: e.key for e in events})
+            by_key: dict[str, list[Event]] = {}
+            for event in events:
+                if event.event_id in new:
+                    by_key.setdefault(event.key, []).append(event)
+            for key, batch in by_key.items():
+                handler = self._handlers.get(key)
+                if handler is not None:
+                    await handler(tx, batch)
+
+    async def _process_with_retries(self, event: Event) -> Outcome:
+        delay = self.retry_delay
+        while True:
+            try:
+                outcome = await self.process(event)
+            except (ContractError, UnknownPathwayError) as error:
+                return await self._failed(event, error, max_attempts=1)  # retrying cannot help
+            if outcome is not Outcome.FAILED:
+                return outcome
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _failed(self, event: Event, error: Exception, max_attempts: int) -> Outcome:
+        message = f"{type(error).__name__}: {error}"
+        attempts = await self.store.record_failure(event.event_id, event.key, event.envelope(), message, max_attempts)
+        if attempts >= max_attempts:
+            logger.error("event %s (%s) dead-lettered after %d attempts: %s", event.event_id, event.key, attempts, message)
+            return Outcome.DEAD_LETTERED
+        logger.warning("event %s (%s) failed, attempt %d of %d: %s", event.event_id, event.key, attempts,
+                       max_attempts, message)
+        return Outcome.FAILED
+
+
+# -- emitter and sinks ----------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    async def recover(self) -> None:
+        """Finish what an earlier run or a failed send left half done."""
+
+    async def send(self, rows: Sequence[OutboxRow]) -> None: ...
+
+
+class LocalSink:
+    """The embedded event log: assigns ids and times as Flowcore would, writes the local event
+    log, then hands the events to the router. A cursor in `meta` remembers what was delivered,
+    so events logged but not yet processed (a crash, a failed delivery) are caught up."""
+
+    CURSOR = "local_delivered_seq"
+
+    def __init__(self, store: Store, pathways: Pathways) -> None:
+        self.store = store
+        self.pathways = pathways
+        self._lagging = True  # until recover() has caught up with the log
+
+    async def recover(self) -> None:
+        cursor = int(await self.store.get_meta(self.CURSOR) or 0)
+        while logged := await self.store.event_log_after(cursor, 500):
+            await self._deliver(logged)
+            cursor = logged[-1].seq
+        self._lagging = False
+
+    async def send(self, rows: Sequence[OutboxRow]) -> None:
+        logged = [
+            LoggedEvent(
+                seq=row.seq,
+                event_id=time_uuid(),
+                flow_type=row.flow_type,
+                event_type=row.event_type,
+                time_bucket=time_bucket(parse_time(row.collected_at)),
+                valid_time=row.collected_at,
+                payload=row.payload,
+            )
+            for row in rows
+        ]
+        await self.store.move_to_event_log(logged)
+        if self._lagging:
+            await self.recover()
+        else:
+            await self._deliver(logged)
+
+    async def _deliver(self, logged: Sequence[LoggedEvent]) -> None:
+        self._lagging = True
+        await self.pathways.deliver([Event.from_log(item) for item in logged])
+        await self.store.set_meta(self.CURSOR, str(logged[-1].seq))
+        self._lagging = False
+
+
+class Emitter:
+    """Drains the outbox in order, in batches, to the sink, until stopped."""
+
+    def __init__(self, store: Store, sink: Sink, batch_size: int = 100) -> None:
+        self.store = store
+        self.sink = sink
+        self.batch_size = batch_size
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="emitter")
+
+    async def stop(self) -> None:
+        """Let the batch in flight finish, then stop; what is left waits in the outbox."""
+        self._stopped.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        recovered = False
+        while not self._stopped.is_set():
+            if not recovered:
+                recovered = await self._attempt(self.sink.recover())
+                continue
+            self.store.outbox_changed.clear()  # before reading, so no commit's wake-up is missed
+            rows = await self.store.pending_outbox(self.batch_size)
+            if not rows:
+                await wait_any(self.store.outbox_changed, self._stopped)
+                continue
+            recovered = await self._attempt(self.sink.send(rows))
+
+    async def _attempt(self, step: Awaitable[None]) -> bool:
+        """Run one step of the sink; on failure log it and pause, and report it."""
+        try:
+            await step
+        except Exception:
+            logger.exception("the %s failed; its events are kept and will be tried again", type(self.sink).__name__)
+            await wait_any(self._stopped, timeout=1.0)
+            return False
+        return True
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of the events is set, or the timeout passes."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")

@@ -1,0 +1,708 @@
+"""The SQLite file: schema and migrations, the single writer with group commit, the outbox,
+the local event log, pathway state, and the read model built from page view events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+import aiosqlite
+
+if TYPE_CHECKING:
+    from pathways import Event
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "collector.sqlite3"
+VISIT_GAP_MS = 30 * 60 * 1000
+DIRECT = "(direct)"
+UNKNOWN_SOURCE = "(unknown)"
+
+SCHEMA_0001 = """
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a sent row's seq is never reused
+    flow_type TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    collected_at TEXT NOT NULL
+);
+CREATE TABLE event_log (
+    seq INTEGER PRIMARY KEY,                -- the outbox seq, so the log keeps collection order
+    event_id TEXT NOT NULL UNIQUE,
+    flow_type TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    time_bucket TEXT NOT NULL,
+    valid_time TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE TABLE pathway_state (
+    event_id TEXT PRIMARY KEY,
+    pathway TEXT NOT NULL,
+    processed_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE pathway_failures (
+    event_id TEXT PRIMARY KEY,
+    attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    event_id TEXT PRIMARY KEY,
+    pathway TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    failed_at TEXT NOT NULL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+
+CREATE TABLE daily_stats (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    pageviews INTEGER NOT NULL,
+    visitors INTEGER NOT NULL,
+    visits INTEGER NOT NULL,
+    bounces INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (domain, day)
+) WITHOUT ROWID;
+CREATE TABLE hourly_stats (
+    domain TEXT NOT NULL,
+    hour TEXT NOT NULL,
+    pageviews INTEGER NOT NULL,
+    visitors INTEGER NOT NULL,
+    PRIMARY KEY (domain, hour)
+) WITHOUT ROWID;
+CREATE TABLE page_stats (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    pathname TEXT NOT NULL,
+    pageviews INTEGER NOT NULL,
+    visitors INTEGER NOT NULL,
+    PRIMARY KEY (domain, day, pathname)
+) WITHOUT ROWID;
+CREATE TABLE source_stats (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    source TEXT NOT NULL,
+    pageviews INTEGER NOT NULL,
+    visitors INTEGER NOT NULL,
+    PRIMARY KEY (domain, day, source)
+) WITHOUT ROWID;
+CREATE TABLE pageviews (
+    id INTEGER PRIMARY KEY,
+    domain TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    pathname TEXT NOT NULL,
+    referrer TEXT NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX pageviews_domain_ts ON pageviews (domain, ts_ms);
+
+-- Visitor hashes live only in these three tables, and only until the end of the UTC day
+-- after the one their salt belongs to (forget_expired_visitors).
+CREATE TABLE visitor_state (
+    domain TEXT NOT NULL,
+    visitor_hash TEXT NOT NULL,
+    salt_day TEXT NOT NULL,
+    last_ms INTEGER NOT NULL,
+    visit_start_ms INTEGER NOT NULL,
+    visit_pageviews INTEGER NOT NULL,
+    PRIMARY KEY (domain, visitor_hash)
+) WITHOUT ROWID;
+CREATE TABLE visitor_hits (
+    domain TEXT NOT NULL,
+    visitor_hash TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    salt_day TEXT NOT NULL
+);
+CREATE INDEX visitor_hits_visitor ON visitor_hits (domain, visitor_hash, ts_ms);
+CREATE TABLE seen (
+    domain TEXT NOT NULL,
+    scope TEXT NOT NULL,        -- day | hour | page | source
+    period TEXT NOT NULL,       -- the local day or hour
+    item TEXT NOT NULL,         -- the pathname or source; '' for day and hour
+    visitor_hash TEXT NOT NULL,
+    salt_day TEXT NOT NULL,
+    PRIMARY KEY (domain, scope, period, item, visitor_hash)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (("0001_initial", SCHEMA_0001),)
+
+
+class StoreClosedError(RuntimeError):
+    """The store was closed while a write was waiting."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    flow_type: str
+    event_type: str
+    payload: str
+    collected_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One event of the local event log, as the local sink recorded it."""
+
+    seq: int
+    event_id: str
+    flow_type: str
+    event_type: str
+    time_bucket: str
+    valid_time: str
+    payload: str
+
+
+def iso_ms(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
+    utc = moment.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+class Store:
+    """One SQLite file in WAL mode: a single writer connection, a separate reader."""
+
+    def __init__(
+        self,
+        path: Path,
+        tz: ZoneInfo,
+        *,
+        commit_max_events: int = 512,
+        commit_delay: float = 0.002,
+    ) -> None:
+        self.path = path
+        self.tz = tz
+        self.outbox_changed = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._group = _GroupCommit(self, commit_max_events, commit_delay)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            # FULL: an acknowledged page view survives a power cut, not only a crash.
+            # Group commit pays for the fsync once per batch, not once per request.
+            "PRAGMA synchronous = FULL",
+            "PRAGMA busy_timeout = 5000",
+        ):
+            await self._writer.execute(pragma)
+        await self._migrate()
+        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+        await self._reader.execute("PRAGMA busy_timeout = 5000")
+        self._group.start()
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections. Safe to call twice."""
+        await self._group.stop()
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreClosedError("the store is not open")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreClosedError("the store is not open")
+        return self._reader
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write unit: the lock, because aiosqlite serializes statements, not transactions;
+        IMMEDIATE, so the write lock is taken up front instead of failing at the first write."""
+        async with self._write_lock:
+            conn = self.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    async def _migrate(self) -> None:
+        await self.writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        applied = {row[0] for row in await self.writer.execute_fetchall("SELECT name FROM schema_migrations")}
+        for name, script in MIGRATIONS:
+            if name in applied:
+                continue
+            async with self.transaction() as tx:
+                for statement in _split_sql(script):
+                    await tx.execute(statement)
+                await tx.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, iso_ms(datetime.now(timezone.utc))),
+                )
+            logger.info("applied migration %s", name)
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    async def append_outbox(self, flow_type: str, event_type: str, payload: str, collected_at: str) -> None:
+        """Return once the event is committed, sharing the commit with concurrent callers."""
+        await self._group.append((flow_type, event_type, payload, collected_at))
+
+    async def pending_outbox(self, limit: int) -> list[OutboxRow]:
+        rows = await self.reader.execute_fetchall(
+            "SELECT seq, flow_type, event_type, payload, collected_at FROM outbox ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [OutboxRow(*row) for row in rows]
+
+    async def move_to_event_log(self, events: Sequence[LoggedEvent]) -> None:
+        """Record sent events with their ids and take them off the outbox, atomically."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload)
+                    for e in events
+                ],
+            )
+            await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+
+    async def event_log_after(self, seq: int, limit: int) -> list[LoggedEvent]:
+        rows = await self.reader.execute_fetchall(
+            "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload "
+            "FROM event_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [LoggedEvent(*row) for row in rows]
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self.reader.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.transaction() as tx:
+            await _put_meta(tx, key, value)
+
+    # -- pathway state ------------------------------------------------------------------------
+
+    async def claim_events(self, tx: aiosqlite.Connection, pathways_by_id: dict[str, str]) -> set[str]:
+        """Mark events processed inside the caller's transaction; return the ids that were new."""
+        now = iso_ms(datetime.now(timezone.utc))
+        rows = await tx.execute_fetchall(
+            "INSERT OR IGNORE INTO pathway_state (event_id, pathway, processed_at) "
+            "SELECT value ->> 0, value ->> 1, ? FROM json_each(?) RETURNING event_id",
+            (now, json.dumps(list(pathways_by_id.items()))),
+        )
+        if rows:
+            await _put_meta(tx, "last_processed_at", now)
+        return {row[0] for row in rows}
+
+    async def is_processed(self, event_id: str) -> bool:
+        rows = await self.reader.execute_fetchall("SELECT 1 FROM pathway_state WHERE event_id = ?", (event_id,))
+        return bool(rows)
+
+    async def record_failure(self, event_id: str, pathway: str, envelope: str, error: str, max_attempts: int) -> int:
+        """Count a failed attempt; at max_attempts move the event to the dead letters and mark it
+        processed, so redeliveries are acknowledged. Returns the attempts so far."""
+        now = iso_ms(datetime.now(timezone.utc))
+        async with self.transaction() as tx:
+            rows = await tx.execute_fetchall(
+                "INSERT INTO pathway_failures (event_id, attempts, last_error, updated_at) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT (event_id) DO UPDATE SET attempts = attempts + 1, "
+                "last_error = excluded.last_error, updated_at = excluded.updated_at RETURNING attempts",
+                (event_id, error, now),
+            )
+            attempts = int(next(iter(rows))[0])
+            if attempts >= max_attempts:
+                await tx.execute(
+                    "INSERT OR REPLACE INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (event_id, pathway, envelope, error, attempts, now),
+                )
+                await tx.execute(
+                    "INSERT OR IGNORE INTO pathway_state (event_id, pathway, processed_at) VALUES (?, ?, ?)",
+                    (event_id, pathway, now),
+                )
+                await tx.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
+        return attempts
+
+    async def health(self) -> dict[str, Any]:
+        """Counts for /health; raises if the database does not answer."""
+        delivered = int(await self.get_meta("local_delivered_seq") or 0)
+        rows = await self.reader.execute_fetchall(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM event_log WHERE seq > ?), "
+            "(SELECT count(*) FROM dead_letters), (SELECT value FROM meta WHERE key = 'last_processed_at')",
+            (delivered,),
+        )
+        outbox, undelivered, dead, last = next(iter(rows))
+        return {"outbox": outbox, "undelivered": undelivered, "dead_letters": dead, "last_processed_at": last}
+
+    # -- read model ---------------------------------------------------------------------------
+
+    async def record_pageviews(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
+        """The visitor.tracked.v0 handler: raw rows and rollups, inside the router's transaction."""
+        views = [PageView.from_event(event, self.tz) for event in events]
+        rollup = _Rollup()
+        for view in views:
+            rollup.count_view(view)
+        await _count_new_visitors(tx, views, rollup)
+        states = await _load_visitor_states(tx, {(v.domain, v.visitor_hash) for v in views})
+        by_visitor: dict[tuple[str, str], list[PageView]] = defaultdict(list)
+        for view in views:
+            by_visitor[(view.domain, view.visitor_hash)].append(view)
+        new_states = {}
+        for key, visitor_views in by_visitor.items():
+            new_states[key] = await self._advance_visitor(tx, states.get(key), visitor_views, rollup)
+        await rollup.write(tx)
+        await tx.executemany(
+            "INSERT INTO pageviews (domain, ts_ms, day, pathname, referrer, source) VALUES (?, ?, ?, ?, ?, ?)",
+            [(v.domain, v.ts_ms, v.day, v.pathname, v.referrer, v.source) for v in views],
+        )
+        await tx.executemany(
+            "INSERT INTO visitor_hits (domain, visitor_hash, ts_ms, salt_day) VALUES (?, ?, ?, ?)",
+            [(v.domain, v.visitor_hash, v.ts_ms, v.salt_day) for v in views],
+        )
+        await tx.executemany(
+            "INSERT OR REPLACE INTO visitor_state "
+            "(domain, visitor_hash, salt_day, last_ms, visit_start_ms, visit_pageviews) VALUES (?, ?, ?, ?, ?, ?)",
+            [(d, h, s.salt_day, s.last_ms, s.visit_start_ms, s.visit_pageviews) for (d, h), s in new_states.items()],
+        )
+
+    async def _advance_visitor(
+        self,
+        tx: aiosqlite.Connection,
+        state: VisitorState | None,
+        views: list[PageView],
+        rollup: _Rollup,
+    ) -> VisitorState:
+        """Fold a visitor's new page views into its visits. In order (the usual case) this is
+        O(1) per view; a view older than the last one replays the visitor's whole day."""
+        times = [v.ts_ms for v in views]
+        last = state.last_ms if state else None
+        if all((last is None or t >= last) and (i == 0 or t >= times[i - 1]) for i, t in enumerate(times)):
+            for view in views:
+                state = advance_visit(state, view.domain, view.ts_ms, view.salt_day, self.tz, rollup.visits)
+            assert state is not None
+            return state
+        first = views[0]
+        rows = await tx.execute_fetchall(
+            "SELECT ts_ms FROM visitor_hits WHERE domain = ? AND visitor_hash = ? ORDER BY ts_ms",
+            (first.domain, first.visitor_hash),
+        )
+        before = [int(row[0]) for row in rows]
+        after = sorted(before + times)
+        _, old = replay_visits(first.domain, before, first.salt_day, self.tz)
+        new_state, new = replay_visits(first.domain, after, first.salt_day, self.tz)
+        for key, values in new.items():
+            rollup.add_visits(key, values, old.pop(key, [0, 0, 0]))
+        for key, values in old.items():
+            rollup.add_visits(key, [0, 0, 0], values)
+        return new_state
+
+    async def forget_expired_visitors(self, today_utc: date) -> int:
+        """Delete visitor hashes whose salt day ended more than a day ago; aggregates stay."""
+        cutoff = (today_utc - timedelta(days=1)).isoformat()
+        deleted = 0
+        async with self.transaction() as tx:
+            for table in ("visitor_state", "visitor_hits", "seen"):
+                cursor = await tx.execute(f"DELETE FROM {table} WHERE salt_day < ?", (cutoff,))
+                deleted += cursor.rowcount
+        if deleted:
+            logger.info("forgot %d visitor hash rows from before %s", deleted, cutoff)
+        return deleted
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+class _GroupCommit:
+    """Collects outbox rows from concurrent requests and commits them in one transaction:
+    when max_events wait, or max_delay after the first one arrived, whichever comes first."""
+
+    def __init__(self, store: Store, max_events: int, max_delay: float) -> None:
+        self._store = store
+        self._max_events = max_events
+        self._max_delay = max_delay
+        self._pending: list[tuple[tuple[str, str, str, str], asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        await self._task
+        self._task = None
+
+    async def append(self, row: tuple[str, str, str, str]) -> None:
+        if self._task is None or self._stopping:
+            raise StoreClosedError("the store is closing")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, future))
+        self._wakeup.set()
+        if len(self._pending) >= self._max_events:
+            self._full.set()
+        await future
+
+    async def _run(self) -> None:
+        while not (self._stopping and not self._pending):
+            await self._wakeup.wait()
+            if not self._stopping and len(self._pending) < self._max_events:
+                try:
+                    async with asyncio.timeout(self._max_delay):
+                        await self._full.wait()
+                except TimeoutError:
+                    pass
+            batch, self._pending = self._pending[: self._max_events], self._pending[self._max_events :]
+            if not self._pending:
+                self._wakeup.clear()
+            self._full.clear()
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[tuple[str, str, str, str], asyncio.Future[None]]]) -> None:
+        try:
+            async with self._store.transaction() as tx:
+                await tx.executemany(
+                    "INSERT INTO outbox (flow_type, event_type, payload, collected_at) VALUES (?, ?, ?, ?)",
+                    [row for row, _ in batch],
+                )
+        except Exception as error:  # every waiting request learns of the failure; none is lost silently
+            logger.exception("outbox commit of %d events failed", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+        self._store.outbox_changed.set()
+
+
+# -- the read model's arithmetic ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageView:
+    domain: str
+    visitor_hash: str
+    salt_day: str
+    pathname: str
+    referrer: str
+    source: str
+    ts_ms: int
+    day: str
+    hour: str
+
+    @classmethod
+    def from_event(cls, event: Event, tz: ZoneInfo) -> PageView:
+        payload = event.payload
+        ts_ms = int(event.valid_time.timestamp() * 1000)
+        day, hour = local_day_hour(ts_ms, tz)
+        return cls(
+            domain=payload["domain"],
+            visitor_hash=payload["visitorHash"],
+            salt_day=payload["sessionContext"]["dailySaltRotation"],
+            pathname=payload["pathname"],
+            referrer=payload["referrer"],
+            source=referrer_source(payload["referrer"], payload["domain"]),
+            ts_ms=ts_ms,
+            day=day,
+            hour=hour,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VisitorState:
+    salt_day: str
+    last_ms: int
+    visit_start_ms: int
+    visit_pageviews: int
+
+
+VISITS, BOUNCES, DURATION = 0, 1, 2
+VisitTotals = dict[tuple[str, str], list[int]]  # (domain, day) -> [visits, bounces, duration_ms]
+
+
+def advance_visit(
+    state: VisitorState | None, domain: str, ts_ms: int, salt_day: str, tz: ZoneInfo, totals: VisitTotals
+) -> VisitorState:
+    """One page view, in time order: extend the current visit or start a new one. A visit
+    belongs to the day it started; it ends after 30 minutes without a page view."""
+    if state is not None and ts_ms - state.last_ms <= VISIT_GAP_MS:
+        visit = totals[(domain, local_day_hour(state.visit_start_ms, tz)[0])]
+        visit[DURATION] += ts_ms - state.last_ms
+        if state.visit_pageviews == 1:
+            visit[BOUNCES] -= 1
+        return VisitorState(state.salt_day, ts_ms, state.visit_start_ms, state.visit_pageviews + 1)
+    visit = totals[(domain, local_day_hour(ts_ms, tz)[0])]
+    visit[VISITS] += 1
+    visit[BOUNCES] += 1
+    return VisitorState(salt_day, ts_ms, ts_ms, 1)
+
+
+def replay_visits(
+    domain: str, times: Iterable[int], salt_day: str, tz: ZoneInfo
+) -> tuple[VisitorState, VisitTotals]:
+    totals: VisitTotals = defaultdict(lambda: [0, 0, 0])
+    state: VisitorState | None = None
+    for ts_ms in times:
+        state = advance_visit(state, domain, ts_ms, salt_day, tz, totals)
+    assert state is not None, "a visitor being replayed has at least one page view"
+    return state, totals
+
+
+class _Rollup:
+    """The increments one batch of page views makes to the aggregate tables."""
+
+    def __init__(self) -> None:
+        self.pageviews: dict[tuple[str, str], int] = defaultdict(int)
+        self.visitors: dict[tuple[str, str], int] = defaultdict(int)
+        self.visits: VisitTotals = defaultdict(lambda: [0, 0, 0])
+        self.hours: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self.pages: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self.sources: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+
+    def count_view(self, view: PageView) -> None:
+        self.pageviews[(view.domain, view.day)] += 1
+        self.hours[(view.domain, view.hour)][0] += 1
+        self.pages[(view.domain, view.day, view.pathname)][0] += 1
+        self.sources[(view.domain, view.day, view.source)][0] += 1
+
+    def count_new_visitor(self, domain: str, scope: str, period: str, item: str) -> None:
+        if scope == "day":
+            self.visitors[(domain, period)] += 1
+        elif scope == "hour":
+            self.hours[(domain, period)][1] += 1
+        elif scope == "page":
+            self.pages[(domain, period, item)][1] += 1
+        else:
+            self.sources[(domain, period, item)][1] += 1
+
+    def add_visits(self, key: tuple[str, str], new: list[int], old: list[int]) -> None:
+        totals = self.visits[key]
+        for index in (VISITS, BOUNCES, DURATION):
+            totals[index] += new[index] - old[index]
+
+    async def write(self, tx: aiosqlite.Connection) -> None:
+        days = set(self.pageviews) | set(self.visits)
+        await tx.executemany(
+            "INSERT INTO daily_stats (domain, day, pageviews, visitors, visits, bounces, duration_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET "
+            "pageviews = pageviews + excluded.pageviews, visitors = visitors + excluded.visitors, "
+            "visits = visits + excluded.visits, bounces = bounces + excluded.bounces, "
+            "duration_ms = duration_ms + excluded.duration_ms",
+            [
+                (*key, self.pageviews.get(key, 0), self.visitors.get(key, 0), *self.visits.get(key, (0, 0, 0)))
+                for key in sorted(days)
+            ],
+        )
+        for table, columns, counts in (
+            ("hourly_stats", "domain, hour", self.hours),
+            ("page_stats", "domain, day, pathname", self.pages),
+            ("source_stats", "domain, day, source", self.sources),
+        ):
+            marks = ", ".join("?" * (columns.count(",") + 3))
+            await tx.executemany(
+                f"INSERT INTO {table} ({columns}, pageviews, visitors) VALUES ({marks}) "
+                f"ON CONFLICT ({columns}) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
+                "visitors = visitors + excluded.visitors",
+                [(*key, *values) for key, values in counts.items()],
+            )
+
+
+async def _count_new_visitors(tx: aiosqlite.Connection, views: Sequence[PageView], rollup: _Rollup) -> None:
+    """Unique visitors per day, hour, page and source: a row in `seen` per first sighting.
+    INSERT OR IGNORE ... RETURNING yields only the rows that were new, in one statement."""
+    candidates = []
+    for v in views:
+        for scope, period, item in (("day", v.day, ""), ("hour", v.hour, ""), ("page", v.day, v.pathname),
+                                    ("source", v.day, v.source)):
+            candidates.append((v.domain, scope, period, item, v.visitor_hash, v.salt_day))
+    rows = await tx.execute_fetchall(
+        "INSERT OR IGNORE INTO seen (domain, scope, period, item, visitor_hash, salt_day) "
+        "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each(?) "
+        "RETURNING domain, scope, period, item",
+        (json.dumps(candidates),),
+    )
+    for domain, scope, period, item in rows:
+        rollup.count_new_visitor(domain, scope, period, item)
+
+
+async def _load_visitor_states(
+    tx: aiosqlite.Connection, keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], VisitorState]:
+    rows = await tx.execute_fetchall(
+        "SELECT domain, visitor_hash, salt_day, last_ms, visit_start_ms, visit_pageviews FROM visitor_state "
+        "WHERE (domain, visitor_hash) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+        (json.dumps(sorted(keys)),),
+    )
+    return {(row[0], row[1]): VisitorState(row[2], row[3], row[4], row[5]) for row in rows}
+
+
+@lru_cache(maxsize=4096)
+def _local_minute(minute: int, tz: ZoneInfo) -> tuple[str, str]:
+    moment = datetime.fromtimestamp(minute * 60, tz)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
+
+
+def local_day_hour(ts_ms: int, tz: ZoneInfo) -> tuple[str, str]:
+    """The day and hour in TIMEZONE. Every UTC offset in use is a whole number of minutes,
+    so one cached lookup per minute serves every event in it."""
+    return _local_minute(ts_ms // 60_000, tz)
+
+
+def _bare_host(host: str) -> str:
+    host = host.lower().rstrip(".")
+    return host[4:] if host.startswith("www.") else host
+
+
+def referrer_source(referrer: str, domain: str) -> str:
+    """The referrer's host without www.; an empty or same-site referrer is (direct)."""
+    if not referrer:
+        return DIRECT
+    try:
+        host = urlsplit(referrer if "//" in referrer else "//" + referrer).hostname
+    except ValueError:
+        host = None
+    if not host or any(c.isspace() for c in host):
+        return UNKNOWN_SOURCE
+    host = _bare_host(host)
+    return DIRECT if host == _bare_host(domain) else host
+
+
+async def _put_meta(tx: aiosqlite.Connection, key: str, value: str) -> None:
+    await tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script; executescript would commit our transaction."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
