@@ -294,8 +294,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):
+    except ValueError:
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     unknown = sorted(set(data) - set(PAGEVIEW_FIELDS))
@@ -461,6 +463,7 @@ CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Callable[[], datetime])
 STORE = web.AppKey("store", Store)
 PATHWAYS = web.AppKey("pathways", Pathways)
+EMITTER = web.AppKey("emitter", Emitter)
 
 
 def utc_now() -> datetime:
@@ -490,7 +493,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     pathways.register(VISITOR_TRACKED)
     pathways.handle(VISITOR_TRACKED, store.record_pageviews)
     emitter = Emitter(store, LocalSink(store, pathways))
-    app[STORE], app[PATHWAYS] = store, pathways
+    app[STORE], app[PATHWAYS], app[EMITTER] = store, pathways, emitter
     emitter.start()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(run_maintenance(store, app[CLOCK], stop_maintenance), name="maintenance")

@@ -386,9 +386,21 @@ class Emitter:
         self.batch_size = batch_size
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._idle = False
+        self._idle_changed = asyncio.Condition()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="emitter")
+
+    async def wait_drained(self) -> None:
+        """Wait until every event committed so far has been through the sink."""
+        async with self._idle_changed:
+            await self._idle_changed.wait_for(lambda: self._idle and not self.store.outbox_changed.is_set())
+
+    async def _set_idle(self, idle: bool) -> None:
+        async with self._idle_changed:
+            self._idle = idle
+            self._idle_changed.notify_all()
 
     async def stop(self) -> None:
         """Let the batch in flight finish, then stop; what is left waits in the outbox."""
@@ -406,7 +418,9 @@ class Emitter:
             self.store.outbox_changed.clear()  # before reading, so no commit's wake-up is missed
             rows = await self.store.pending_outbox(self.batch_size)
             if not rows:
+                await self._set_idle(True)
                 await wait_any(self.store.outbox_changed, self._stopped)
+                await self._set_idle(False)
                 continue
             recovered = await self._attempt(self.sink.send(rows))
 

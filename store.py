@@ -193,6 +193,8 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._group = _GroupCommit(self, commit_max_events, commit_delay)
+        self.outbox_commits = 0  # how many commits served how many appends: group commit at work
+        self.outbox_appends = 0
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,6 +502,8 @@ class _GroupCommit:
                 if not future.done():
                     future.set_exception(error)
             return
+        self._store.outbox_commits += 1
+        self._store.outbox_appends += len(batch)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)

@@ -1,0 +1,46 @@
+"""Helpers the tests share: an injected clock, waiting for the emitter, reading the database."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from collector import EMITTER
+from store import DB_FILENAME
+
+SECRET = "this-is-a-test-secret-key-of-40-chars!!"
+
+
+class FakeClock:
+    """An injected clock that moves only when the test says so."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.now = moment
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+async def drained(client: TestClient) -> None:
+    """Wait until every committed page view has been through the emitter and the router."""
+    await asyncio.wait_for(client.app[EMITTER].wait_drained(), 10)
+
+
+def query(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
