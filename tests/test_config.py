@@ -1,0 +1,87 @@
+"""Configuration: defaults, refusals that name the variable, and the generated secret key."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+
+import collector
+from collector import SETTINGS, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_config({"DATA_DIR": str(tmp_path)})
+    assert (config.host, config.port, config.timezone.key) == ("0.0.0.0", 3005, "UTC")
+    assert config.handler_max_attempts == 5
+    assert any(net.with_prefixlen == "127.0.0.0/8" for net in config.trusted_proxies)
+    assert any(net.with_prefixlen == "192.168.0.0/16" for net in config.trusted_proxies)
+
+
+def test_the_default_data_dir_is_data_under_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config({}).data_dir == Path("data")
+    assert (tmp_path / "data" / "secret_key").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("TIMEZONE", "Mars/Olympus_Mons"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8, 300.1.1.1"),
+        ("SECRET_KEY", "too-short"),
+        ("HANDLER_MAX_ATTEMPTS", "0"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_config({"DATA_DIR": str(tmp_path), name: value})
+
+
+def test_main_stops_with_the_message_on_a_bad_value(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PORT", "-1")
+    assert collector.main([]) == 2
+    assert "PORT" in capsys.readouterr().err
+
+
+def test_an_empty_trusted_proxies_trusts_no_one(tmp_path: Path) -> None:
+    assert load_config({"DATA_DIR": str(tmp_path), "TRUSTED_PROXIES": ""}).trusted_proxies == ()
+
+
+def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    first = load_config({"DATA_DIR": str(tmp_path / "d")})
+    key_file = tmp_path / "d" / "secret_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(first.secret_key) >= 32
+    second = load_config({"DATA_DIR": str(tmp_path / "d")})
+    assert second.secret_key == first.secret_key
+    assert "generated" in caplog.text and "using the one stored" in caplog.text
+    assert first.secret_key not in caplog.text
+    assert first.secret_key not in repr(first)
+
+
+def test_a_given_secret_key_is_used_and_not_stored(tmp_path: Path) -> None:
+    config = load_config({"DATA_DIR": str(tmp_path), "SECRET_KEY": "k" * 32})
+    assert config.secret_key == "k" * 32
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    text = (ROOT / "env.example").read_text()
+    for setting in SETTINGS:
+        assert f"{setting.name}={setting.default}" in text.replace("# ", ""), setting.name
+
+
+def test_the_config_is_immutable(tmp_path: Path) -> None:
+    config = load_config({"DATA_DIR": str(tmp_path)})
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
