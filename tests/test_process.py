@@ -1,0 +1,167 @@
+"""The collector as a real process: killed with SIGKILL it loses nothing, stopped with SIGTERM
+it shuts down cleanly, and no IP address or user agent reaches its files or its log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import query
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class CollectorProcess:
+    """`python collector.py` in a subprocess, its output appended to one log file."""
+
+    def __init__(self, data_dir: Path, log_path: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATA_DIR": str(data_dir), "HOST": "127.0.0.1", "PORT": str(self.port),
+                    "PYTHONUNBUFFERED": "1", **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "collector.py")], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        await self.poll_health(lambda body: body["status"] == "ok")
+
+    async def poll_health(self, ready: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict[str, Any]:
+        """Poll /health until `ready` holds, with a deadline."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert self.process is not None and self.process.poll() is None, self.log_path.read_text()
+                try:
+                    async with session.get(self.url + "/health") as response:
+                        body = await response.json()
+                        if ready(body):
+                            return body
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, f"not ready in {timeout} s: {self.log_path.read_text()}"
+                await asyncio.sleep(0.05)
+
+    def stop(self, sig: signal.Signals) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=30)
+        self.process = None
+        return code
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Callable[..., CollectorProcess]]:
+    made: list[CollectorProcess] = []
+
+    def make(**env: str) -> CollectorProcess:
+        collector = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", **env)
+        made.append(collector)
+        return collector
+
+    yield make
+    for collector in made:
+        if collector.process is not None:
+            collector.process.kill()
+            collector.process.wait()
+
+
+async def send_pageviews(url: str, count: int, headers: dict[str, str] | None = None) -> list[int]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one(index: int) -> int:
+            body = json.dumps({"pathname": f"/p/{index}", "referrer": "", "domain": "example.com"})
+            async with session.post(url + "/api/pageview", data=body,
+                                    headers={"Content-Type": "text/plain", **(headers or {})}) as response:
+                return response.status
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(running, tmp_path: Path) -> None:
+    collector = running()
+    await collector.start()
+    statuses = await send_pageviews(collector.url, 300)
+    assert statuses == [204] * 300
+    collector.stop(signal.SIGKILL)
+
+    await collector.start()
+    await collector.poll_health(lambda body: body["backlog"] == 0 and body["last_processed_at"] is not None)
+    data = tmp_path / "data"
+    assert query(data, "SELECT sum(pageviews) FROM daily_stats") == [(300,)]
+    assert query(data, "SELECT count(*), count(DISTINCT event_id) FROM event_log") == [(300, 300)]
+    assert query(data, "SELECT count(*) FROM pathway_state") == [(300,)]
+    counts = dict(query(data, "SELECT pathname, count(*) FROM pageviews GROUP BY pathname"))
+    assert counts == {f"/p/{i}": 1 for i in range(300)}
+    assert collector.stop(signal.SIGTERM) == 0
+
+
+async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running, tmp_path: Path) -> None:
+    collector = running()
+    await collector.start()
+    assert await send_pageviews(collector.url, 100) == [204] * 100
+    assert collector.stop(signal.SIGTERM) == 0
+    data = tmp_path / "data"
+    assert query(data, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)") == [(100,)]
+    assert "the database is closed" in (tmp_path / "collector.log").read_text()
+    await collector.start()  # a restart resumes the outbox where it stopped
+    await collector.poll_health(lambda body: body["backlog"] == 0)
+    assert query(data, "SELECT sum(pageviews) FROM daily_stats") == [(100,)]
+    assert collector.stop(signal.SIGINT) == 0
+
+
+IPV4 = "198.51.100.231"
+IPV6 = "2001:db8:feed:beef::77"
+AGENT = "PrivacyProbe/7.3 (Distinctive; Agent-4471)"
+
+
+async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path) -> None:
+    collector = running(LOG_LEVEL="DEBUG")
+    await collector.start()
+    url = collector.url + "/api/pageview"
+    async with aiohttp.ClientSession() as session:
+        requests: list[tuple[str, dict[str, str], bytes]] = [
+            ("POST", {"X-Forwarded-For": IPV4}, b'{"pathname": "/", "referrer": "", "domain": "example.com"}'),
+            ("POST", {"X-Real-IP": IPV6}, b'{"pathname": "/a", "referrer": "", "domain": "example.com"}'),
+            ("POST", {"X-Forwarded-For": IPV4}, b"{broken"),
+            ("POST", {"X-Forwarded-For": IPV6}, b'{"pathname": 1, "referrer": ""}'),
+            ("POST", {"X-Forwarded-For": IPV4}, b" " * 9000),
+            ("OPTIONS", {"X-Forwarded-For": IPV4, "Origin": "https://example.com"}, b""),
+            ("GET", {"X-Forwarded-For": IPV6}, b""),
+        ]
+        for method, headers, body in requests:
+            headers = {**headers, "User-Agent": AGENT, "Content-Type": "text/plain"}
+            async with session.request(method, url, data=body, headers=headers) as response:
+                assert response.status < 500
+    await collector.poll_health(lambda body: body["backlog"] == 0 and body["last_processed_at"] is not None)
+    assert collector.stop(signal.SIGTERM) == 0
+
+    log = (tmp_path / "collector.log").read_bytes()
+    assert b"POST /api/pageview" in log  # the access log did run
+    files = {path: path.read_bytes() for path in (tmp_path / "data").iterdir() if path.is_file()}
+    assert any(path.name.endswith(".sqlite3") for path in files)
+    for needle in (IPV4, IPV6, "2001:db8:feed", AGENT, "PrivacyProbe"):
+        for name, content in [("log", log), *((str(path), data) for path, data in files.items())]:
+            assert needle.encode() not in content, f"{needle!r} found in {name}"
+            assert needle.encode("utf-16-le") not in content, f"{needle!r} (UTF-16) found in {name}"
