@@ -17,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Clock = Callable[[], datetime]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # -- configuration ------------------------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 @web.middleware
-async def errors_and_cors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as JSON in one shape, without internals; CORS headers go on every
     answer of the collection endpoint, errors included, so a browser can read them."""
     try:
@@ -460,14 +461,14 @@ async def test_page(request: web.Request) -> web.FileResponse:
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG = web.AppKey("config", Config)
-CLOCK = web.AppKey("clock", Callable[[], datetime])
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 PATHWAYS = web.AppKey("pathways", Pathways)
 EMITTER = web.AppKey("emitter", Emitter)
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
@@ -511,7 +512,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
 async def run_maintenance(store: Store, clock: Clock, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await store.forget_expired_visitors(clock().astimezone(timezone.utc).date())
+            await store.forget_expired_visitors(clock().astimezone(UTC).date())
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
         await wait_any(stop, timeout=MAINTENANCE_INTERVAL)

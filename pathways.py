@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiosqlite
@@ -198,7 +198,7 @@ def secret_matches(expected: str, provided: str | None) -> bool:
 
 
 def time_bucket(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y%m%d%H0000")
+    return moment.astimezone(UTC).strftime("%Y%m%d%H0000")
 
 
 # A random node instead of the MAC address: an event id says when, never on which machine.
@@ -315,7 +315,9 @@ class Pathways:
         message = f"{type(error).__name__}: {error}"
         attempts = await self.store.record_failure(event.event_id, event.key, event.envelope(), message, max_attempts)
         if attempts >= max_attempts:
-            logger.error("event %s (%s) dead-lettered after %d attempts: %s", event.event_id, event.key, attempts, message)
+            logger.error(
+                "event %s (%s) dead-lettered after %d attempts: %s", event.event_id, event.key, attempts, message
+            )
             return Outcome.DEAD_LETTERED
         logger.warning("event %s (%s) failed, attempt %d of %d: %s", event.event_id, event.key, attempts,
                        max_attempts, message)

@@ -8,7 +8,7 @@ Seed-compatible mode, byte for byte as the original collector:
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 
 UNKNOWN_USER_AGENT = "unknown"
@@ -21,7 +21,7 @@ def daily_salt(day: str, secret_key: str) -> str:
 
 def salt_day(moment: datetime) -> str:
     """The UTC date whose salt hashes a visit at this moment."""
-    return moment.astimezone(timezone.utc).date().isoformat()
+    return moment.astimezone(UTC).date().isoformat()
 
 
 def visitor_hash(ip: str, user_agent: str | None, day: str, secret_key: str) -> str:

@@ -7,10 +7,10 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,7 +171,7 @@ class LoggedEvent:
 
 def iso_ms(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
-    utc = moment.astimezone(timezone.utc)
+    utc = moment.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
@@ -260,7 +260,7 @@ class Store:
                     await tx.execute(statement)
                 await tx.execute(
                     "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (name, iso_ms(datetime.now(timezone.utc))),
+                    (name, iso_ms(datetime.now(UTC))),
                 )
             logger.info("applied migration %s", name)
 
@@ -299,8 +299,8 @@ class Store:
         return [LoggedEvent(*row) for row in rows]
 
     async def get_meta(self, key: str) -> str | None:
-        rows = await self.reader.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
+        row = await _first_row(self.reader, "SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row[0]) if row else None
 
     async def set_meta(self, key: str, value: str) -> None:
         async with self.transaction() as tx:
@@ -310,7 +310,7 @@ class Store:
 
     async def claim_events(self, tx: aiosqlite.Connection, pathways_by_id: dict[str, str]) -> set[str]:
         """Mark events processed inside the caller's transaction; return the ids that were new."""
-        now = iso_ms(datetime.now(timezone.utc))
+        now = iso_ms(datetime.now(UTC))
         rows = await tx.execute_fetchall(
             "INSERT OR IGNORE INTO pathway_state (event_id, pathway, processed_at) "
             "SELECT value ->> 0, value ->> 1, ? FROM json_each(?) RETURNING event_id",
@@ -327,15 +327,16 @@ class Store:
     async def record_failure(self, event_id: str, pathway: str, envelope: str, error: str, max_attempts: int) -> int:
         """Count a failed attempt; at max_attempts move the event to the dead letters and mark it
         processed, so redeliveries are acknowledged. Returns the attempts so far."""
-        now = iso_ms(datetime.now(timezone.utc))
+        now = iso_ms(datetime.now(UTC))
         async with self.transaction() as tx:
-            rows = await tx.execute_fetchall(
+            row = await _first_row(
+                tx,
                 "INSERT INTO pathway_failures (event_id, attempts, last_error, updated_at) VALUES (?, 1, ?, ?) "
                 "ON CONFLICT (event_id) DO UPDATE SET attempts = attempts + 1, "
                 "last_error = excluded.last_error, updated_at = excluded.updated_at RETURNING attempts",
                 (event_id, error, now),
             )
-            attempts = int(next(iter(rows))[0])
+            attempts = int(row[0]) if row else 1
             if attempts >= max_attempts:
                 await tx.execute(
                     "INSERT OR REPLACE INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
@@ -352,12 +353,13 @@ class Store:
     async def health(self) -> dict[str, Any]:
         """Counts for /health; raises if the database does not answer."""
         delivered = int(await self.get_meta("local_delivered_seq") or 0)
-        rows = await self.reader.execute_fetchall(
+        row = await _first_row(
+            self.reader,
             "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM event_log WHERE seq > ?), "
             "(SELECT count(*) FROM dead_letters), (SELECT value FROM meta WHERE key = 'last_processed_at')",
             (delivered,),
         )
-        outbox, undelivered, dead, last = next(iter(rows))
+        outbox, undelivered, dead, last = row or (0, 0, 0, None)
         return {"outbox": outbox, "undelivered": undelivered, "dead_letters": dead, "last_processed_at": last}
 
     # -- read model ---------------------------------------------------------------------------
@@ -700,6 +702,12 @@ def referrer_source(referrer: str, domain: str) -> str:
         return UNKNOWN_SOURCE
     host = _bare_host(host)
     return DIRECT if host == _bare_host(domain) else host
+
+
+async def _first_row(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    async with conn.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    return tuple(row) if row is not None else None
 
 
 async def _put_meta(tx: aiosqlite.Connection, key: str, value: str) -> None:
