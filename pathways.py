@@ -293,6 +293,7 @@ class Pathways:
             by_key: dict[str, list[Event]] = {}
             for event in events:
                 if event.event_id in new:
+                    new.discard(event.event_id)  # an id repeated within the batch runs once
                     by_key.setdefault(event.key, []).append(event)
             for key, batch in by_key.items():
                 handler = self._handlers.get(key)

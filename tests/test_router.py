@@ -130,6 +130,9 @@ async def test_the_same_event_twice_changes_the_counts_once(open_pipeline, tmp_p
     assert await pathways.process(event) is Outcome.DUPLICATE
     await pathways.deliver([event, pageview(utc(2025, 6, 4, 10, 1), "bob")])
     assert day_row(tmp_path / "a", "2025-06-04") == (2, 2, 2, 2, 0)
+    repeated = pageview(utc(2025, 6, 4, 10, 2), "carol")
+    await pathways.deliver([repeated, repeated])
+    assert day_row(tmp_path / "a", "2025-06-04") == (3, 3, 3, 3, 0)
     assert query(tmp_path / "a", "SELECT count(*) FROM pageviews") == [(2,)]
 
 
