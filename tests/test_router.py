@@ -133,7 +133,7 @@ async def test_the_same_event_twice_changes_the_counts_once(open_pipeline, tmp_p
     repeated = pageview(utc(2025, 6, 4, 10, 2), "carol")
     await pathways.deliver([repeated, repeated])
     assert day_row(tmp_path / "a", "2025-06-04") == (3, 3, 3, 3, 0)
-    assert query(tmp_path / "a", "SELECT count(*) FROM pageviews") == [(2,)]
+    assert query(tmp_path / "a", "SELECT count(*) FROM pageviews") == [(3,)]
 
 
 async def test_a_handler_that_keeps_failing_ends_in_the_dead_letters_and_later_events_flow(
