@@ -1,0 +1,71 @@
+"""A real headless Chromium (Debian's package) driven by Playwright, for the page tests.
+
+On a developer machine without Chromium the browser tests skip and say why; under CI
+(CI=true) a missing browser is a failure, never a skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Error, Page, async_playwright
+
+# As the machine notes advise: no sandbox as root, and nothing that reaches for the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is not installed; .ci/run installs Debian's chromium package")
+    pytest.skip("no Chromium on this machine: `apt-get install chromium` to run the browser tests")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = chromium_path()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclass
+class PageErrors:
+    """Every uncaught exception and console error a page raised."""
+
+    messages: list[str] = field(default_factory=list)
+
+    def watch(self, page: Page) -> None:
+        page.on("pageerror", lambda error: self.messages.append(f"pageerror: {error}"))
+        page.on("console", self._console)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.messages.append(f"console.error: {message.text}")
+
+
+async def new_page(browser: Browser, errors: PageErrors, **context_options: object) -> tuple[BrowserContext, Page]:
+    context = await browser.new_context(**context_options)  # type: ignore[arg-type]
+    page = await context.new_page()
+    errors.watch(page)
+    return context, page
+
+
+__all__ = ["CHROMIUM_ARGS", "Error", "PageErrors", "browser", "chromium_path", "new_page"]
