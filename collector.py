@@ -16,18 +16,34 @@ import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 
 import privacy
-from pathways import VISITOR_TRACKED, ContractError, Emitter, LocalSink, Pathways, wait_any
+from pathways import (
+    VISITOR_TRACKED,
+    ContractError,
+    Emitter,
+    EnvelopeError,
+    FlowcoreSettings,
+    FlowcoreSink,
+    LocalSink,
+    Outcome,
+    Pathways,
+    Sink,
+    UnknownPathwayError,
+    parse_envelope,
+    secret_matches,
+    wait_any,
+)
 from store import DB_FILENAME, Store, StoreClosedError
 
 __version__ = "0.1.0"
@@ -40,6 +56,7 @@ MAX_PATH_LENGTH = 2048
 MAX_DOMAIN_LENGTH = 253
 SECRET_KEY_FILE = "secret_key"
 MIN_SECRET_KEY_LENGTH = 32
+LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
@@ -82,6 +99,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Attempts a failing event handler gets before the event goes to the dead-letter table.",
     ),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("FLOWCORE_TENANT", "", "Flowcore tenant; with FLOWCORE_API_KEY, events go to Flowcore."),
+    Setting("FLOWCORE_API_KEY", "", "Flowcore API key (fc_...), sent as the raw Authorization header. Never logged."),
+    Setting("FLOWCORE_WEBHOOK_BASEURL", "https://webhook.api.flowcore.io", "Flowcore ingestion webhook base URL."),
+    Setting("FLOWCORE_DATA_CORE", "flow-analytics", "Flowcore data core name (or id)."),
+    Setting(
+        "FLOWCORE_TRANSFORMER_SECRET",
+        "",
+        "Enables POST /api/transformer (in either mode); Flowcore must send it in the X-Secret header.",
+    ),
+    Setting("FLOWCORE_BATCH_SIZE", "100", "Events per request to the Flowcore webhook (1 to 1000)."),
+    Setting("FLOWCORE_TIMEOUT_MS", "10000", "How long one request to Flowcore may take before it is retried."),
+    Setting("FLOWCORE_RETRY_BASE_MS", "500", "First retry delay after a failed send; it doubles each time."),
+    Setting("FLOWCORE_RETRY_MAX_MS", "60000", "Longest delay between retries while Flowcore is down."),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
@@ -100,6 +130,12 @@ class Config:
     timezone: ZoneInfo
     handler_max_attempts: int
     log_level: str
+    flowcore: FlowcoreSettings | None = None
+    transformer_secret: str = field(default="", repr=False)
+
+    @property
+    def mode(self) -> str:
+        return "local" if self.flowcore is None else "flowcore"
 
 
 def load_config(environ: Mapping[str, str]) -> Config:
@@ -118,6 +154,36 @@ def load_config(environ: Mapping[str, str]) -> Config:
         timezone=_zone("TIMEZONE", get("TIMEZONE")),
         handler_max_attempts=_integer("HANDLER_MAX_ATTEMPTS", get("HANDLER_MAX_ATTEMPTS"), 1, 1000),
         log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
+        flowcore=_flowcore(get),
+        transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
+    )
+
+
+def _flowcore(get: Callable[[str], str]) -> FlowcoreSettings | None:
+    """Flowcore mode when both the tenant and the key are set; one without the other is a mistake."""
+    tenant, key = get("FLOWCORE_TENANT"), get("FLOWCORE_API_KEY")
+    if not tenant and not key:
+        return None
+    if not (tenant and key):
+        missing = "FLOWCORE_API_KEY" if tenant else "FLOWCORE_TENANT"
+        raise ConfigError(f"{missing} is not set: Flowcore mode needs both FLOWCORE_TENANT and FLOWCORE_API_KEY "
+                          "(unset both for the local event log)")
+    base_url = get("FLOWCORE_WEBHOOK_BASEURL")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"FLOWCORE_WEBHOOK_BASEURL must be an http(s) URL, not {base_url!r}")
+    data_core = get("FLOWCORE_DATA_CORE")
+    if not data_core:
+        raise ConfigError("FLOWCORE_DATA_CORE must not be empty")
+    return FlowcoreSettings(
+        base_url=base_url,
+        tenant=tenant,
+        data_core=data_core,
+        api_key=key,
+        batch_size=_integer("FLOWCORE_BATCH_SIZE", get("FLOWCORE_BATCH_SIZE"), 1, 1000),
+        timeout=_integer("FLOWCORE_TIMEOUT_MS", get("FLOWCORE_TIMEOUT_MS"), 1, 600_000) / 1000,
+        retry_base=_integer("FLOWCORE_RETRY_BASE_MS", get("FLOWCORE_RETRY_BASE_MS"), 1, 600_000) / 1000,
+        retry_max=_integer("FLOWCORE_RETRY_MAX_MS", get("FLOWCORE_RETRY_MAX_MS"), 1, 3_600_000) / 1000,
     )
 
 
@@ -292,13 +358,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
+def parse_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except ValueError:
         raise ApiError(400, "the body is not valid JSON") from None
     except RecursionError:
         raise ApiError(400, "the body's JSON is nested too deeply") from None
+
+
+def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     unknown = sorted(set(data) - set(PAGEVIEW_FIELDS))
@@ -415,10 +485,41 @@ def _from_forwarded_for(headers: MultiMapping[str], proxies: Sequence[IPNetwork]
     return last  # every hop is a trusted proxy: the left-most is the origin
 
 
+# -- the transformer endpoint: Flowcore delivers events back to the router ---------------------------------
+
+MAX_ENVELOPE_BYTES = 256 * 1024
+
+
+async def transformer(request: web.Request) -> web.Response:
+    """One Flowcore event envelope (flowType or the legacy aggregator). 200 OK once processed
+    or when it was processed before; 500 when its handler failed, so the sender delivers it again."""
+    secret = request.app[CONFIG].transformer_secret
+    if not secret:
+        raise ApiError(404, "the transformer endpoint is disabled: set FLOWCORE_TRANSFORMER_SECRET to enable it")
+    if not secret_matches(secret, request.headers.get("X-Secret")):
+        raise ApiError(401, "missing or wrong X-Secret header")
+    raw = parse_json(await read_body(request, MAX_ENVELOPE_BYTES))
+    try:
+        event = parse_envelope(raw)
+        outcome = await request.app[PATHWAYS].process(event)
+    except EnvelopeError as error:
+        raise ApiError(400, str(error)) from None
+    except UnknownPathwayError as error:
+        raise ApiError(404, str(error)) from None
+    except ContractError as error:
+        raise ApiError(422, str(error)) from None
+    if outcome is Outcome.FAILED:
+        raise ApiError(500, f"the handler of {event.key} failed on event {event.event_id}; deliver it again")
+    if outcome is Outcome.DEAD_LETTERED:
+        raise ApiError(500, f"the handler of {event.key} kept failing; event {event.event_id} is in the dead letters")
+    return web.Response(text="OK")
+
+
 # -- service endpoints ----------------------------------------------------------------------------------------
 
 ENDPOINTS = {
     "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain.",
+    "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /": "This list.",
@@ -427,30 +528,35 @@ ENDPOINTS = {
 
 async def index(request: web.Request) -> web.Response:
     return web.json_response(
-        {"service": SERVICE_NAME, "version": __version__, "mode": "local", "endpoints": ENDPOINTS}
+        {"service": SERVICE_NAME, "version": __version__, "mode": request.app[CONFIG].mode, "endpoints": ENDPOINTS}
     )
 
 
 async def health(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    about = {"mode": config.mode, "version": __version__}
     try:
         async with asyncio.timeout(5):
-            counts = await request.app[STORE].health()
+            counts = await request.app[STORE].health(local_delivery=config.flowcore is None)
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
-        body = {"status": "unavailable", "mode": "local", "version": __version__, "database": "unavailable"}
-        return web.json_response(body, status=503)
-    return web.json_response(
-        {
-            "status": "ok",
-            "mode": "local",
-            "version": __version__,
-            "database": "ok",
-            "backlog": counts["outbox"] + counts["undelivered"],
-            "outbox": counts["outbox"],
-            "dead_letters": counts["dead_letters"],
-            "last_processed_at": counts["last_processed_at"],
-        }
-    )
+        return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
+    body: dict[str, Any] = {
+        "status": "ok",
+        **about,
+        "database": "ok",
+        "backlog": counts["outbox"] + counts["undelivered"],
+        "outbox": counts["outbox"],
+        "dead_letters": counts["dead_letters"],
+        "last_processed_at": counts["last_processed_at"],
+    }
+    sink = request.app[SINK]
+    if isinstance(sink, FlowcoreSink):
+        body["flowcore"] = {"target": sink.settings.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type),
+                            **asdict(sink.status)}
+        if sink.status.halted:
+            body["status"] = "halted"
+    return web.json_response(body)
 
 
 async def test_page(request: web.Request) -> web.FileResponse:
@@ -465,6 +571,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 PATHWAYS = web.AppKey("pathways", Pathways)
 EMITTER = web.AppKey("emitter", Emitter)
+SINK: web.AppKey[Sink] = web.AppKey("sink")
 
 
 def utc_now() -> datetime:
@@ -480,21 +587,28 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_post("/api/pageview", pageview)
     app.router.add_route("OPTIONS", "/api/pageview", pageview_preflight)
+    app.router.add_post("/api/transformer", transformer)
     app.router.add_get("/test.html", test_page)
     return app
 
 
 async def runtime(app: web.Application) -> AsyncIterator[None]:
     """Open the store, start the emitter and the maintenance job; on the way out, stop
-    them in order: the emitter finishes its batch, pending commits land, the file closes."""
+    them in order: the emitter finishes its request, pending commits land, the file closes."""
     config = app[CONFIG]
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     await store.open()
     pathways = Pathways(store, max_attempts=config.handler_max_attempts)
     pathways.register(VISITOR_TRACKED)
     pathways.handle(VISITOR_TRACKED, store.record_pageviews)
-    emitter = Emitter(store, LocalSink(store, pathways))
-    app[STORE], app[PATHWAYS], app[EMITTER] = store, pathways, emitter
+    session = aiohttp.ClientSession() if config.flowcore else None
+    sink: Sink
+    if config.flowcore and session:
+        sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
+    else:
+        sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
+    emitter = Emitter(store, sink, batch_size)
+    app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
     emitter.start()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(run_maintenance(store, app[CLOCK], stop_maintenance), name="maintenance")
@@ -505,6 +619,8 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         with suppress(Exception):
             await maintenance
         await emitter.stop()
+        if session is not None:
+            await session.close()
         await store.close()
         logger.info("stopped; the database is closed")
 
@@ -518,6 +634,23 @@ async def run_maintenance(store: Store, clock: Clock, stop: asyncio.Event) -> No
         await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
 
 
+def log_start(config: Config) -> None:
+    """The mode and where events go; never a key or a secret."""
+    logger.info(
+        "%s %s: mode %s, data in %s, listening on %s:%d, days in %s",
+        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.host, config.port,
+        config.timezone.key,
+    )
+    if config.flowcore is not None:
+        target = config.flowcore.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type)
+        logger.info("sending events to Flowcore: %s", target)
+        if not config.transformer_secret:
+            logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "
+                           "to Flowcore will not come back to build statistics here")
+    if config.transformer_secret:
+        logger.info("POST /api/transformer is enabled")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -526,10 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
-    logger.info(
-        "%s %s: mode local, data in %s, listening on %s:%d, days in %s",
-        SERVICE_NAME, __version__, config.data_dir.resolve(), config.host, config.port, config.timezone.key,
-    )
+    log_start(config)
     web.run_app(
         create_app(config),
         host=config.host,

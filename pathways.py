@@ -4,18 +4,22 @@ the outbox to a sink, and the router that hands each event to its handler exactl
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import enum
 import hmac
 import json
 import logging
 import os
+import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import quote
 
+import aiohttp
 import aiosqlite
 
 from store import LoggedEvent, OutboxRow, Store, iso_ms
@@ -23,6 +27,8 @@ from store import LoggedEvent, OutboxRow, Store, iso_ms
 logger = logging.getLogger(__name__)
 
 MAX_EVENT_ID_LENGTH = 128
+# Flowcore takes at most 64 KB per event; staying well under it leaves room for the envelope.
+MAX_PAYLOAD_BYTES = 48 * 1024
 
 
 class ContractError(ValueError):
@@ -256,9 +262,10 @@ class Pathways:
         if contract.key not in self._contracts:
             raise UnknownPathwayError(f"no pathway {contract.key}")
         contract.validate(payload)
-        await self.store.append_outbox(
-            contract.flow_type, contract.event_type, json.dumps(payload, separators=(",", ":")), iso_ms(collected_at)
-        )
+        text = json.dumps(payload, separators=(",", ":"))
+        if len(text) > MAX_PAYLOAD_BYTES:  # json.dumps escapes to ASCII, so characters are bytes
+            raise ContractError(f"payload is {len(text)} bytes as JSON; at most {MAX_PAYLOAD_BYTES} are allowed")
+        await self.store.append_outbox(contract.flow_type, contract.event_type, text, iso_ms(collected_at))
 
     async def process(self, event: Event) -> Outcome:
         """Route one event: record its id and run its handler in ONE transaction, so a
@@ -332,7 +339,11 @@ class Sink(Protocol):
     async def recover(self) -> None:
         """Finish what an earlier run or a failed send left half done."""
 
-    async def send(self, rows: Sequence[OutboxRow]) -> None: ...
+    async def send(self, rows: Sequence[OutboxRow]) -> None:
+        """Send rows in order; what is not sent stays in the outbox for the next call."""
+
+    def interrupt(self) -> None:
+        """Cut short any waiting (backoff, a halt) because the collector is stopping."""
 
 
 class LocalSink:
@@ -379,6 +390,200 @@ class LocalSink:
         await self.store.set_meta(self.CURSOR, str(logged[-1].seq))
         self._lagging = False
 
+    def interrupt(self) -> None:
+        """Nothing to cut short: the local sink never waits on anything but the database."""
+
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+EMPTY_METADATA = "e30="  # base64 of "{}": the original always sent the header
+
+
+@dataclass(frozen=True)
+class FlowcoreSettings:
+    base_url: str
+    tenant: str
+    data_core: str
+    api_key: str = field(repr=False)
+    batch_size: int = 100
+    timeout: float = 10.0
+    retry_base: float = 0.5
+    retry_max: float = 60.0
+
+    def events_url(self, flow_type: str, event_type: str) -> str:
+        parts = (self.tenant, self.data_core, flow_type, event_type)
+        return f"{self.base_url.rstrip('/')}/events/" + "/".join(quote(part, safe="") for part in parts)
+
+
+@dataclass
+class SinkStatus:
+    """What /health shows of the Flowcore sink."""
+
+    last_success_at: str | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    halted: bool = False
+    events_sent: int = 0
+
+
+class SendError(Exception):
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class FlowcoreSink:
+    """Sends the outbox to the Flowcore ingestion webhook in batches of events collected in
+    the same second, over one persistent session. Retryable failures (408, 429, 5xx, timeouts,
+    network errors) are retried with backoff for as long as the platform stays down; any other
+    answer halts sending until a restart, keeping every event. Sent events are logged locally
+    with the ids the platform gave them."""
+
+    def __init__(self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings) -> None:
+        self.store = store
+        self.session = session
+        self.settings = settings
+        self.status = SinkStatus()
+        self._interrupted = asyncio.Event()
+
+    async def recover(self) -> None:
+        """Nothing is half done: a batch without an answer is still in the outbox."""
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    async def send(self, rows: Sequence[OutboxRow]) -> None:
+        for batch in same_second_batches(rows):
+            if not await self._send_until_accepted(batch):
+                return
+
+    async def _send_until_accepted(self, batch: Sequence[OutboxRow]) -> bool:
+        while not self._interrupted.is_set():
+            if self.status.halted:
+                await self._interrupted.wait()
+                break
+            try:
+                event_ids = await self._post(batch)
+            except SendError as error:
+                await self._failed(error)
+                continue
+            sent = [_logged(row, event_id) for row, event_id in zip(batch, event_ids, strict=True)]
+            await self.store.move_to_event_log(sent)
+            self.status.last_success_at = iso_ms(datetime.now(UTC))
+            self.status.consecutive_failures = 0
+            self.status.events_sent += len(batch)
+            return True
+        return False
+
+    async def _post(self, batch: Sequence[OutboxRow]) -> list[str]:
+        headers = {
+            "Authorization": self.settings.api_key,  # the raw key, no scheme: what the webhook expects
+            "Content-Type": "application/json",
+            "x-flowcore-metadata-json": EMPTY_METADATA,
+            "x-flowcore-valid-time": batch[0].collected_at,
+        }
+        body = ("[" + ",".join(row.payload for row in batch) + "]").encode()
+        url = self.settings.events_url(batch[0].flow_type, batch[0].event_type)
+        try:
+            async with self.session.post(
+                url, data=body, headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+            ) as response:
+                text = await response.text(errors="replace")
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except TimeoutError:
+            raise SendError(f"no answer within {self.settings.timeout:g} s", retryable=True) from None
+        except aiohttp.ClientError as error:
+            raise SendError(f"network error: {type(error).__name__}: {error}", retryable=True) from None
+        if status in RETRYABLE_STATUSES:
+            raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=True,
+                            retry_after=parse_retry_after(retry_after))
+        if not 200 <= status < 300:
+            raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=False)
+        return _event_ids(text, len(batch))
+
+    async def _failed(self, error: SendError) -> None:
+        failures = self.status.consecutive_failures + 1
+        self.status.consecutive_failures = failures
+        self.status.last_error = str(error)
+        if not error.retryable:
+            self.status.halted = True
+            logger.error("Flowcore refused the events (%s); sending stops and every event is kept in the "
+                         "outbox. Fix the configuration and restart the collector.", error)
+            return
+        backoff = min(self.settings.retry_max, self.settings.retry_base * 2 ** min(failures - 1, 30))
+        delay = backoff * random.uniform(0.5, 1.0)  # jitter: collectors that failed together retry apart
+        if error.retry_after is not None:
+            delay = min(self.settings.retry_max, max(delay, error.retry_after))
+        logger.warning("sending to Flowcore failed (%s), attempt %d; retrying in %.1f s", error, failures, delay)
+        await wait_any(self._interrupted, timeout=delay)
+
+
+def same_second_batches(rows: Sequence[OutboxRow]) -> Iterator[list[OutboxRow]]:
+    """Consecutive rows of one event type collected within the same second: one batch carries
+    one x-flowcore-valid-time, so no event is stamped a second away from its collection."""
+    batch: list[OutboxRow] = []
+    for row in rows:
+        if batch and (row.flow_type, row.event_type, row.collected_at[:19]) != (
+            batch[0].flow_type, batch[0].event_type, batch[0].collected_at[:19]
+        ):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def _logged(row: OutboxRow, event_id: str) -> LoggedEvent:
+    return LoggedEvent(
+        seq=row.seq,
+        event_id=event_id,
+        flow_type=row.flow_type,
+        event_type=row.event_type,
+        time_bucket=time_bucket(parse_time(row.collected_at)),
+        valid_time=row.collected_at,
+        payload=row.payload,
+    )
+
+
+def _event_ids(text: str, expected: int) -> list[str]:
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    ids = answer.get("eventIds") if isinstance(answer, dict) else None
+    if not isinstance(ids, list) or len(ids) != expected or not all(isinstance(i, str) and i for i in ids):
+        raise SendError(f"the answer did not carry {expected} eventIds: {text[:200]!r}", retryable=True)
+    return ids
+
+
+def platform_message(text: str) -> str:
+    """The platform's own words from an error body ({"message": ...} or {"error": ...})."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        for key in ("message", "error"):
+            if isinstance(answer.get(key), str):
+                return str(answer[key])[:500]
+    return text.strip()[:500] or "(no body)"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or as an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, float((moment - datetime.now(UTC)).total_seconds()))
+
 
 class Emitter:
     """Drains the outbox in order, in batches, to the sink, until stopped."""
@@ -406,8 +611,9 @@ class Emitter:
             self._idle_changed.notify_all()
 
     async def stop(self) -> None:
-        """Let the batch in flight finish, then stop; what is left waits in the outbox."""
+        """Let the request in flight finish, then stop; what is left waits in the outbox."""
         self._stopped.set()
+        self.sink.interrupt()
         if self._task is not None:
             await self._task
             self._task = None
