@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,6 +100,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Attempts a failing event handler gets before the event goes to the dead-letter table.",
     ),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting(
+        "ACCESS_LOG",
+        "false",
+        "true: log a line per request (method, path, status, size, time; never an address or user agent).",
+    ),
     Setting("FLOWCORE_TENANT", "", "Flowcore tenant; with FLOWCORE_API_KEY, events go to Flowcore."),
     Setting("FLOWCORE_API_KEY", "", "Flowcore API key (fc_...), sent as the raw Authorization header. Never logged."),
     Setting("FLOWCORE_WEBHOOK_BASEURL", "https://webhook.api.flowcore.io", "Flowcore ingestion webhook base URL."),
@@ -130,6 +136,7 @@ class Config:
     timezone: ZoneInfo
     handler_max_attempts: int
     log_level: str
+    access_log: bool = False
     flowcore: FlowcoreSettings | None = None
     transformer_secret: str = field(default="", repr=False)
 
@@ -154,6 +161,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         timezone=_zone("TIMEZONE", get("TIMEZONE")),
         handler_max_attempts=_integer("HANDLER_MAX_ATTEMPTS", get("HANDLER_MAX_ATTEMPTS"), 1, 1000),
         log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
+        access_log=_choice("ACCESS_LOG", get("ACCESS_LOG").lower(), ("true", "false")) == "true",
         flowcore=_flowcore(get),
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
     )
@@ -348,8 +356,10 @@ async def pageview(request: web.Request) -> web.Response:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes the limit."""
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"the body is larger than {limit} bytes")
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes")
+        return await request.read()  # the length is known and small: one read
     body = bytearray()
     async for chunk in request.content.iter_any():
         body += chunk
@@ -401,6 +411,7 @@ def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
     return value
 
 
+@lru_cache(maxsize=1024)
 def normalize_host(text: str) -> str | None:
     """A lower-case hostname (IDNA-encoded) or a bracketed IPv6 address; None if it is neither."""
     host = text.strip().rstrip(".").lower()
@@ -433,6 +444,7 @@ def domain_from_headers(headers: Mapping[str, str]) -> str:
     raise ApiError(400, "domain is missing, and neither an Origin nor a Referer header names a host")
 
 
+@lru_cache(maxsize=4096)
 def parse_ip(text: str) -> IPAddress | None:
     """An address as proxies write it: bare, bracketed IPv6, or with a port; None if not one."""
     text = text.strip()
@@ -449,11 +461,12 @@ def parse_ip(text: str) -> IPAddress | None:
     return address
 
 
-def _trusted(address: IPAddress, proxies: Sequence[IPNetwork]) -> bool:
+@lru_cache(maxsize=4096)
+def _trusted(address: IPAddress, proxies: tuple[IPNetwork, ...]) -> bool:
     return any(address in network for network in proxies)
 
 
-def client_ip(peer: str | None, headers: MultiMapping[str], proxies: Sequence[IPNetwork]) -> str:
+def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNetwork, ...]) -> str:
     """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
     address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
     peer_address = parse_ip(peer or "")
@@ -471,7 +484,7 @@ def client_ip(peer: str | None, headers: MultiMapping[str], proxies: Sequence[IP
     return str(peer_address)
 
 
-def _from_forwarded_for(headers: MultiMapping[str], proxies: Sequence[IPNetwork]) -> IPAddress | None:
+def _from_forwarded_for(headers: MultiMapping[str], proxies: tuple[IPNetwork, ...]) -> IPAddress | None:
     values = headers.getall("X-Forwarded-For", [])
     hops = [hop for value in values for hop in value.split(",") if hop.strip()]
     last: IPAddress | None = None
@@ -664,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         create_app(config),
         host=config.host,
         port=config.port,
+        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
         access_log_format=ACCESS_LOG_FORMAT,
         shutdown_timeout=10.0,
         print=None,

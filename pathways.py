@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_EVENT_ID_LENGTH = 128
 # Flowcore takes at most 64 KB per event; staying well under it leaves room for the envelope.
 MAX_PAYLOAD_BYTES = 48 * 1024
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one instance: json.dumps builds one per call
 
 
 class ContractError(ValueError):
@@ -262,7 +263,7 @@ class Pathways:
         if contract.key not in self._contracts:
             raise UnknownPathwayError(f"no pathway {contract.key}")
         contract.validate(payload)
-        text = json.dumps(payload, separators=(",", ":"))
+        text = COMPACT_JSON.encode(payload)
         if len(text) > MAX_PAYLOAD_BYTES:  # json.dumps escapes to ASCII, so characters are bytes
             raise ContractError(f"payload is {len(text)} bytes as JSON; at most {MAX_PAYLOAD_BYTES} are allowed")
         await self.store.append_outbox(contract.flow_type, contract.event_type, text, iso_ms(collected_at))

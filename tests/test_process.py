@@ -137,7 +137,7 @@ AGENT = "PrivacyProbe/7.3 (Distinctive; Agent-4471)"
 
 
 async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path) -> None:
-    collector = running(LOG_LEVEL="DEBUG")
+    collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true")
     await collector.start()
     url = collector.url + "/api/pageview"
     async with aiohttp.ClientSession() as session:
