@@ -131,9 +131,9 @@ CREATE TABLE visitor_hits (
 CREATE INDEX visitor_hits_visitor ON visitor_hits (domain, visitor_hash, ts_ms);
 CREATE TABLE seen (
     domain TEXT NOT NULL,
-    scope TEXT NOT NULL,        -- day | hour | page | source
-    period TEXT NOT NULL,       -- the local day or hour
-    item TEXT NOT NULL,         -- the pathname or source; '' for day and hour
+    scope TEXT NOT NULL,        -- page | source (day | hour in earlier versions)
+    period TEXT NOT NULL,       -- the local day
+    item TEXT NOT NULL,         -- the pathname or source
     visitor_hash TEXT NOT NULL,
     salt_day TEXT NOT NULL,
     PRIMARY KEY (domain, scope, period, item, visitor_hash)
@@ -409,7 +409,7 @@ class Store:
         last = state.last_ms if state else None
         if all((last is None or t >= last) and (i == 0 or t >= times[i - 1]) for i, t in enumerate(times)):
             for view in views:
-                state = advance_visit(state, view.domain, view.ts_ms, view.salt_day, self.tz, rollup.visits)
+                state = advance_visit(state, view.domain, view.ts_ms, view.salt_day, self.tz, rollup.tally)
             assert state is not None
             return state
         first = views[0]
@@ -421,10 +421,8 @@ class Store:
         after = sorted(before + times)
         _, old = replay_visits(first.domain, before, first.salt_day, self.tz)
         new_state, new = replay_visits(first.domain, after, first.salt_day, self.tz)
-        for key, values in new.items():
-            rollup.add_visits(key, values, old.pop(key, [0, 0, 0]))
-        for key, values in old.items():
-            rollup.add_visits(key, [0, 0, 0], values)
+        rollup.tally.add(new)
+        rollup.tally.add(old, sign=-1)
         return new_state
 
     async def forget_expired_visitors(self, today_utc: date) -> int:
@@ -556,36 +554,57 @@ class VisitorState:
     visit_pageviews: int
 
 
-VISITS, BOUNCES, DURATION = 0, 1, 2
-VisitTotals = dict[tuple[str, str], list[int]]  # (domain, day) -> [visits, bounces, duration_ms]
+VISITS, BOUNCES, DURATION, VISITORS = 0, 1, 2, 3
+
+
+class VisitorTally:
+    """What one visitor's page views add to the day and hour totals: visits, bounces and
+    duration per day of the visit's start, and the days and hours the visitor was seen in."""
+
+    def __init__(self) -> None:
+        self.days: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self.hours: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, other: VisitorTally, sign: int = 1) -> None:
+        for key, values in other.days.items():
+            totals = self.days[key]
+            for index, value in enumerate(values):
+                totals[index] += sign * value
+        for hour, count in other.hours.items():
+            self.hours[hour] += sign * count
 
 
 def advance_visit(
-    state: VisitorState | None, domain: str, ts_ms: int, salt_day: str, tz: ZoneInfo, totals: VisitTotals
+    state: VisitorState | None, domain: str, ts_ms: int, salt_day: str, tz: ZoneInfo, tally: VisitorTally
 ) -> VisitorState:
     """One page view, in time order: extend the current visit or start a new one. A visit
-    belongs to the day it started; it ends after 30 minutes without a page view."""
+    belongs to the day it started; it ends after 30 minutes without a page view. In time
+    order, a day or an hour unlike the last view's is one the visitor has not been seen in."""
+    day, hour = local_day_hour(ts_ms, tz)
+    last_day, last_hour = local_day_hour(state.last_ms, tz) if state else ("", "")
+    if day != last_day:
+        tally.days[(domain, day)][VISITORS] += 1
+    if hour != last_hour:
+        tally.hours[(domain, hour)] += 1
     if state is not None and ts_ms - state.last_ms <= VISIT_GAP_MS:
-        visit = totals[(domain, local_day_hour(state.visit_start_ms, tz)[0])]
+        visit = tally.days[(domain, local_day_hour(state.visit_start_ms, tz)[0])]
         visit[DURATION] += ts_ms - state.last_ms
         if state.visit_pageviews == 1:
             visit[BOUNCES] -= 1
         return VisitorState(state.salt_day, ts_ms, state.visit_start_ms, state.visit_pageviews + 1)
-    visit = totals[(domain, local_day_hour(ts_ms, tz)[0])]
+    visit = tally.days[(domain, day)]
     visit[VISITS] += 1
     visit[BOUNCES] += 1
     return VisitorState(salt_day, ts_ms, ts_ms, 1)
 
 
-def replay_visits(
-    domain: str, times: Iterable[int], salt_day: str, tz: ZoneInfo
-) -> tuple[VisitorState, VisitTotals]:
-    totals: VisitTotals = defaultdict(lambda: [0, 0, 0])
+def replay_visits(domain: str, times: Iterable[int], salt_day: str, tz: ZoneInfo) -> tuple[VisitorState, VisitorTally]:
+    tally = VisitorTally()
     state: VisitorState | None = None
     for ts_ms in times:
-        state = advance_visit(state, domain, ts_ms, salt_day, tz, totals)
+        state = advance_visit(state, domain, ts_ms, salt_day, tz, tally)
     assert state is not None, "a visitor being replayed has at least one page view"
-    return state, totals
+    return state, tally
 
 
 class _Rollup:
@@ -593,35 +612,23 @@ class _Rollup:
 
     def __init__(self) -> None:
         self.pageviews: dict[tuple[str, str], int] = defaultdict(int)
-        self.visitors: dict[tuple[str, str], int] = defaultdict(int)
-        self.visits: VisitTotals = defaultdict(lambda: [0, 0, 0])
-        self.hours: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self.tally = VisitorTally()
+        self.hour_views: dict[tuple[str, str], int] = defaultdict(int)
         self.pages: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.sources: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
 
     def count_view(self, view: PageView) -> None:
         self.pageviews[(view.domain, view.day)] += 1
-        self.hours[(view.domain, view.hour)][0] += 1
+        self.hour_views[(view.domain, view.hour)] += 1
         self.pages[(view.domain, view.day, view.pathname)][0] += 1
         self.sources[(view.domain, view.day, view.source)][0] += 1
 
     def count_new_visitor(self, domain: str, scope: str, period: str, item: str) -> None:
-        if scope == "day":
-            self.visitors[(domain, period)] += 1
-        elif scope == "hour":
-            self.hours[(domain, period)][1] += 1
-        elif scope == "page":
-            self.pages[(domain, period, item)][1] += 1
-        else:
-            self.sources[(domain, period, item)][1] += 1
-
-    def add_visits(self, key: tuple[str, str], new: list[int], old: list[int]) -> None:
-        totals = self.visits[key]
-        for index in (VISITS, BOUNCES, DURATION):
-            totals[index] += new[index] - old[index]
+        counts = self.pages if scope == "page" else self.sources
+        counts[(domain, period, item)][1] += 1
 
     async def write(self, tx: aiosqlite.Connection) -> None:
-        days = set(self.pageviews) | set(self.visits)
+        days = self.tally.days
         await tx.executemany(
             "INSERT INTO daily_stats (domain, day, pageviews, visitors, visits, bounces, duration_ms) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET "
@@ -629,32 +636,35 @@ class _Rollup:
             "visits = visits + excluded.visits, bounces = bounces + excluded.bounces, "
             "duration_ms = duration_ms + excluded.duration_ms",
             [
-                (*key, self.pageviews.get(key, 0), self.visitors.get(key, 0), *self.visits.get(key, (0, 0, 0)))
-                for key in sorted(days)
+                (*key, self.pageviews.get(key, 0), days[key][VISITORS], days[key][VISITS], days[key][BOUNCES],
+                 days[key][DURATION])
+                for key in sorted(set(self.pageviews) | set(days))
             ],
         )
-        for table, columns, counts in (
-            ("hourly_stats", "domain, hour", self.hours),
-            ("page_stats", "domain, day, pathname", self.pages),
-            ("source_stats", "domain, day, source", self.sources),
-        ):
-            marks = ", ".join("?" * (columns.count(",") + 3))
+        hours = self.tally.hours
+        await tx.executemany(
+            "INSERT INTO hourly_stats (domain, hour, pageviews, visitors) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (domain, hour) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
+            "visitors = visitors + excluded.visitors",
+            [(*key, self.hour_views.get(key, 0), hours.get(key, 0)) for key in set(self.hour_views) | set(hours)],
+        )
+        for table, column, counts in (("page_stats", "pathname", self.pages), ("source_stats", "source", self.sources)):
             await tx.executemany(
-                f"INSERT INTO {table} ({columns}, pageviews, visitors) VALUES ({marks}) "
-                f"ON CONFLICT ({columns}) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
+                f"INSERT INTO {table} (domain, day, {column}, pageviews, visitors) VALUES (?, ?, ?, ?, ?) "
+                f"ON CONFLICT (domain, day, {column}) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
                 "visitors = visitors + excluded.visitors",
                 [(*key, *values) for key, values in counts.items()],
             )
 
 
 async def _count_new_visitors(tx: aiosqlite.Connection, views: Sequence[PageView], rollup: _Rollup) -> None:
-    """Unique visitors per day, hour, page and source: a row in `seen` per first sighting.
-    INSERT OR IGNORE ... RETURNING yields only the rows that were new, in one statement."""
+    """Unique visitors per page and source (days and hours come from the visitor's timeline):
+    a row in `seen` per first sighting. INSERT OR IGNORE ... RETURNING yields only the rows
+    that were new, in one statement."""
     candidates = []
     for v in views:
-        for scope, period, item in (("day", v.day, ""), ("hour", v.hour, ""), ("page", v.day, v.pathname),
-                                    ("source", v.day, v.source)):
-            candidates.append((v.domain, scope, period, item, v.visitor_hash, v.salt_day))
+        candidates.append((v.domain, "page", v.day, v.pathname, v.visitor_hash, v.salt_day))
+        candidates.append((v.domain, "source", v.day, v.source, v.visitor_hash, v.salt_day))
     rows = await tx.execute_fetchall(
         "INSERT OR IGNORE INTO seen (domain, scope, period, item, visitor_hash, salt_day) "
         "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each(?) "
