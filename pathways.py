@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import re
-import uuid
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,13 +56,25 @@ class Text:
     pattern: re.Pattern[str] | None = None
     pattern_help: str = ""
 
-    def check(self, name: str, value: Any) -> None:
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the value, or None; cheap when nothing is (the hot path)."""
         if not isinstance(value, str):
-            raise ContractError(f"{name} must be a string")
+            return "must be a string"
         if not self.min_length <= len(value) <= self.max_length:
-            raise ContractError(f"{name} must be {self.min_length} to {self.max_length} characters long")
+            return f"must be {self.min_length} to {self.max_length} characters long"
         if self.pattern is not None and not self.pattern.fullmatch(value):
-            raise ContractError(f"{name} must be {self.pattern_help}")
+            return f"must be {self.pattern_help}"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "is not valid Unicode (it holds a lone surrogate)"
+        return None
+
+    def check(self, name: str, value: Any) -> None:
+        problem = self.problem(value)
+        if problem is not None:
+            raise ContractError(f"{name} {problem}")
 
 
 @dataclass(frozen=True)
@@ -74,13 +86,17 @@ class Obj:
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, dict):
             raise ContractError(f"{name} must be an object")
-        unknown = sorted(set(value) - set(self.fields))
-        if unknown:
-            raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
+        if value.keys() != self.fields.keys():
+            unknown = sorted(set(value) - set(self.fields))
+            if unknown:
+                raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
+            missing = next(key for key in self.fields if key not in value)
+            raise ContractError(f"{name}.{missing} is required")
         for key, spec in self.fields.items():
-            if key not in value:
-                raise ContractError(f"{name}.{key} is required")
-            spec.check(f"{name}.{key}", value[key])
+            if isinstance(spec, Obj):
+                spec.check(f"{name}.{key}", value[key])
+            elif (problem := spec.problem(value[key])) is not None:
+                raise ContractError(f"{name}.{key} {problem}")
 
 
 @dataclass(frozen=True)
@@ -208,13 +224,22 @@ def time_bucket(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y%m%d%H0000")
 
 
-# A random node instead of the MAC address: an event id says when, never on which machine.
-_UUID_NODE = int.from_bytes(os.urandom(6), "big") | 0x010000000000
+# A random node (multicast bit set, as RFC 4122 asks of a node that is not a MAC address) and
+# clock sequence: an event id says when, never on which machine.
+_UUID_TAIL = f"{0x8000 | int.from_bytes(os.urandom(2), 'big') & 0x3FFF:04x}-" + (
+    f"{int.from_bytes(os.urandom(6), 'big') | 0x010000000000:012x}"
+)
+_UUID_EPOCH = 0x01B21DD213814000  # 100 ns intervals from 1582-10-15 to 1970-01-01
+_last_uuid_time = 0
 
 
 def time_uuid() -> str:
-    """A version-1 (time-based) UUID, as Flowcore assigns event ids."""
-    return str(uuid.uuid1(node=_UUID_NODE))
+    """A version-1 (time-based) UUID, as Flowcore assigns event ids; strictly increasing in
+    time within this process, so two ids never collide. (uuid.uuid1 is several times slower.)"""
+    global _last_uuid_time
+    ticks = max(time.time_ns() // 100 + _UUID_EPOCH, _last_uuid_time + 1)
+    _last_uuid_time = ticks
+    return f"{ticks & 0xFFFFFFFF:08x}-{(ticks >> 32) & 0xFFFF:04x}-{0x1000 | (ticks >> 48) & 0x0FFF:04x}-{_UUID_TAIL}"
 
 
 # -- registry, write, router -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the local event log, pathway state, and the read model built from page view even
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections import defaultdict
@@ -111,33 +112,29 @@ CREATE TABLE pageviews (
 );
 CREATE INDEX pageviews_domain_ts ON pageviews (domain, ts_ms);
 
--- Visitor hashes live only in these three tables, and only until the end of the UTC day
--- after the one their salt belongs to (forget_expired_visitors).
+-- What is derived from visitor hashes lives only in these three tables, and only until the
+-- end of the UTC day after the one their salt belongs to (forget_expired_visitors). Keys are
+-- 64 bits of BLAKE2b over the domain, the hash (and for `seen`, what was seen): small keys
+-- keep the inserts fast, and the hashes themselves are not kept.
 CREATE TABLE visitor_state (
+    visitor_key INTEGER PRIMARY KEY,
     domain TEXT NOT NULL,
-    visitor_hash TEXT NOT NULL,
     salt_day TEXT NOT NULL,
     last_ms INTEGER NOT NULL,
     visit_start_ms INTEGER NOT NULL,
-    visit_pageviews INTEGER NOT NULL,
-    PRIMARY KEY (domain, visitor_hash)
-) WITHOUT ROWID;
+    visit_pageviews INTEGER NOT NULL
+);
+CREATE INDEX visitor_state_domain_last ON visitor_state (domain, last_ms);
 CREATE TABLE visitor_hits (
-    domain TEXT NOT NULL,
-    visitor_hash TEXT NOT NULL,
+    visitor_key INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
     salt_day TEXT NOT NULL
 );
-CREATE INDEX visitor_hits_visitor ON visitor_hits (domain, visitor_hash, ts_ms);
+CREATE INDEX visitor_hits_visitor ON visitor_hits (visitor_key, ts_ms);
 CREATE TABLE seen (
-    domain TEXT NOT NULL,
-    scope TEXT NOT NULL,        -- page | source (day | hour in earlier versions)
-    period TEXT NOT NULL,       -- the local day
-    item TEXT NOT NULL,         -- the pathname or source
-    visitor_hash TEXT NOT NULL,
-    salt_day TEXT NOT NULL,
-    PRIMARY KEY (domain, scope, period, item, visitor_hash)
-) WITHOUT ROWID;
+    seen_key INTEGER PRIMARY KEY,   -- a visitor seen on a page, or coming from a source, on a day
+    salt_day TEXT NOT NULL
+);
 """
 
 MIGRATIONS: tuple[tuple[str, str], ...] = (("0001_initial", SCHEMA_0001),)
@@ -199,7 +196,12 @@ class Store:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in ("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 5000"):
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA busy_timeout = 5000",
+            "PRAGMA cache_size = -16000",  # 16 MB: the read model's hot pages stay in memory
+        ):
             await self._writer.execute(pragma)
         await self._migrate()
         self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
@@ -374,10 +376,10 @@ class Store:
         for view in views:
             rollup.count_view(view)
         await _count_new_visitors(tx, views, rollup)
-        states = await _load_visitor_states(tx, {(v.domain, v.visitor_hash) for v in views})
-        by_visitor: dict[tuple[str, str], list[PageView]] = defaultdict(list)
+        states = await _load_visitor_states(tx, {v.visitor_key for v in views})
+        by_visitor: dict[int, list[PageView]] = defaultdict(list)
         for view in views:
-            by_visitor[(view.domain, view.visitor_hash)].append(view)
+            by_visitor[view.visitor_key].append(view)
         new_states = {}
         for key, visitor_views in by_visitor.items():
             new_states[key] = await self._advance_visitor(tx, states.get(key), visitor_views, rollup)
@@ -387,13 +389,17 @@ class Store:
             [(v.domain, v.ts_ms, v.day, v.pathname, v.referrer, v.source) for v in views],
         )
         await tx.executemany(
-            "INSERT INTO visitor_hits (domain, visitor_hash, ts_ms, salt_day) VALUES (?, ?, ?, ?)",
-            [(v.domain, v.visitor_hash, v.ts_ms, v.salt_day) for v in views],
+            "INSERT INTO visitor_hits (visitor_key, ts_ms, salt_day) VALUES (?, ?, ?)",
+            [(v.visitor_key, v.ts_ms, v.salt_day) for v in views],
         )
         await tx.executemany(
-            "INSERT OR REPLACE INTO visitor_state "
-            "(domain, visitor_hash, salt_day, last_ms, visit_start_ms, visit_pageviews) VALUES (?, ?, ?, ?, ?, ?)",
-            [(d, h, s.salt_day, s.last_ms, s.visit_start_ms, s.visit_pageviews) for (d, h), s in new_states.items()],
+            "INSERT INTO visitor_state (visitor_key, domain, salt_day, last_ms, visit_start_ms, visit_pageviews) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_key) DO UPDATE SET last_ms = excluded.last_ms, "
+            "visit_start_ms = excluded.visit_start_ms, visit_pageviews = excluded.visit_pageviews",
+            [
+                (key, by_visitor[key][0].domain, s.salt_day, s.last_ms, s.visit_start_ms, s.visit_pageviews)
+                for key, s in new_states.items()
+            ],
         )
 
     async def _advance_visitor(
@@ -414,8 +420,7 @@ class Store:
             return state
         first = views[0]
         rows = await tx.execute_fetchall(
-            "SELECT ts_ms FROM visitor_hits WHERE domain = ? AND visitor_hash = ? ORDER BY ts_ms",
-            (first.domain, first.visitor_hash),
+            "SELECT ts_ms FROM visitor_hits WHERE visitor_key = ? ORDER BY ts_ms", (first.visitor_key,)
         )
         before = [int(row[0]) for row in rows]
         after = sorted(before + times)
@@ -519,7 +524,7 @@ class _GroupCommit:
 @dataclass(frozen=True, slots=True)
 class PageView:
     domain: str
-    visitor_hash: str
+    visitor_key: int
     salt_day: str
     pathname: str
     referrer: str
@@ -535,7 +540,7 @@ class PageView:
         day, hour = local_day_hour(ts_ms, tz)
         return cls(
             domain=payload["domain"],
-            visitor_hash=payload["visitorHash"],
+            visitor_key=key64(payload["domain"], payload["visitorHash"]),
             salt_day=payload["sessionContext"]["dailySaltRotation"],
             pathname=payload["pathname"],
             referrer=payload["referrer"],
@@ -659,31 +664,38 @@ class _Rollup:
 
 async def _count_new_visitors(tx: aiosqlite.Connection, views: Sequence[PageView], rollup: _Rollup) -> None:
     """Unique visitors per page and source (days and hours come from the visitor's timeline):
-    a row in `seen` per first sighting. INSERT OR IGNORE ... RETURNING yields only the rows
+    a row in `seen` per first sighting. INSERT OR IGNORE ... RETURNING yields only the keys
     that were new, in one statement."""
-    candidates = []
+    sightings: dict[int, tuple[str, str, str, str]] = {}
+    rows = []
     for v in views:
-        candidates.append((v.domain, "page", v.day, v.pathname, v.visitor_hash, v.salt_day))
-        candidates.append((v.domain, "source", v.day, v.source, v.visitor_hash, v.salt_day))
-    rows = await tx.execute_fetchall(
-        "INSERT OR IGNORE INTO seen (domain, scope, period, item, visitor_hash, salt_day) "
-        "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each(?) "
-        "RETURNING domain, scope, period, item",
-        (json.dumps(candidates),),
+        for scope, item in (("page", v.pathname), ("source", v.source)):
+            key = key64(scope, v.day, item, str(v.visitor_key))
+            sightings[key] = (v.domain, scope, v.day, item)
+            rows.append((key, v.salt_day))
+    new_keys = await tx.execute_fetchall(
+        "INSERT OR IGNORE INTO seen (seen_key, salt_day) SELECT value ->> 0, value ->> 1 FROM json_each(?) "
+        "RETURNING seen_key",
+        (json.dumps(rows),),
     )
-    for domain, scope, period, item in rows:
-        rollup.count_new_visitor(domain, scope, period, item)
+    for (key,) in new_keys:
+        rollup.count_new_visitor(*sightings[key])
 
 
-async def _load_visitor_states(
-    tx: aiosqlite.Connection, keys: set[tuple[str, str]]
-) -> dict[tuple[str, str], VisitorState]:
+async def _load_visitor_states(tx: aiosqlite.Connection, keys: set[int]) -> dict[int, VisitorState]:
     rows = await tx.execute_fetchall(
-        "SELECT domain, visitor_hash, salt_day, last_ms, visit_start_ms, visit_pageviews FROM visitor_state "
-        "WHERE (domain, visitor_hash) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+        "SELECT visitor_key, salt_day, last_ms, visit_start_ms, visit_pageviews FROM visitor_state "
+        "WHERE visitor_key IN (SELECT value FROM json_each(?))",
         (json.dumps(sorted(keys)),),
     )
-    return {(row[0], row[1]): VisitorState(row[2], row[3], row[4], row[5]) for row in rows}
+    return {row[0]: VisitorState(row[1], row[2], row[3], row[4]) for row in rows}
+
+
+def key64(*parts: str) -> int:
+    """A signed 64-bit key from BLAKE2b over the parts: an SQLite integer primary key. Parts
+    are joined with a separator no valid part contains; surrogatepass keeps any string hashable."""
+    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @lru_cache(maxsize=4096)
@@ -703,6 +715,7 @@ def _bare_host(host: str) -> str:
     return host[4:] if host.startswith("www.") else host
 
 
+@lru_cache(maxsize=4096)
 def referrer_source(referrer: str, domain: str) -> str:
     """The referrer's host without www.; an empty or same-site referrer is (direct)."""
     if not referrer:
