@@ -100,6 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Attempts a failing event handler gets before the event goes to the dead-letter table.",
     ),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
     Setting(
         "ACCESS_LOG",
         "false",
@@ -137,6 +138,7 @@ class Config:
     handler_max_attempts: int
     log_level: str
     access_log: bool = False
+    event_loop: str = "auto"
     flowcore: FlowcoreSettings | None = None
     transformer_secret: str = field(default="", repr=False)
 
@@ -162,6 +164,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         handler_max_attempts=_integer("HANDLER_MAX_ATTEMPTS", get("HANDLER_MAX_ATTEMPTS"), 1, 1000),
         log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
         access_log=_choice("ACCESS_LOG", get("ACCESS_LOG").lower(), ("true", "false")) == "true",
+        event_loop=_choice("EVENT_LOOP", get("EVENT_LOOP").lower(), ("auto", "asyncio", "uvloop")),
         flowcore=_flowcore(get),
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
     )
@@ -546,11 +549,11 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config, store = request.app[CONFIG], request.app[STORE]
     about = {"mode": config.mode, "version": __version__}
     try:
         async with asyncio.timeout(5):
-            counts = await request.app[STORE].health(local_delivery=config.flowcore is None)
+            counts = await store.health(local_delivery=config.flowcore is None)
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
@@ -562,6 +565,7 @@ async def health(request: web.Request) -> web.Response:
         "outbox": counts["outbox"],
         "dead_letters": counts["dead_letters"],
         "last_processed_at": counts["last_processed_at"],
+        "group_commit": {"commits": store.outbox_commits, "events": store.outbox_appends},
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
@@ -647,6 +651,20 @@ async def run_maintenance(store: Store, clock: Clock, stop: asyncio.Event) -> No
         await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
 
 
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """uvloop when asked for, or when installed and not declined; else asyncio's own loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("EVENT_LOOP=uvloop, but uvloop is not installed: pip install '.[speed]'") from None
+        else:
+            logger.info("event loop: uvloop")
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def log_start(config: Config) -> None:
     """The mode and where events go; never a key or a secret."""
     logger.info(
@@ -673,8 +691,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.getLogger().setLevel(config.log_level)
     log_start(config)
+    try:
+        loop = new_event_loop(config.event_loop)
+    except ConfigError as error:
+        print(f"collector: configuration error: {error}", file=sys.stderr)
+        return 2
     web.run_app(
         create_app(config),
+        loop=loop,
         host=config.host,
         port=config.port,
         access_log=logging.getLogger("aiohttp.access") if config.access_log else None,

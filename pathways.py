@@ -319,19 +319,24 @@ class Pathways:
                 await self._process_with_retries(event)
 
     async def _process_together(self, events: Sequence[Event]) -> None:
+        async with self.store.transaction() as tx:
+            await self.process_batch(tx, events)
+
+    async def process_batch(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
+        """Route events inside the caller's transaction; any failure is raised, for the caller
+        to roll back and take the events one by one."""
         for event in events:
             self.contract_for(event).validate(event.payload)
-        async with self.store.transaction() as tx:
-            new = await self.store.claim_events(tx, {e.event_id: e.key for e in events})
-            by_key: dict[str, list[Event]] = {}
-            for event in events:
-                if event.event_id in new:
-                    new.discard(event.event_id)  # an id repeated within the batch runs once
-                    by_key.setdefault(event.key, []).append(event)
-            for key, batch in by_key.items():
-                handler = self._handlers.get(key)
-                if handler is not None:
-                    await handler(tx, batch)
+        new = await self.store.claim_events(tx, {e.event_id: e.key for e in events})
+        by_key: dict[str, list[Event]] = {}
+        for event in events:
+            if event.event_id in new:
+                new.discard(event.event_id)  # an id repeated within the batch runs once
+                by_key.setdefault(event.key, []).append(event)
+        for key, batch in by_key.items():
+            handler = self._handlers.get(key)
+            if handler is not None:
+                await handler(tx, batch)
 
     async def _process_with_retries(self, event: Event) -> Outcome:
         delay = self.retry_delay
@@ -404,11 +409,17 @@ class LocalSink:
             )
             for row in rows
         ]
+        if not self._lagging:
+            try:  # the usual case: log, route and move the cursor in ONE transaction
+                async with self.store.transaction() as tx:
+                    await self.store.log_events(tx, logged)
+                    await self.pathways.process_batch(tx, [Event.from_log(item) for item in logged])
+                    await self.store.put_meta(tx, self.CURSOR, str(logged[-1].seq))
+                return
+            except Exception as error:
+                logger.warning("a batch of %d events failed (%s); taking them one by one", len(logged), error)
         await self.store.move_to_event_log(logged)
-        if self._lagging:
-            await self.recover()
-        else:
-            await self._deliver(logged)
+        await self.recover()
 
     async def _deliver(self, logged: Sequence[LoggedEvent]) -> None:
         self._lagging = True

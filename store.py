@@ -9,7 +9,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 DB_FILENAME = "collector.sqlite3"
 VISIT_GAP_MS = 30 * 60 * 1000
+CHECKPOINT_INTERVAL = 1.0  # seconds
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
 
@@ -180,13 +181,15 @@ class Store:
         tz: ZoneInfo,
         *,
         commit_max_events: int = 512,
-        commit_delay: float = 0.002,
+        commit_delay: float = 0.001,
     ) -> None:
         self.path = path
         self.tz = tz
         self.outbox_changed = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._durable = False
+        self._closing = asyncio.Event()
+        self._checkpoints: asyncio.Task[None] | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._group = _GroupCommit(self, commit_max_events, commit_delay)
@@ -201,20 +204,42 @@ class Store:
             "PRAGMA synchronous = NORMAL",
             "PRAGMA busy_timeout = 5000",
             "PRAGMA cache_size = -16000",  # 16 MB: the read model's hot pages stay in memory
+            # Checkpoints (and their fsync of the database file) run on their own connection and
+            # thread, never inside a commit that a page view is waiting for.
+            "PRAGMA wal_autocheckpoint = 0",
         ):
             await self._writer.execute(pragma)
         await self._migrate()
         self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         self._group.start()
+        self._checkpoints = asyncio.create_task(self._checkpoint_regularly(), name="wal-checkpoint")
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections. Safe to call twice."""
         await self._group.stop()
+        if self._checkpoints is not None:
+            self._closing.set()
+            await self._checkpoints
+            self._checkpoints = None
+            await self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
         self._reader = self._writer = None
+
+    async def _checkpoint_regularly(self) -> None:
+        """Copy the WAL into the database file every CHECKPOINT_INTERVAL seconds. PASSIVE
+        never blocks the writer; a checkpoint that could not finish is simply tried again."""
+        async with aiosqlite.connect(self.path, isolation_level=None) as conn:
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            while not self._closing.is_set():
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), CHECKPOINT_INTERVAL)
+                try:
+                    await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except aiosqlite.Error as error:
+                    logger.warning("WAL checkpoint failed (%s); trying again in %g s", error, CHECKPOINT_INTERVAL)
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -283,15 +308,16 @@ class Store:
     async def move_to_event_log(self, events: Sequence[LoggedEvent]) -> None:
         """Record sent events with their ids and take them off the outbox, atomically."""
         async with self.transaction() as tx:
-            await tx.executemany(
-                "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload)
-                    for e in events
-                ],
-            )
-            await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+            await self.log_events(tx, events)
+
+    async def log_events(self, tx: aiosqlite.Connection, events: Sequence[LoggedEvent]) -> None:
+        """The same inside the caller's transaction."""
+        await tx.executemany(
+            "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload) for e in events],
+        )
+        await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
 
     async def event_log_after(self, seq: int, limit: int) -> list[LoggedEvent]:
         rows = await self.reader.execute_fetchall(
@@ -308,6 +334,9 @@ class Store:
     async def set_meta(self, key: str, value: str) -> None:
         async with self.transaction() as tx:
             await _put_meta(tx, key, value)
+
+    async def put_meta(self, tx: aiosqlite.Connection, key: str, value: str) -> None:
+        await _put_meta(tx, key, value)
 
     # -- pathway state ------------------------------------------------------------------------
 
