@@ -13,6 +13,8 @@ from helpers import SECRET
 
 from collector import Config, create_app, load_config, utc_now
 
+pytest_plugins = ["browser"]  # the `browser` fixture, for the page tests
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:

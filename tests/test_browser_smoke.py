@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
+from browser import PageErrors, new_page
 from conftest import Start
 from helpers import drained, query
 
