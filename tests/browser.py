@@ -53,9 +53,14 @@ TEST_DOMAIN_ARGS = ["--host-resolver-rules=MAP *.test 127.0.0.1"]
 
 @pytest.fixture
 async def site_browser() -> AsyncIterator[Browser]:
+    """Chromium with TEST_DOMAIN_ARGS and, unlike Playwright's default, the back/forward cache on."""
     executable = chromium_path()
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS + TEST_DOMAIN_ARGS)
+        launched = await playwright.chromium.launch(
+            executable_path=executable,
+            args=CHROMIUM_ARGS + TEST_DOMAIN_ARGS,
+            ignore_default_args=["--disable-back-forward-cache"],
+        )
         try:
             yield launched
         finally:

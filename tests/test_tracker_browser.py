@@ -327,15 +327,24 @@ async def test_a_page_opened_unseen_counts_once_it_is_shown(
 
 async def test_a_back_forward_cache_restore_sends_a_view(setup: MakeSetup) -> None:
     s = await setup("")
+    article, other = s.site("/article"), s.site("/other")
     async with s.page() as (page, sent):
         async with page.expect_response(answered):
-            await page.goto(s.site("/article"))
-        restored = await view(page, "dispatchEvent(new PageTransitionEvent('pageshow', {persisted: true}))")
-        assert restored == {"pathname": "/article", "referrer": s.site("/article"), "domain": "site.test"}
-        # The pageshow of an ordinary load is not a restore.
-        await page.evaluate("dispatchEvent(new PageTransitionEvent('pageshow', {persisted: false}))")
-        await send_marker(page, s, "site.test")
-        assert [body["pathname"] for body in sent.bodies] == ["/article", "/article", "/marker"]
+            await page.goto(article)
+        async with page.expect_response(answered):
+            await page.goto(other)
+        # Back to a page kept whole in the cache: no load, no script run, only a pageshow.
+        restored = await view(page, "history.back()")
+        # A restored page keeps its first navigation entry; a page loaded afresh would say back_forward.
+        entry = "performance.getEntriesByType('navigation')[0]"
+        reasons = await page.evaluate(f"JSON.stringify({entry}.notRestoredReasons)")
+        assert await page.evaluate(f"{entry}.type") == "navigate", f"not restored from the cache: {reasons}"
+        assert restored == {"pathname": "/article", "referrer": article, "domain": "site.test"}
+        assert sent.bodies == [
+            {"pathname": "/article", "referrer": "", "domain": "site.test"},
+            {"pathname": "/other", "referrer": "", "domain": "site.test"},
+            restored,
+        ]
     assert s.errors.messages == []
 
 
