@@ -16,8 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from browser import PageErrors, new_page
 from conftest import Start
-from helpers import drained, query
+from helpers import SECRET, drained, query
 from playwright.async_api import Browser, Page, Request, Response
+
+import privacy
 
 NEWS = "https://news.example/"
 
@@ -29,9 +31,15 @@ def html(script_tag: str) -> str:
     )
 
 
+# A page as the README's reverse-proxy section has it: script and API under the site's own /stats/.
+FIRST_PARTY_PAGE = html('<script src="/stats/script.js" data-api="/stats/api/pageview"></script>')
+
+
 @dataclass
 class Setup:
-    """A collector, a site whose every path serves one page, and a browser for them."""
+    """A collector, a site, and a browser for them. Every path of the site serves one page that
+    loads the script from the collector's origin, except /first-party/*, which loads it through
+    the site's own /stats/ proxy."""
 
     collector: TestClient
     browser: Browser
@@ -89,12 +97,38 @@ def setup(start_collector: Start, aiohttp_server: Any, site_browser: Browser) ->
         async def serve(request: web.Request) -> web.Response:
             return web.Response(text=page, content_type="text/html")
 
+        async def serve_first_party(request: web.Request) -> web.Response:
+            return web.Response(text=FIRST_PARTY_PAGE, content_type="text/html")
+
         app = web.Application()
+        app.router.add_get("/first-party/{path:.*}", serve_first_party)
+        app.router.add_get("/stats/script.js", proxy_to(collector, "/script.js"))
+        app.router.add_post("/stats/api/pageview", proxy_to(collector, "/api/pageview"))
         app.router.add_get("/{path:.*}", serve)
         site = await aiohttp_server(app)
         return Setup(collector, site_browser, site.port)
 
     return make
+
+
+# The address a reverse proxy in front of the site would put in X-Forwarded-For.
+VISITOR_ADDRESS = "203.0.113.9"
+PROXIED_REQUEST_HEADERS = ("Accept-Encoding", "Content-Type", "If-None-Match", "User-Agent")
+PROXIED_RESPONSE_HEADERS = ("Cache-Control", "Content-Encoding", "Content-Type", "ETag")
+
+
+def proxy_to(collector: TestClient, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """What the README's nginx or Caddy lines do: forward to the collector, say who asked."""
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {name: request.headers[name] for name in PROXIED_REQUEST_HEADERS if name in request.headers}
+        headers["X-Forwarded-For"] = VISITOR_ADDRESS
+        body = await request.read()
+        async with collector.request(request.method, path, headers=headers, data=body, auto_decompress=False) as answer:
+            kept = {name: answer.headers[name] for name in PROXIED_RESPONSE_HEADERS if name in answer.headers}
+            return web.Response(status=answer.status, body=await answer.read(), headers=kept)
+
+    return forward
 
 
 async def view(page: Page, action: str) -> dict[str, Any]:
@@ -226,6 +260,25 @@ async def test_data_domain_and_data_api(setup: MakeSetup, data_dir: Path) -> Non
     assert sent.bodies == [{"pathname": "/", "referrer": "", "domain": "example.com"}]
     await drained(s.collector)
     assert pageview_rows(data_dir) == [("example.com", "/", "")]
+    assert s.errors.messages == []
+
+
+async def test_first_party_paths_behind_a_reverse_proxy(setup: MakeSetup, data_dir: Path) -> None:
+    s = await setup("")
+    async with s.page() as (page, sent):
+        async with page.expect_response(answered) as info:
+            await page.goto(s.site("/first-party/shop"))
+        response = await info.value
+        agent = await page.evaluate("navigator.userAgent")
+    assert response.url == s.site("/stats/api/pageview")
+    assert response.status == 204
+    assert sent.bodies == [{"pathname": "/first-party/shop", "referrer": "", "domain": "site.test"}]
+    await drained(s.collector)
+    [(text,)] = query(data_dir, "SELECT payload FROM event_log")
+    payload = json.loads(text)
+    # The proxy is on loopback, in the default TRUSTED_PROXIES, so its X-Forwarded-For is believed.
+    day = payload["sessionContext"]["dailySaltRotation"]
+    assert payload["visitorHash"] == privacy.visitor_hash(VISITOR_ADDRESS, agent, day, SECRET)
     assert s.errors.messages == []
 
 
