@@ -32,7 +32,7 @@ def html(script_tag: str) -> str:
 
 
 # A page as the README's reverse-proxy section has it: script and API under the site's own /stats/.
-FIRST_PARTY_PAGE = html('<script src="/stats/script.js" data-api="/stats/api/pageview"></script>')
+FIRST_PARTY_PAGE = html('<script defer src="/stats/script.js" data-api="/stats/api/pageview"></script>')
 
 
 @dataclass
@@ -92,7 +92,7 @@ def setup(start_collector: Start, aiohttp_server: Any, site_browser: Browser) ->
         collector = await start_collector()
         src = f"http://collector.test:{collector.port}/script.js"
         attributes = script_attributes.replace("{port}", str(collector.port))
-        page = html(f'<script src="{src}" {attributes}></script>')
+        page = html(f'<script defer src="{src}" {attributes}></script>')
 
         async def serve(request: web.Request) -> web.Response:
             return web.Response(text=page, content_type="text/html")
