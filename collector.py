@@ -229,6 +229,66 @@ def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
     return error.reason
 
 
+# -- the tracker script -------------------------------------------------------------------------------------------
+
+# A day: an upgrade reaches every browser within a day, and a revalidation after that is a 304.
+SCRIPT_CACHE_CONTROL = "public, max-age=86400"
+
+
+@dataclass(frozen=True)
+class Script:
+    """static/script.js as served: prepared once, in plain and gzip form, with its ETag."""
+
+    body: bytes
+    gzipped: bytes
+    etag: str
+
+
+def load_script(path: Path) -> Script:
+    body = strip_script(path.read_text(encoding="utf-8")).encode("utf-8")
+    return Script(body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:20])
+
+
+def strip_script(source: str) -> str:
+    """The source without its indentation, blank lines and whole-line // comments: the
+    script stays readable in the repository and small on the wire, with no build step.
+    Safe for this file because it has no multi-line string literals."""
+    lines = (line.strip() for line in source.splitlines())
+    return "".join(line + "\n" for line in lines if line and not line.startswith("//"))
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() in ("gzip", "*"):
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def script_handler(script: Script) -> Handler:
+    async def serve_script(request: web.Request) -> web.Response:
+        gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        # The two encodings are two representations, so each has its own strong ETag.
+        etag = script.etag + ("-gzip" if gzipped else "")
+        headers = {
+            "Cache-Control": SCRIPT_CACHE_CONTROL,
+            "ETag": f'"{etag}"',
+            "Vary": "Accept-Encoding",
+            # Loadable by pages that isolate themselves (COEP) or load it with crossorigin.
+            "Cross-Origin-Resource-Policy": "cross-origin",
+            "Access-Control-Allow-Origin": "*",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if any(tag.value in (script.etag, script.etag + "-gzip", "*") for tag in request.if_none_match or ()):
+            return web.Response(status=304, headers=headers)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        body = script.gzipped if gzipped else script.body
+        return web.Response(body=body, content_type="application/javascript", charset="utf-8", headers=headers)
+
+    return serve_script
+
+
 # -- the collection endpoint --------------------------------------------------------------------------------
 
 CORS_PATHS = {"/api/pageview"}
@@ -458,66 +518,6 @@ async def health(request: web.Request) -> web.Response:
 
 async def test_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "test.html", headers={"Cache-Control": "no-cache"})
-
-
-# -- the tracker script -------------------------------------------------------------------------------------------
-
-# A day: an upgrade reaches every browser within a day, and a revalidation after that is a 304.
-SCRIPT_CACHE_CONTROL = "public, max-age=86400"
-
-
-@dataclass(frozen=True)
-class Script:
-    """static/script.js as served: prepared once, in plain and gzip form, with its ETag."""
-
-    body: bytes
-    gzipped: bytes
-    etag: str
-
-
-def load_script(path: Path) -> Script:
-    body = strip_script(path.read_text(encoding="utf-8")).encode("utf-8")
-    return Script(body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:20])
-
-
-def strip_script(source: str) -> str:
-    """The source without its indentation, blank lines and whole-line // comments: the
-    script stays readable in the repository and small on the wire, with no build step.
-    Safe for this file because it has no multi-line string literals."""
-    lines = (line.strip() for line in source.splitlines())
-    return "".join(line + "\n" for line in lines if line and not line.startswith("//"))
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    for item in accept_encoding.lower().split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip() in ("gzip", "*"):
-            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    return False
-
-
-def script_handler(script: Script) -> Handler:
-    async def serve_script(request: web.Request) -> web.Response:
-        gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        # The two encodings are two representations, so each has its own strong ETag.
-        etag = script.etag + ("-gzip" if gzipped else "")
-        headers = {
-            "Cache-Control": SCRIPT_CACHE_CONTROL,
-            "ETag": f'"{etag}"',
-            "Vary": "Accept-Encoding",
-            # Loadable by pages that isolate themselves (COEP) or load it with crossorigin.
-            "Cross-Origin-Resource-Policy": "cross-origin",
-            "Access-Control-Allow-Origin": "*",
-            "X-Content-Type-Options": "nosniff",
-        }
-        if any(tag.value in (script.etag, script.etag + "-gzip", "*") for tag in request.if_none_match or ()):
-            return web.Response(status=304, headers=headers)
-        if gzipped:
-            headers["Content-Encoding"] = "gzip"
-        body = script.gzipped if gzipped else script.body
-        return web.Response(body=body, content_type="application/javascript", charset="utf-8", headers=headers)
-
-    return serve_script
 
 
 # -- the application ---------------------------------------------------------------------------------------------
