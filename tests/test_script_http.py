@@ -39,12 +39,22 @@ async def test_the_gzipped_script_is_under_the_size_limit(start_collector: Start
     assert len(body) <= SIZE_LIMIT, f"the tracker is {len(body)} bytes gzipped; the limit is {SIZE_LIMIT}"
 
 
+@pytest.mark.parametrize("accept_encoding", ["gzip", "GZIP;q=0.5", "br, gzip;q=1.0", "*", "deflate, *;q=0.1"])
+async def test_gzip_is_sent_whenever_it_is_accepted(start_collector: Start, accept_encoding: str) -> None:
+    _, headers, body = await fetch_script(start_collector, **{"Accept-Encoding": accept_encoding})
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body).startswith(b"(function () {")
+
+
 @pytest.mark.parametrize(
     "accept_encoding",
     [
         pytest.param("identity", id="identity"),
         pytest.param("gzip;q=0, identity", id="gzip-refused"),
         pytest.param("br", id="only-brotli"),
+        pytest.param("*;q=0", id="anything-refused"),
+        pytest.param("gzip;q=0, *", id="gzip-refused-anything-else-welcome"),
+        pytest.param("", id="none-named"),
     ],
 )
 async def test_the_script_is_plain_unless_gzip_is_accepted(start_collector: Start, accept_encoding: str) -> None:
