@@ -426,3 +426,39 @@ async def test_a_collector_that_is_down_raises_nothing_in_the_page(setup: MakeSe
         await page.evaluate("collector.pageview('/again')")
         assert await page.evaluate("typeof collector.pageview") == "function"
     assert [message for message in s.errors.messages if "pageerror" in message] == []
+
+
+# -- the collector's own test page ----------------------------------------------------------------------------------
+
+
+async def test_the_test_page_buttons_drive_the_real_script(
+    start_collector: Start, site_browser: Browser, data_dir: Path
+) -> None:
+    client = await start_collector()
+    errors = PageErrors()
+    context, page = await new_page(site_browser, errors)
+    recorded = "document.getElementById('console').textContent.split('204 recorded').length - 1"
+    async with page.expect_response(answered):
+        await page.goto(str(client.make_url("/test.html")))
+    for button in ("About", "Blog post", "Back", "Send /custom/manual-event"):
+        async with page.expect_response(answered):
+            await page.get_by_role("button", name=button).click()
+    await page.wait_for_function(f"{recorded} === 5")
+    await page.get_by_role("button", name="Opt this browser out").click()
+    await page.get_by_role("button", name="Pricing").click()
+    assert "this browser sends nothing" in await page.text_content("#console")
+    await page.get_by_role("button", name="Opt this browser back in").click()
+    async with page.expect_response(answered):
+        await page.get_by_role("button", name="Home").click()
+    await page.wait_for_function(f"{recorded} === 6")
+    await context.close()
+    await drained(client)
+    assert [row[1] for row in pageview_rows(data_dir)] == [
+        "/test.html",
+        "/about",
+        "/blog/hello-world",
+        "/about",
+        "/custom/manual-event",
+        "/",
+    ]
+    assert errors.messages == []
