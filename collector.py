@@ -7,6 +7,8 @@ event log under ./data; see env.example for every setting.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
 import ipaddress
 import json
 import logging
@@ -304,6 +306,79 @@ def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
     return error.reason
 
 
+# -- the tracker script -------------------------------------------------------------------------------------------
+
+# A day: an upgrade reaches every browser within a day, and a revalidation after that is a 304.
+SCRIPT_CACHE_CONTROL = "public, max-age=86400"
+
+
+@dataclass(frozen=True)
+class Script:
+    """static/script.js as served: prepared once, in plain and gzip form, with its ETag."""
+
+    body: bytes
+    gzipped: bytes
+    etag: str
+
+
+def load_script(path: Path) -> Script:
+    body = strip_script(path.read_text(encoding="utf-8")).encode("utf-8")
+    return Script(body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:20])
+
+
+def strip_script(source: str) -> str:
+    """The source without its indentation, blank lines and whole-line // comments: the
+    script stays readable in the repository and small on the wire, with no build step.
+    Line by line is safe because the file has no multi-line literals or block comments
+    (a test checks)."""
+    lines = (line.strip() for line in source.splitlines())
+    return "".join(line + "\n" for line in lines if line and not line.startswith("//"))
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether Accept-Encoding allows gzip, by name or through *, with a quality above 0."""
+    qualities: dict[str, float] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        qualities[coding] = _quality(params)
+    return qualities.get("gzip", qualities.get("*", 0.0)) > 0
+
+
+def _quality(params: Sequence[str]) -> float:
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+def script_handler(script: Script) -> Handler:
+    async def serve_script(request: web.Request) -> web.Response:
+        gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        # The two encodings are two representations, so each has its own strong ETag.
+        etag = script.etag + ("-gzip" if gzipped else "")
+        headers = {
+            "Cache-Control": SCRIPT_CACHE_CONTROL,
+            "ETag": f'"{etag}"',
+            "Vary": "Accept-Encoding",
+            # Loadable by pages that isolate themselves (COEP) or load it with crossorigin.
+            "Cross-Origin-Resource-Policy": "cross-origin",
+            "Access-Control-Allow-Origin": "*",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if any(tag.value in (script.etag, script.etag + "-gzip", "*") for tag in request.if_none_match or ()):
+            return web.Response(status=304, headers=headers)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        body = script.gzipped if gzipped else script.body
+        return web.Response(body=body, content_type="application/javascript", charset="utf-8", headers=headers)
+
+    return serve_script
+
+
 # -- the collection endpoint --------------------------------------------------------------------------------
 
 CORS_PATHS = {"/api/pageview"}
@@ -537,6 +612,7 @@ ENDPOINTS = {
     "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
+    "GET /script.js": "The tracker script to put on a site's pages (see the README).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /": "This list.",
 }
@@ -602,6 +678,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.cleanup_ctx.append(runtime)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
+    app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
     app.router.add_post("/api/pageview", pageview)
     app.router.add_route("OPTIONS", "/api/pageview", pageview_preflight)
     app.router.add_post("/api/transformer", transformer)

@@ -46,6 +46,27 @@ async def browser() -> AsyncIterator[Browser]:
             await launched.close()
 
 
+# Every *.test name is this machine: a page can come from http://site.test:PORT, an origin that is
+# neither localhost nor the collector's, so the tracker's localhost rule and CORS both act for real.
+TEST_DOMAIN_ARGS = ["--host-resolver-rules=MAP *.test 127.0.0.1"]
+
+
+@pytest.fixture
+async def site_browser() -> AsyncIterator[Browser]:
+    """Chromium with TEST_DOMAIN_ARGS and, unlike Playwright's default, the back/forward cache on."""
+    executable = chromium_path()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=executable,
+            args=CHROMIUM_ARGS + TEST_DOMAIN_ARGS,
+            ignore_default_args=["--disable-back-forward-cache"],
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
 @dataclass
 class PageErrors:
     """Every uncaught exception and console error a page raised."""
@@ -68,4 +89,13 @@ async def new_page(browser: Browser, errors: PageErrors, **context_options: obje
     return context, page
 
 
-__all__ = ["CHROMIUM_ARGS", "Error", "PageErrors", "browser", "chromium_path", "new_page"]
+__all__ = [
+    "CHROMIUM_ARGS",
+    "TEST_DOMAIN_ARGS",
+    "Error",
+    "PageErrors",
+    "browser",
+    "chromium_path",
+    "new_page",
+    "site_browser",
+]
