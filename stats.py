@@ -104,7 +104,7 @@ def _one_year_before(day: date) -> date:
 def parse_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise StatsParameterError(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text[:32]!r}")
     return int(text)
 

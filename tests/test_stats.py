@@ -242,6 +242,7 @@ ERRORS = [
     pytest.param({"limit": "0"}, "limit must be", id="limit-zero"),
     pytest.param({"limit": "ten"}, "limit must be", id="limit-text"),
     pytest.param({"limit": "1001"}, "limit must be", id="limit-too-big"),
+    pytest.param({"limit": "\u00b2"}, "limit must be", id="limit-superscript-digit"),
     pytest.param({"colour": "red"}, "unknown parameters: 'colour'", id="unknown-parameter"),
     pytest.param({"domain": ""}, "domain is required", id="no-domain"),
     pytest.param({"domain": "exa mple.com"}, "domain must be a hostname", id="bad-domain"),
