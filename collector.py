@@ -7,7 +7,6 @@ event log under ./data; see env.example for every setting.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hmac
 import ipaddress
 import json
@@ -19,9 +18,9 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -30,8 +29,9 @@ from multidict import MultiMapping
 
 import privacy
 import stats
-from pathways import VISITOR_TRACKED, ContractError, Emitter, Event, LocalSink, Pathways, wait_any
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour
+from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
+from pathways import VISITOR_TRACKED, ContractError, Emitter, LocalSink, Pathways, wait_any
+from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,6 @@ SECRET_KEY_FILE = "secret_key"
 MIN_SECRET_KEY_LENGTH = 32
 MIN_STATS_TOKEN_LENGTH = 16
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
-RETENTION_INTERVAL = timedelta(days=1)
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
 
@@ -670,42 +669,13 @@ async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyn
     while not stop.is_set():
         try:
             await store.forget_expired_visitors(clock().astimezone(UTC).date())
-            await enforce_retention(store, config, clock())
+            await enforce_retention(store, config.timezone, config.raw_retention_days, clock())
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
         await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
 
 
-async def enforce_retention(store: Store, config: Config, now: datetime) -> None:
-    """RAW_RETENTION_DAYS, at most once a day; the last run is kept in the store, so restarts
-    do not make it run more often (nor skip it)."""
-    last = await store.get_meta(RETENTION_LAST_RUN)
-    if last is not None and now - datetime.fromisoformat(last) < RETENTION_INTERVAL:
-        return
-    await store.apply_retention(now.astimezone(config.timezone).date(), config.raw_retention_days, now)
-
-
 # -- the data directory's lock, and rebuild ---------------------------------------------------------------------
-
-LOCK_FILENAME = "collector.lock"
-REBUILD_BATCH = 1000
-
-
-class DataDirBusyError(RuntimeError):
-    """Another process (a running collector, or a rebuild) holds DATA_DIR's lock."""
-
-
-def lock_data_dir(data_dir: Path) -> int:
-    """An exclusive flock on DATA_DIR/collector.lock, held until the descriptor closes; the
-    kernel drops it when the process dies, so a crash never leaves a stale lock."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise DataDirBusyError(f"{data_dir} is in use by a running collector (or a rebuild)") from None
-    return descriptor
 
 
 async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
@@ -717,66 +687,9 @@ async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
         os.close(descriptor)
 
 
-@dataclass(frozen=True)
-class RebuildSummary:
-    from_day: str | None
-    replayed: int
-    skipped: int  # logged events of days before from_day, whose aggregates were kept
-
-
-async def rebuild(config: Config, now: datetime, progress: Callable[[int, int], None] | None = None) -> RebuildSummary:
-    """Recompute the read model from the local event log, for the days the kept log covers in
-    full (see Store.rebuild_from_day), in one transaction: a failed rebuild changes nothing."""
-    descriptor = lock_data_dir(config.data_dir)
-    store = Store(config.data_dir / DB_FILENAME, config.timezone)
-    try:
-        await store.open()
-        summary = await _replay_log(store, progress or (lambda done, total: None))
-        await store.forget_expired_visitors(now.astimezone(UTC).date())
-        return summary
-    finally:
-        await store.close()
-        os.close(descriptor)
-
-
-async def _replay_log(store: Store, progress: Callable[[int, int], None]) -> RebuildSummary:
-    from_day = await store.rebuild_from_day()
-    if from_day is None:
-        return RebuildSummary(None, 0, 0)
-    kind = VISITOR_TRACKED.event_type
-    total, done, replayed, seq = await store.count_replayable(kind), 0, 0, 0
-    progress(done, total)
-    async with store.transaction() as tx:
-        await store.clear_read_model(tx, from_day)
-        while batch := await store.replayable_events(kind, seq, REBUILD_BATCH):
-            events = [event for event in map(Event.from_log, batch) if _local_day(event, store) >= from_day]
-            if events:
-                await store.record_pageviews(tx, events)
-            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
-            progress(done, total)
-    return RebuildSummary(from_day, replayed, total - replayed)
-
-
-def _local_day(event: Event, store: Store) -> str:
-    return local_day_hour(int(event.valid_time.timestamp() * 1000), store.tz)[0]
-
-
-def progress_bar(stream: TextIO, width: int = 32) -> Callable[[int, int], None]:
-    """A one-line bar redrawn in place, for a terminal only (a log file gets the summary)."""
-
-    def show(done: int, total: int) -> None:
-        filled = width * done // total if total else width
-        stream.write(f"\rrebuild [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events")
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
-
-    return show if stream.isatty() else (lambda done, total: None)
-
-
 def rebuild_command(config: Config) -> int:
     try:
-        summary = asyncio.run(rebuild(config, utc_now(), progress_bar(sys.stderr)))
+        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr)))
     except DataDirBusyError:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py rebuild` again", file=sys.stderr)

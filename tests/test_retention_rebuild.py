@@ -21,7 +21,7 @@ from conftest import Start
 from helpers import SECRET, FakeClock, drained, query, utc
 
 import collector
-from collector import DataDirBusyError, load_config, rebuild
+from maintenance import DataDirBusyError, rebuild
 from store import DB_FILENAME, LoggedEvent, Store, iso_ms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +78,6 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
     async with asyncio.timeout(timeout):
         while not await check():
             await asyncio.sleep(0.01)
-
-
-def config(data_dir: Path, **env: str) -> collector.Config:
-    return load_config({"DATA_DIR": str(data_dir), "SECRET_KEY": SECRET, "TIMEZONE": TZ, **env})
 
 
 # -- retention ----------------------------------------------------------------------------------------
@@ -148,12 +144,12 @@ async def test_rebuild_gives_the_read_model_live_processing_built_and_is_idempot
     assert live["daily_stats"][0][:3] == ("b.example", "2025-06-09", 1)
     progress: list[tuple[int, int]] = []
 
-    summary = await rebuild(config(data_dir), VIEWS[0][0], lambda done, total: progress.append((done, total)))
+    summary = await rebuild(data_dir, ZoneInfo(TZ), VIEWS[0][0], lambda done, total: progress.append((done, total)))
     assert (summary.from_day, summary.replayed, summary.skipped) == ("2025-06-08", len(VIEWS), 0)
     assert progress[0] == (0, len(VIEWS)) and progress[-1] == (len(VIEWS), len(VIEWS))
     assert (aggregates(data_dir), hashes(data_dir)) == (live, live_hashes)
 
-    await rebuild(config(data_dir), VIEWS[0][0])  # again: the same
+    await rebuild(data_dir, ZoneInfo(TZ), VIEWS[0][0])  # again: the same
     assert (aggregates(data_dir), hashes(data_dir)) == (live, live_hashes)
 
 
@@ -170,7 +166,7 @@ async def test_rebuild_after_retention_recomputes_the_kept_days_and_keeps_older_
     # Spoil the kept days' aggregates, as a bug in a handler might have: rebuild puts them right.
     query_write(data_dir, "UPDATE daily_stats SET pageviews = 999 WHERE day >= '2025-06-09'")
 
-    summary = await rebuild(config(data_dir, RAW_RETENTION_DAYS="1"), clock.now)
+    summary = await rebuild(data_dir, ZoneInfo(TZ), clock.now)
     assert (summary.from_day, summary.replayed) == ("2025-06-09", 5)
     assert aggregates(data_dir) == live
 
@@ -190,7 +186,7 @@ async def test_rebuild_refuses_while_the_collector_runs(
 ) -> None:
     client = await start_collector(TIMEZONE=TZ)
     with pytest.raises(DataDirBusyError):
-        await rebuild(config(data_dir), utc(2025, 6, 10))
+        await rebuild(data_dir, ZoneInfo(TZ), utc(2025, 6, 10))
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     monkeypatch.setenv("SECRET_KEY", SECRET)
     assert await asyncio.to_thread(collector.main, ["rebuild"]) == 1
