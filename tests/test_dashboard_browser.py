@@ -85,7 +85,17 @@ async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
     assert await page.locator("[data-change=bounce_rate]").text_content() == "+27.8 pt"
     await page.screenshot(path=tmp_path / "dashboard-desktop.png", full_page=True)
 
+    await page.get_by_label("Period").select_option("custom")  # starts from the range on screen
+    await wait_loaded(page, "example.com", "custom")
+    assert await page.locator("body").get_attribute("data-loaded") == "example.com|custom|2025-06-04|2025-06-10"
+    await page.get_by_label("From").fill("2025-06-09")
+    await wait_loaded(page, "example.com", "custom|2025-06-09")
+    custom = await client.get("/api/stats", headers=AUTH, params={
+        "domain": "example.com", "period": "custom", "from": "2025-06-09", "to": "2025-06-10"})
+    await assert_shows(page, await custom.json())
+
     await page.get_by_label("Site").select_option("other.org")
+    await page.get_by_label("Period").select_option("7d")
     await wait_loaded(page, "other.org", "7d")
     await assert_shows(page, await api_stats(client, "other.org", "7d"))
 
