@@ -554,7 +554,7 @@ def domain_param(params: Mapping[str, str]) -> str:
     return domain
 
 
-def local_today(request: web.Request) -> datetime:
+def local_now(request: web.Request) -> datetime:
     return request.app[CLOCK]().astimezone(request.app[CONFIG].timezone)
 
 
@@ -563,10 +563,10 @@ async def stats_api(request: web.Request) -> web.Response:
     params = query_params(request, STATS_PARAMETERS)
     domain = domain_param(params)
     period = params.get("period", stats.DEFAULT_PERIOD)
-    span = stats.period_range(period, local_today(request).date(), params.get("from"), params.get("to"))
+    span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
     limit = stats.parse_limit(params.get("limit"))
     config, store = request.app[CONFIG], request.app[STORE]
-    body = await stats.stats(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone)
+    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone)
     return web.json_response(body, headers=PRIVATE)
 
 

@@ -233,7 +233,7 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
     return int(next(iter(rows))[0])
 
 
-async def stats(
+async def overview(
     db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo
 ) -> dict[str, Any]:
     """The whole answer of /api/stats."""

@@ -462,11 +462,7 @@ class Store:
             "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE day < ? LIMIT ?)",
             (cutoff.isoformat(),),
         )
-        events = await self._delete_in_chunks(
-            "DELETE FROM event_log WHERE seq IN "
-            "(SELECT seq FROM event_log WHERE seq <= ? AND valid_time < ? LIMIT ?)",
-            (delivered, cutoff_time),
-        )
+        events = await self._delete_logged_before(delivered, cutoff_time)
         async with self.transaction() as tx:
             kept = await _first_row(tx, "SELECT value FROM meta WHERE key = ?", (LOG_KEPT_FROM,))
             if kept is None or str(kept[0]) < cutoff.isoformat():
@@ -484,6 +480,24 @@ class Store:
                 cursor = await tx.execute(sql, (*params, chunk))
             deleted += cursor.rowcount
             if cursor.rowcount < chunk:
+                return deleted
+
+    async def _delete_logged_before(self, delivered: int, cutoff_time: str, chunk: int = 5000) -> int:
+        """Logged events before the cutoff that the local sink delivered, with their rows in
+        pathway_state: the sink's cursor is past them, so they are never delivered again and
+        their de-duplication rows have no more use. (Events that came from Flowcore are not
+        in the local log, so their rows stay and keep redeliveries harmless.)"""
+        deleted = 0
+        while True:
+            async with self.transaction() as tx:
+                rows = list(await tx.execute_fetchall(
+                    "SELECT seq, event_id FROM event_log WHERE seq <= ? AND valid_time < ? LIMIT ?",
+                    (delivered, cutoff_time, chunk),
+                ))
+                await tx.executemany("DELETE FROM pathway_state WHERE event_id = ?", [(row[1],) for row in rows])
+                await tx.executemany("DELETE FROM event_log WHERE seq = ?", [(row[0],) for row in rows])
+            deleted += len(rows)
+            if len(rows) < chunk:
                 return deleted
 
     async def rebuild_from_day(self) -> str | None:

@@ -104,6 +104,8 @@ async def test_retention_deletes_old_raw_rows_and_log_and_keeps_aggregates(
     assert [row[0] for row in query(data_dir, "SELECT valid_time FROM event_log ORDER BY seq")] == [
         iso_ms(v[0]) for v in VIEWS[5:]
     ]
+    kept_ids = {row[0] for row in query(data_dir, "SELECT event_id FROM event_log")}
+    assert {row[0] for row in query(data_dir, "SELECT event_id FROM pathway_state")} == kept_ids
     after = aggregates(data_dir)
     assert {t: after[t] for t in AGGREGATES} == {t: before[t] for t in AGGREGATES}  # aggregates stay
     stats = await (await client.get("/api/stats", params={
