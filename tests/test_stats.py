@@ -278,3 +278,18 @@ def test_local_hours_on_daylight_saving_days() -> None:
     assert len(spring) == 23 and "2025-03-09T02" not in spring
     assert len(autumn) == 24 and autumn[:3] == ["2025-11-02T00", "2025-11-02T01", "2025-11-02T02"]
     assert local_hours(datetime(2025, 6, 10).date(), zone)[-1] == "2025-06-10T23"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected none", id="sites"),
+        pytest.param("/api/current-visitors", "domain is required, e.g. domain=example.com",
+                     id="current-without-domain"),
+        pytest.param("/api/current-visitors?domain=a..b", "domain must be a hostname such as example.com",
+                     id="current-bad-domain"),
+    ],
+)
+async def test_the_other_readers_refuse_bad_parameters_too(client, path: str, message: str) -> None:
+    response = await client.get(path)
+    assert (response.status, (await response.json())["error"]) == (400, message)
