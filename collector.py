@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -31,6 +32,8 @@ from aiohttp import web
 from multidict import MultiMapping
 
 import privacy
+import stats
+from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
 from pathways import (
     VISITOR_TRACKED,
     ContractError,
@@ -47,7 +50,7 @@ from pathways import (
     secret_matches,
     wait_any,
 )
-from store import DB_FILENAME, Store, StoreClosedError
+from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError
 
 __version__ = "0.1.0"
 
@@ -60,6 +63,7 @@ MAX_DOMAIN_LENGTH = 253
 SECRET_KEY_FILE = "secret_key"
 MIN_SECRET_KEY_LENGTH = 32
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
+MIN_STATS_TOKEN_LENGTH = 16
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
@@ -102,6 +106,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Attempts a failing event handler gets before the event goes to the dead-letter table.",
     ),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting(
+        "STATS_TOKEN",
+        "",
+        "Bearer token for /api/stats, /api/sites, /api/export and the dashboard; at least 16 characters. "
+        "When unset, the statistics answer only clients on loopback.",
+    ),
+    Setting(
+        "RAW_RETENTION_DAYS",
+        "30",
+        "Days of raw page view rows and local event log kept (whole local days, plus today); "
+        "aggregates are kept for good.",
+    ),
     Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
     Setting(
         "ACCESS_LOG",
@@ -139,6 +155,8 @@ class Config:
     timezone: ZoneInfo
     handler_max_attempts: int
     log_level: str
+    stats_token: str = field(default="", repr=False)
+    raw_retention_days: int = 30
     access_log: bool = False
     event_loop: str = "auto"
     flowcore: FlowcoreSettings | None = None
@@ -169,6 +187,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         event_loop=_choice("EVENT_LOOP", get("EVENT_LOOP").lower(), ("auto", "asyncio", "uvloop")),
         flowcore=_flowcore(get),
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
+        stats_token=_stats_token("STATS_TOKEN", get("STATS_TOKEN")),
+        raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
     )
 
 
@@ -233,6 +253,12 @@ def _zone(name: str, text: str) -> ZoneInfo:
         raise ConfigError(f"{name} must be an IANA time zone such as Europe/Copenhagen, not {text!r}") from None
 
 
+def _stats_token(name: str, text: str) -> str:
+    if text and (len(text) < MIN_STATS_TOKEN_LENGTH or not text.isprintable() or " " in text):
+        raise ConfigError(f"{name} must be at least {MIN_STATS_TOKEN_LENGTH} printable characters without spaces")
+    return text
+
+
 def _secret_key(given: str, data_dir: Path) -> str:
     """SECRET_KEY from the environment, else the one kept in DATA_DIR, else a new one kept there."""
     if given:
@@ -264,14 +290,15 @@ def _secret_key(given: str, data_dir: Path) -> str:
 class ApiError(Exception):
     """An answer in the one error shape: {"status": N, "error": "what is wrong"}."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"status": status, "error": message}, status=status)
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"status": status, "error": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -281,8 +308,8 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error.status, error.message)
-    except ContractError as error:
+        response = error_response(error.status, error.message, error.headers)
+    except (ContractError, stats.StatsParameterError) as error:
         response = error_response(400, str(error))
     except StoreClosedError:
         response = error_response(503, "the collector is shutting down; try again")
@@ -614,6 +641,12 @@ ENDPOINTS = {
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",
     "GET /test.html": "A test page that sends page views to this collector.",
+    "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
+    "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
+    "GET /api/sites": "The domains seen, with their first and last day.",
+    "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
+    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
+    "GET /dashboard": "The statistics dashboard.",
     "GET /": "This list.",
 }
 
@@ -630,6 +663,7 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(5):
             counts = await store.health(local_delivery=config.flowcore is None)
+            retention_last_run = await store.get_meta(RETENTION_LAST_RUN)
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
@@ -642,6 +676,7 @@ async def health(request: web.Request) -> web.Response:
         "dead_letters": counts["dead_letters"],
         "last_processed_at": counts["last_processed_at"],
         "group_commit": {"commits": store.outbox_commits, "events": store.outbox_appends},
+        "retention_last_run": retention_last_run,
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
@@ -654,6 +689,119 @@ async def health(request: web.Request) -> web.Response:
 
 async def test_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "test.html", headers={"Cache-Control": "no-cache"})
+
+
+# -- statistics: /api/stats, /api/sites, /api/current-visitors, /api/export, /dashboard --------------------------
+
+STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit"})
+EXPORT_PARAMETERS = frozenset({"domain", "from", "to", "table"})
+PRIVATE = {"Cache-Control": "no-store"}
+LOOPBACK_ONLY = (
+    "the statistics answer only clients on this machine; to read them from elsewhere, set STATS_TOKEN "
+    f"to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send 'Authorization: Bearer <token>'"
+)
+# The dashboard loads nothing from another origin; the policy makes the browser hold it to that.
+DASHBOARD_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def require_reader(request: web.Request) -> None:
+    """With STATS_TOKEN: the bearer token, compared in constant time. Without: loopback clients
+    only, judged on the address a trusted proxy forwarded, so a proxy on this machine does not
+    make every visitor local."""
+    config = request.app[CONFIG]
+    if config.stats_token:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not _token_matches(config.stats_token, token.strip()):
+            raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
+                           {"WWW-Authenticate": 'Bearer realm="statistics"'})
+        return
+    address = parse_ip(client_ip(request.remote, request.headers, config.trusted_proxies))
+    if address is None or not address.is_loopback:
+        raise ApiError(403, LOOPBACK_ONLY)
+
+
+def _token_matches(expected: str, given: str) -> bool:
+    # surrogateescape: a header that is not valid UTF-8 is compared as its bytes, never a 500
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
+
+
+def query_params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
+    """The query string as single values; unknown or repeated parameters are refused."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        names = ", ".join(repr(name[:32]) for name in unknown[:10])
+        raise ApiError(400, f"unknown parameters: {names}; expected {', '.join(sorted(allowed)) or 'none'}")
+    repeated = sorted(name for name in set(request.query) if len(request.query.getall(name)) > 1)
+    if repeated:
+        raise ApiError(400, f"parameters given more than once: {', '.join(repeated)}")
+    return dict(request.query)
+
+
+def domain_param(params: Mapping[str, str]) -> str:
+    text = params.get("domain", "")
+    if not text:
+        raise ApiError(400, "domain is required, e.g. domain=example.com")
+    domain = normalize_host(text) if len(text) <= MAX_DOMAIN_LENGTH else None
+    if domain is None:
+        raise ApiError(400, "domain must be a hostname such as example.com")
+    return domain
+
+
+def local_now(request: web.Request) -> datetime:
+    return request.app[CLOCK]().astimezone(request.app[CONFIG].timezone)
+
+
+async def stats_api(request: web.Request) -> web.Response:
+    require_reader(request)
+    params = query_params(request, STATS_PARAMETERS)
+    domain = domain_param(params)
+    period = params.get("period", stats.DEFAULT_PERIOD)
+    span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
+    limit = stats.parse_limit(params.get("limit"))
+    config, store = request.app[CONFIG], request.app[STORE]
+    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone)
+    return web.json_response(body, headers=PRIVATE)
+
+
+async def sites_api(request: web.Request) -> web.Response:
+    require_reader(request)
+    query_params(request, frozenset())
+    return web.json_response({"sites": await stats.sites(request.app[STORE].reader)}, headers=PRIVATE)
+
+
+async def current_visitors_api(request: web.Request) -> web.Response:
+    require_reader(request)
+    domain = domain_param(query_params(request, frozenset({"domain"})))
+    count = await stats.current_visitors(request.app[STORE].reader, domain, request.app[CLOCK]())
+    return web.json_response({"domain": domain, "current_visitors": count}, headers=PRIVATE)
+
+
+async def export_api(request: web.Request) -> web.Response:
+    require_reader(request)
+    params = query_params(request, EXPORT_PARAMETERS)
+    domain = domain_param(params)
+    span = stats.custom_range(params.get("from"), params.get("to"))
+    table = params.get("table", "daily")
+    if table not in stats.EXPORT_TABLES:
+        raise ApiError(400, f"table must be one of {', '.join(stats.EXPORT_TABLES)}, not {table[:32]!r}")
+    rows = await stats.export_rows(request.app[STORE].reader, table, domain, span)
+    disposition = f'attachment; filename="{stats.export_filename(domain, table, span)}"'
+    return web.Response(
+        text=stats.to_csv(stats.EXPORT_HEADERS[table], rows),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={**PRIVATE, "Content-Disposition": disposition},
+    )
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "dashboard.html", headers=DASHBOARD_HEADERS)
 
 
 # -- the application ---------------------------------------------------------------------------------------------
@@ -675,6 +823,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors])
     app[CONFIG] = config
     app[CLOCK] = clock
+    app.cleanup_ctx.append(data_dir_lock)
     app.cleanup_ctx.append(runtime)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
@@ -683,6 +832,11 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_route("OPTIONS", "/api/pageview", pageview_preflight)
     app.router.add_post("/api/transformer", transformer)
     app.router.add_get("/test.html", test_page)
+    app.router.add_get("/api/stats", stats_api)
+    app.router.add_get("/api/sites", sites_api)
+    app.router.add_get("/api/current-visitors", current_visitors_api)
+    app.router.add_get("/api/export", export_api)
+    app.router.add_get("/dashboard", dashboard)
     return app
 
 
@@ -705,7 +859,9 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
     emitter.start()
     stop_maintenance = asyncio.Event()
-    maintenance = asyncio.create_task(run_maintenance(store, app[CLOCK], stop_maintenance), name="maintenance")
+    maintenance = asyncio.create_task(
+        run_maintenance(store, config, app[CLOCK], stop_maintenance), name="maintenance"
+    )
     try:
         yield
     finally:
@@ -719,10 +875,11 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         logger.info("stopped; the database is closed")
 
 
-async def run_maintenance(store: Store, clock: Clock, stop: asyncio.Event) -> None:
+async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await store.forget_expired_visitors(clock().astimezone(UTC).date())
+            await enforce_retention(store, config.timezone, config.raw_retention_days, clock())
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
         await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
@@ -759,30 +916,68 @@ def log_start(config: Config) -> None:
         logger.info("POST /api/transformer is enabled")
 
 
+# -- the data directory's lock, and rebuild ---------------------------------------------------------------------
+
+
+async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
+    """The running collector holds DATA_DIR's lock, so a rebuild cannot start under it."""
+    descriptor = lock_data_dir(app[CONFIG].data_dir)
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def rebuild_command(config: Config) -> int:
+    try:
+        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr)))
+    except DataDirBusyError:
+        print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
+              "`python collector.py rebuild` again", file=sys.stderr)
+        return 1
+    if summary.from_day is None:
+        print("rebuild: the local event log is empty; the read model is unchanged")
+    else:
+        print(f"rebuild: recomputed the read model from {summary.from_day} ({config.timezone.key} days) by "
+              f"replaying {summary.replayed} logged page views; aggregates of earlier days were kept"
+              + (f" ({summary.skipped} older logged events not replayed)" if summary.skipped else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = list(sys.argv[1:] if argv is None else argv)
+    if command not in ([], ["rebuild"]):
+        print("usage: python collector.py [rebuild]", file=sys.stderr)
+        return 2
     try:
         config = load_config(os.environ)
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
+    if command == ["rebuild"]:
+        return rebuild_command(config)
     log_start(config)
     try:
         loop = new_event_loop(config.event_loop)
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
-    web.run_app(
-        create_app(config),
-        loop=loop,
-        host=config.host,
-        port=config.port,
-        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=10.0,
-        print=None,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            loop=loop,
+            host=config.host,
+            port=config.port,
+            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+            access_log_format=ACCESS_LOG_FORMAT,
+            shutdown_timeout=10.0,
+            print=None,
+        )
+    except DataDirBusyError as error:
+        print(f"collector: {error}; stop it first", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,7 +125,7 @@ CREATE TABLE visitor_state (
     visit_start_ms INTEGER NOT NULL,
     visit_pageviews INTEGER NOT NULL
 );
-CREATE INDEX visitor_state_domain_last ON visitor_state (domain, last_ms);
+CREATE INDEX visitor_state_domain_last ON visitor_state (domain, last_ms);  -- current visitors
 CREATE TABLE visitor_hits (
     visitor_key INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
@@ -470,6 +470,111 @@ class Store:
         if deleted:
             logger.info("forgot %d visitor hash rows from before %s", deleted, cutoff)
         return deleted
+
+    # -- retention and rebuild ------------------------------------------------------------------
+    #
+    # Retention deletes raw page views and logged events by whole local days, and records the
+    # first day it kept (LOG_KEPT_FROM). So the kept log covers every day from then on in full,
+    # and rebuild recomputes exactly those days; older days keep the aggregates live processing
+    # built, which nothing left on disk could recompute.
+
+    async def apply_retention(self, today: date, keep_days: int, now: datetime) -> RetentionResult:
+        """Delete raw page views and logged events of local days before today - keep_days.
+        Logged events the local sink has not delivered yet stay; aggregates stay. Deletes go in
+        small transactions, so page views keep flowing while a large backlog is cut."""
+        cutoff = today - timedelta(days=keep_days)
+        cutoff_time = iso_ms(datetime.combine(cutoff, time(), tzinfo=self.tz))
+        delivered = int(await self.get_meta(LOCAL_CURSOR) or 0)
+        pageviews = await self._delete_in_chunks(
+            "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE day < ? LIMIT ?)",
+            (cutoff.isoformat(),),
+        )
+        events = await self._delete_logged_before(delivered, cutoff_time)
+        async with self.transaction() as tx:
+            kept = await _first_row(tx, "SELECT value FROM meta WHERE key = ?", (LOG_KEPT_FROM,))
+            if kept is None or str(kept[0]) < cutoff.isoformat():
+                await _put_meta(tx, LOG_KEPT_FROM, cutoff.isoformat())
+            await _put_meta(tx, RETENTION_LAST_RUN, iso_ms(now))
+        if pageviews or events:
+            logger.info("retention: deleted %d raw page views and %d logged events before %s", pageviews,
+                        events, cutoff)
+        return RetentionResult(cutoff, pageviews, events)
+
+    async def _delete_in_chunks(self, sql: str, params: tuple[Any, ...], chunk: int = 5000) -> int:
+        deleted = 0
+        while True:
+            async with self.transaction() as tx:
+                cursor = await tx.execute(sql, (*params, chunk))
+            deleted += cursor.rowcount
+            if cursor.rowcount < chunk:
+                return deleted
+
+    async def _delete_logged_before(self, delivered: int, cutoff_time: str, chunk: int = 5000) -> int:
+        """Logged events before the cutoff that the local sink delivered, with their rows in
+        pathway_state: the sink's cursor is past them, so they are never delivered again and
+        their de-duplication rows have no more use. (Events that came from Flowcore are not
+        in the local log, so their rows stay and keep redeliveries harmless.)"""
+        deleted = 0
+        while True:
+            async with self.transaction() as tx:
+                rows = list(await tx.execute_fetchall(
+                    "SELECT seq, event_id FROM event_log WHERE seq <= ? AND valid_time < ? LIMIT ?",
+                    (delivered, cutoff_time, chunk),
+                ))
+                await tx.executemany("DELETE FROM pathway_state WHERE event_id = ?", [(row[1],) for row in rows])
+                await tx.executemany("DELETE FROM event_log WHERE seq = ?", [(row[0],) for row in rows])
+            deleted += len(rows)
+            if len(rows) < chunk:
+                return deleted
+
+    async def rebuild_from_day(self) -> str | None:
+        """The first local day the kept event log covers in full: the day retention kept from,
+        or the log's first day if that is later; None when the log is empty (nothing to redo)."""
+        row = await _first_row(self.reader, "SELECT min(valid_time) FROM event_log")
+        if row is None or row[0] is None:
+            return None
+        first_day = datetime.fromisoformat(str(row[0])).astimezone(self.tz).date().isoformat()
+        kept = await self.get_meta(LOG_KEPT_FROM)
+        return max(first_day, kept) if kept else first_day
+
+    async def count_replayable(self, event_type: str) -> int:
+        row = await _first_row(self.reader, f"SELECT count(*) FROM event_log e WHERE {_REPLAYABLE}", (event_type,))
+        return int(row[0]) if row else 0
+
+    async def replayable_events(self, event_type: str, after_seq: int, limit: int) -> list[LoggedEvent]:
+        """Logged events of this type that the router processed, dead letters left out: what
+        live processing counted, whether or not the sink's cursor had moved past them."""
+        rows = await self.reader.execute_fetchall(
+            "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload FROM event_log e "
+            f"WHERE {_REPLAYABLE} AND seq > ? ORDER BY seq LIMIT ?",
+            (event_type, after_seq, limit),
+        )
+        return [LoggedEvent(*row) for row in rows]
+
+    async def clear_read_model(self, tx: aiosqlite.Connection, from_day: str) -> None:
+        """Inside the rebuild's transaction: drop the aggregates and raw rows of from_day on,
+        and every visitor hash (the replay puts back those still needed)."""
+        for table in ("daily_stats", "page_stats", "source_stats", "pageviews"):
+            await tx.execute(f"DELETE FROM {table} WHERE day >= ?", (from_day,))
+        await tx.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
+        for table in ("visitor_state", "visitor_hits", "seen"):
+            await tx.execute(f"DELETE FROM {table}")
+
+
+LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathways.LocalSink.CURSOR)
+LOG_KEPT_FROM = "log_kept_from"
+RETENTION_LAST_RUN = "retention_last_run"
+_REPLAYABLE = (
+    "e.event_type = ? AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
+    "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    kept_from: date
+    pageviews_deleted: int
+    events_deleted: int
 
 
 # -- group commit -----------------------------------------------------------------------------

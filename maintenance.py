@@ -1,0 +1,116 @@
+"""Jobs beside serving: the daily retention, the DATA_DIR lock, and `collector.py rebuild`,
+which recomputes the read model from the local event log.
+
+A module of its own so that collector.py stays the HTTP app and its configuration; the SQL
+these jobs need lives in store.py."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+from zoneinfo import ZoneInfo
+
+from pathways import VISITOR_TRACKED, Event
+from store import DB_FILENAME, RETENTION_LAST_RUN, Store, local_day_hour
+
+LOCK_FILENAME = "collector.lock"
+REBUILD_BATCH = 1000
+RETENTION_INTERVAL = timedelta(days=1)
+
+Progress = Callable[[int, int], None]
+
+
+async def enforce_retention(store: Store, tz: ZoneInfo, keep_days: int, now: datetime) -> None:
+    """RAW_RETENTION_DAYS, at most once a day; the last run is kept in the store, so restarts
+    do not make it run more often (nor skip it)."""
+    last = await store.get_meta(RETENTION_LAST_RUN)
+    if last is not None and now - datetime.fromisoformat(last) < RETENTION_INTERVAL:
+        return
+    await store.apply_retention(now.astimezone(tz).date(), keep_days, now)
+
+
+# -- the data directory's lock ------------------------------------------------------------------------
+
+
+class DataDirBusyError(RuntimeError):
+    """Another process (a running collector, or a rebuild) holds DATA_DIR's lock."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """An exclusive flock on DATA_DIR/collector.lock, held until the descriptor closes; the
+    kernel drops it when the process dies, so a crash never leaves a stale lock."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise DataDirBusyError(f"{data_dir} is in use by a running collector (or a rebuild)") from None
+    return descriptor
+
+
+# -- rebuild ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RebuildSummary:
+    from_day: str | None
+    replayed: int
+    skipped: int  # logged events of days before from_day, whose aggregates were kept
+
+
+async def rebuild(data_dir: Path, tz: ZoneInfo, now: datetime, progress: Progress | None = None) -> RebuildSummary:
+    """Recompute the read model from the local event log, for the days the kept log covers in
+    full (see Store.rebuild_from_day), in one transaction: a failed rebuild changes nothing."""
+    descriptor = lock_data_dir(data_dir)
+    store = Store(data_dir / DB_FILENAME, tz)
+    try:
+        await store.open()
+        summary = await _replay_log(store, progress or (lambda done, total: None))
+        await store.forget_expired_visitors(now.astimezone(UTC).date())
+        return summary
+    finally:
+        await store.close()
+        os.close(descriptor)
+
+
+async def _replay_log(store: Store, progress: Progress) -> RebuildSummary:
+    """Every logged page view that live processing counted, in log order, through the same
+    handler; the cursor is the log's seq, so a batch never re-reads what the last one read."""
+    from_day = await store.rebuild_from_day()
+    if from_day is None:
+        return RebuildSummary(None, 0, 0)
+    kind = VISITOR_TRACKED.event_type
+    total, done, replayed, seq = await store.count_replayable(kind), 0, 0, 0
+    progress(done, total)
+    async with store.transaction() as tx:
+        await store.clear_read_model(tx, from_day)
+        while batch := await store.replayable_events(kind, seq, REBUILD_BATCH):
+            events = [event for event in map(Event.from_log, batch) if _local_day(event, store.tz) >= from_day]
+            if events:
+                await store.record_pageviews(tx, events)
+            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
+            progress(done, total)
+    return RebuildSummary(from_day, replayed, total - replayed)
+
+
+def _local_day(event: Event, tz: ZoneInfo) -> str:
+    return local_day_hour(int(event.valid_time.timestamp() * 1000), tz)[0]
+
+
+def progress_bar(stream: TextIO, width: int = 32) -> Progress:
+    """A one-line bar redrawn in place, for a terminal only (a log file gets the summary)."""
+
+    def show(done: int, total: int) -> None:
+        filled = width * done // total if total else width
+        stream.write(f"\rrebuild [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return show if stream.isatty() else (lambda done, total: None)
