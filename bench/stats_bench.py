@@ -31,7 +31,7 @@ from aiohttp import ClientSession, web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from collector import create_app, load_config  # noqa: E402
-from store import DB_FILENAME, Store, local_day_hour, referrer_source  # noqa: E402
+from store import DB_FILENAME, Store, key64, local_day_hour, referrer_source  # noqa: E402
 
 TABLES = ("pageviews", "daily_stats", "hourly_stats", "page_stats", "source_stats", "visitor_state")
 SITE_WEIGHTS = (0.40, 0.25, 0.15, 0.12, 0.08)
@@ -101,8 +101,10 @@ def fill_visitor_state(conn: sqlite3.Connection, now: datetime) -> None:
     ).fetchall()
     salt_day = now.date().isoformat()
     conn.executemany(
-        "INSERT INTO visitor_state VALUES (?, ?, ?, ?, ?, ?)",
-        [(d, hashlib.sha256(str(v).encode()).hexdigest(), salt_day, last, first, n) for d, v, last, first, n in found],
+        "INSERT INTO visitor_state (visitor_key, domain, salt_day, last_ms, visit_start_ms, visit_pageviews) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(key64(d, hashlib.sha256(str(v).encode()).hexdigest()), d, salt_day, last, first, n)
+         for d, v, last, first, n in found],
     )
 
 

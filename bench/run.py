@@ -1,0 +1,303 @@
+"""The performance benchmark, in one command: `python bench/run.py` (`--quick` for a short run).
+
+In one run on this machine it measures, with `wrk` (Debian package) driving HTTP from another
+process over loopback:
+
+1. the ceiling: a bare aiohttp app whose handler only reads the JSON body and answers 204;
+2. the collector on its embedded default (a temporary DATA_DIR), with the same request mix:
+   varied paths, referrers, domains and client addresses (X-Forwarded-For from the trusted
+   loopback proxy), a real browser's user agent; its throughput as a fraction of the ceiling,
+   and how many database commits served how many requests; with asyncio's loop and, when
+   installed, uvloop;
+3. latency (p50, p99) at about 1,000 page views per second offered;
+4. peak resident memory after N page views (1,000,000 by default), once the read model has
+   caught up;
+5. the emitter's drain rate into a local fake Flowcore (a backlog prefilled in the outbox);
+6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days).
+
+It prints every figure; docs/performance.md records them. Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+LUA = BENCH / "pageviews.lua"
+SECRET = "benchmark-secret-key-0123456789abcdef"
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    non_2xx: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    """Poll with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} did not happen within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def get_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def answers(url: str) -> bool:
+    """Whether anything answers HTTP there (an error status counts)."""
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def wrk(url: str, seconds: float, connections: int, **env: str) -> WrkResult:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(LUA), url]
+    output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, check=True).stdout
+    match = re.search(r"BENCH requests=(\d+) duration_us=(\d+) non2xx=(\d+) errors=(\d+) p50_us=(\d+) p99_us=(\d+)",
+                      output)
+    if not match:
+        raise SystemExit(f"bench: could not read wrk's output:\n{output}")
+    requests, duration, non_2xx, errors, p50, p99 = map(int, match.groups())
+    return WrkResult(requests, duration / 1e6, non_2xx, errors, p50 / 1000, p99 / 1000)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextmanager
+def process(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    log = tempfile.TemporaryFile()
+    child = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: child.poll() is not None or answers(ready_url), 30, f"{command[1]} answering")
+        if child.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"bench: {command} exited:\n{log.read().decode(errors='replace')}")
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        log.close()
+
+
+@contextmanager
+def collector(data_dir: Path, event_loop: str = "asyncio", **env: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = {"DATA_DIR": str(data_dir), "HOST": "127.0.0.1", "PORT": str(port), "SECRET_KEY": SECRET,
+                "EVENT_LOOP": event_loop, "LOG_LEVEL": "WARNING", **env}
+    with process([sys.executable, "collector.py"], settings, url + "/health") as child:
+        yield url, child.pid
+
+
+@contextmanager
+def bare_app(event_loop: str) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"BENCH_UVLOOP": "1" if event_loop == "uvloop" else "0"}
+    with process([sys.executable, str(BENCH / "bare_app.py"), str(port)], env, url + "/"):
+        yield url
+
+
+def drained(url: str) -> bool:
+    health = get_json(url + "/health")
+    return health is not None and health["backlog"] == 0
+
+
+def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[str, Any]:
+    with bare_app(loop) as url:
+        wrk(url, 2, connections)  # warm-up
+        ceiling = wrk(url, seconds, connections)
+    data_dir = work / f"throughput-{loop}"
+    with collector(data_dir, loop) as (url, pid):
+        wrk(url, 2, connections)
+        before = get_json(url + "/health") or {}
+        measured = wrk(url, seconds, connections)
+        after = get_json(url + "/health") or {}
+        catch_up_started = time.monotonic()
+        wait_until(lambda: drained(url), 600, "the read model catching up")
+        catch_up = time.monotonic() - catch_up_started
+    commits = after["group_commit"]["commits"] - before["group_commit"]["commits"]
+    events = after["group_commit"]["events"] - before["group_commit"]["events"]
+    return {
+        "loop": loop,
+        "ceiling_rps": round(ceiling.rate),
+        "ceiling_p50_ms": ceiling.p50_ms,
+        "ceiling_p99_ms": ceiling.p99_ms,
+        "collector_rps": round(measured.rate),
+        "collector_p50_ms": measured.p50_ms,
+        "collector_p99_ms": measured.p99_ms,
+        "fraction_of_ceiling": round(measured.rate / ceiling.rate, 3),
+        "errors": measured.errors + measured.non_2xx,
+        "commits": commits,
+        "events_committed": events,
+        "events_per_commit": round(events / commits, 1) if commits else None,
+        "read_model_catch_up_s": round(catch_up, 1),
+    }
+
+
+def fixed_rate(seconds: float, work: Path, rate: int = 1000, connections: int = 50) -> dict[str, Any]:
+    think_ms = max(1, round(connections * 1000 / rate) - 2)  # about 2 ms of service time per request
+    with collector(work / "latency") as (url, _):
+        wrk(url, 2, connections, BENCH_THINK_MS=str(think_ms))
+        result = wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+    return {"offered_rps": rate, "achieved_rps": round(result.rate), "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms, "errors": result.errors + result.non_2xx}
+
+
+def memory(pageviews: int, connections: int, work: Path) -> dict[str, Any]:
+    with collector(work / "memory") as (url, pid):
+        started = time.monotonic()
+        result = wrk(url, 24 * 3600, connections, BENCH_MAX_REQUESTS=str(pageviews))
+        sent = time.monotonic() - started
+        wait_until(lambda: drained(url), 3600, "the read model catching up")
+        total = time.monotonic() - started
+        peak = peak_rss_mb(pid)
+    return {"pageviews": result.requests, "errors": result.errors + result.non_2xx, "send_s": round(sent, 1),
+            "until_all_counted_s": round(total, 1), "peak_rss_mb": round(peak, 1)}
+
+
+def prefill_outbox(data_dir: Path, events: int, per_second: int) -> None:
+    """A backlog as an outage leaves it: `per_second` page views collected in each second."""
+    with collector(data_dir):  # creates the schema, then stops
+        pass
+    payload = {"visitorHash": "ab" * 32, "domain": "example.com", "pathname": "/", "referrer": "",
+               "sessionContext": {"dailySaltRotation": "2026-01-01"}}
+    rows = []
+    for index in range(events):
+        payload["pathname"] = f"/p/{index % 500}"
+        second, milli = divmod(index, per_second)
+        collected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1767225600 + second)) + f".{milli % 1000:03d}Z"
+        rows.append(("visitor.v0", "visitor.tracked.v0", json.dumps(payload, separators=(",", ":")), collected))
+    conn = sqlite3.connect(data_dir / "collector.sqlite3")
+    with conn:
+        conn.executemany("INSERT INTO outbox (flow_type, event_type, payload, collected_at) VALUES (?, ?, ?, ?)",
+                         rows)
+    conn.close()
+
+
+def drain(events: int, work: Path, batch_size: int = 1000) -> dict[str, Any]:
+    data_dir = work / "drain"
+    prefill_outbox(data_dir, events, per_second=batch_size)
+    port = free_port()
+    fake_url = f"http://127.0.0.1:{port}"
+    fake = subprocess.Popen([sys.executable, str(BENCH / "fake_flowcore_server.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "ready"
+        env = {"FLOWCORE_TENANT": "acme", "FLOWCORE_API_KEY": "fc_0123456789abcdef_s3cr3t",
+               "FLOWCORE_WEBHOOK_BASEURL": fake_url, "FLOWCORE_BATCH_SIZE": str(batch_size)}
+        started = time.monotonic()
+        with collector(data_dir, **env) as (url, _):
+            wait_until(lambda: drained(url), 600, "the outbox draining into the fake Flowcore")
+            elapsed = time.monotonic() - started
+    finally:
+        fake.terminate()
+        stored = fake.communicate(timeout=30)[0].strip()
+    return {"events": events, "batch_size": batch_size, "seconds": round(elapsed, 2),
+            "events_per_s": round(events / elapsed), "fake_flowcore": stored}
+
+
+def stats_timings(views: int) -> str:
+    output = subprocess.run([sys.executable, str(BENCH / "stats_bench.py"), "--views", str(views)],
+                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return output.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs: 8 s, 100,000 page views")
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--pageviews", type=int, default=1_000_000, help="page views for the memory run")
+    parser.add_argument("--drain-events", type=int, default=100_000)
+    parser.add_argument("--stats-views", type=int, default=1_000_000)
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.pageviews, args.drain_events, args.stats_views = 8.0, 100_000, 20_000, 100_000
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    loops = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+
+        loops.append("uvloop")
+    except ImportError:
+        print("bench: uvloop is not installed (pip install '.[speed]'): measuring asyncio's loop only")
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="collector-bench-") as tmp:
+        work = Path(tmp)
+        for loop in loops:
+            results[f"throughput_{loop}"] = report(f"throughput ({loop})", throughput(loop, args.seconds,
+                                                                                    args.connections, work))
+        results["latency"] = report("latency at ~1,000 page views/s", fixed_rate(args.seconds, work))
+        results["drain"] = report("emitter drain into a fake Flowcore", drain(args.drain_events, work))
+        results["memory"] = report(f"memory after {args.pageviews:,} page views",
+                                   memory(args.pageviews, args.connections, work))
+    print("\n== /api/stats (bench/stats_bench.py)\n" + stats_timings(args.stats_views))
+    print("\n" + json.dumps(results, indent=2))
+    return 0
+
+
+def report(title: str, figures: dict[str, Any]) -> dict[str, Any]:
+    print(f"\n== {title}")
+    for key, value in figures.items():
+        print(f"  {key}: {value}")
+    sys.stdout.flush()
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
