@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 DB_FILENAME = "collector.sqlite3"
 VISIT_GAP_MS = 30 * 60 * 1000
 CHECKPOINT_INTERVAL = 1.0  # seconds
+INGEST_PRIORITY_WAIT = 0.1  # seconds a read model transaction yields to waiting page views
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
 
@@ -189,6 +190,8 @@ class Store:
         self._write_lock = asyncio.Lock()
         self._durable = False
         self._closing = asyncio.Event()
+        self._ingest_idle = asyncio.Event()  # set while no page view waits for its commit
+        self._ingest_idle.set()
         self._checkpoints: asyncio.Task[None] | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -261,6 +264,11 @@ class Store:
         A durable transaction survives a power cut (synchronous=FULL: the WAL is fsynced at
         commit); the others survive a crash of the process, and a power cut can only lose a
         suffix of them, which redelivery redoes: in WAL order, a durable commit syncs them too."""
+        if not durable and not self._ingest_idle.is_set():
+            # Page views waiting for their commit go first; the read model catches up after,
+            # and never waits more than INGEST_PRIORITY_WAIT for its turn.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._ingest_idle.wait(), INGEST_PRIORITY_WAIT)
         async with self._write_lock:
             conn = self.writer
             if durable != self._durable:
@@ -610,6 +618,7 @@ class _GroupCommit:
             raise StoreClosedError("the store is closing")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
+        self._store._ingest_idle.clear()
         self._wakeup.set()
         if len(self._pending) >= self._max_events:
             self._full.set()
@@ -630,6 +639,8 @@ class _GroupCommit:
             self._full.clear()
             if batch:
                 await self._commit(batch)
+            if not self._pending:
+                self._store._ingest_idle.set()
 
     async def _commit(self, batch: list[tuple[tuple[str, str, str, str], asyncio.Future[None]]]) -> None:
         try:
