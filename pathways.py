@@ -300,14 +300,10 @@ class Pathways:
         self.contract_for(event).validate(event.payload)
         try:
             async with self.store.transaction() as tx:
-                if not await self.store.claim_events(tx, {event.event_id: event.key}):
-                    return Outcome.DUPLICATE
-                handler = self._handlers.get(event.key)
-                if handler is not None:
-                    await handler(tx, [event])
+                processed = await self.process_batch(tx, [event])
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
-        return Outcome.PROCESSED
+        return Outcome.PROCESSED if processed else Outcome.DUPLICATE
 
     async def deliver(self, events: Sequence[Event]) -> None:
         """Process events in order: together in one transaction when they all succeed,
@@ -323,9 +319,9 @@ class Pathways:
         async with self.store.transaction() as tx:
             await self.process_batch(tx, events)
 
-    async def process_batch(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
-        """Route events inside the caller's transaction; any failure is raised, for the caller
-        to roll back and take the events one by one."""
+    async def process_batch(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> int:
+        """Route events inside the caller's transaction and return how many were new (the
+        others were processed before); any failure is raised, for the caller to roll back."""
         for event in events:
             self.contract_for(event).validate(event.payload)
         new = await self.store.claim_events(tx, {e.event_id: e.key for e in events})
@@ -338,6 +334,7 @@ class Pathways:
             handler = self._handlers.get(key)
             if handler is not None:
                 await handler(tx, batch)
+        return sum(len(batch) for batch in by_key.values())
 
     async def _process_with_retries(self, event: Event) -> Outcome:
         delay = self.retry_delay
