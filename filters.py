@@ -282,22 +282,19 @@ class RateLimiter:
         table = self._full_at
         full_at = max(table.get(key, now), now)
         wait = full_at - now - self._tolerance
-        if wait > 0:
-            return max(1, math.ceil(wait))
-        table[key] = full_at + self._interval
-        table.move_to_end(key)
+        if wait <= 0:
+            table[key] = full_at + self._interval
+            table.move_to_end(key)
         self._prune(now)
-        return None
+        return max(1, math.ceil(wait)) if wait > 0 else None
 
     def _prune(self, now: float) -> None:
         table = self._full_at
         for _ in range(2):  # two at a time: the table shrinks faster than one request adds
-            oldest = next(iter(table))
-            if table[oldest] > now and len(table) <= self.size:
+            oldest = next(iter(table), None)
+            if oldest is None or (table[oldest] > now and len(table) <= self.size):
                 return
             del table[oldest]
-            if not table:
-                return
 
     def __len__(self) -> int:
         return len(self._full_at)
