@@ -319,3 +319,38 @@ async def test_a_headless_chromium_is_dropped(start_collector: Start, browser, d
     await context.close()
     await drained(client)
     assert [row[2:] for row in await drop_counts(client, data_dir)] == [("headless", 1)]
+
+
+async def test_api_stats_reports_the_drops_of_the_period(start_collector: Start, data_dir: Path) -> None:
+    clock = FakeClock(utc(2025, 6, 3, 12))
+    client = await start_collector(clock=clock, ALLOWED_DOMAINS="example.com,other.example")
+    assert (await post(client, **{"User-Agent": "curl/8.5.0"})).status == 204  # 3 June: outside "today"
+    clock.now = utc(2025, 6, 4, 12)
+    for headers in ({"User-Agent": "curl/8.5.0"}, {"User-Agent": "curl/8.5.0"}, {"Sec-GPC": "1"},
+                    {"Sec-Purpose": "prefetch"}):
+        assert (await post(client, **headers)).status == 204
+    assert (await post(client, {**BODY, "domain": "other.example"}, **{"Sec-GPC": "1"})).status == 204
+    assert (await post(client, {**BODY, "domain": "evil.test"})).status == 204
+    assert (await post(client)).status == 204  # counted
+    await drained(client)
+    await client.app[DROPS].flush()
+
+    today = await (await client.get("/api/stats", params={"domain": "example.com", "period": "today"})).json()
+    assert today["dropped"] == {
+        "total": 4,
+        "by_reason": {"bot": 2, "headless": 0, "empty-user-agent": 0, "prefetch": 1, "gpc": 1, "dnt": 0},
+        "domain_not_allowed": 1,
+    }
+    week = await (await client.get("/api/stats", params={"domain": "example.com", "period": "7d"})).json()
+    assert week["dropped"]["total"] == 5 and week["dropped"]["by_reason"]["bot"] == 3
+    assert week["totals"]["pageviews"]["value"] == 1
+    other = await (await client.get("/api/stats", params={"domain": "other.example", "period": "today"})).json()
+    assert other["dropped"]["total"] == 1 and other["dropped"]["by_reason"]["gpc"] == 1
+
+
+async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(clock=FakeClock(utc(2025, 6, 4, 12)))
+    assert (await post(client, **{"Sec-GPC": "1"})).status == 204
+    await client.close()  # no flush asked for: the shutdown writes what is pending
+    assert query(data_dir, "SELECT domain, day, reason, count FROM dropped_pageviews") == [
+        ("example.com", "2025-06-04", "gpc", 1)]
