@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from crawlerdetect import CrawlerDetect
@@ -242,6 +243,7 @@ class DropCounter:
 # -- rate limiting ----------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)  # parsing an address is most of the limiter's cost
 def limiter_key(address: str) -> bytes | str:
     """An IPv4 address, or the /64 network of an IPv6 address (one subscriber's usual share);
     anything unreadable is its own key."""
