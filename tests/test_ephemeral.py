@@ -157,3 +157,15 @@ async def test_seed_mode_keeps_no_salt(start_collector: Start, data_dir: Path) -
     client = await start_collector(clock=FakeClock(utc(2025, 6, 4, 12)))
     assert await visit(client, data_dir) == privacy.visitor_hash(ADDRESS, BROWSER_UA, "2025-06-04", SECRET)
     assert salts(data_dir) == {}
+
+
+async def test_a_dropped_page_view_makes_no_salt_and_no_hash(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(clock=FakeClock(utc(2025, 6, 4, 12)), **EPHEMERAL)
+    response = await client.post(
+        "/api/pageview", data=json.dumps({"pathname": "/", "referrer": "", "domain": "example.com"}),
+        headers={"Content-Type": "text/plain", "User-Agent": "Mozilla/5.0 (compatible; bingbot/2.0)"},
+    )
+    assert response.headers["X-Collector-Dropped"] == "bot"
+    await drained(client)
+    assert salts(data_dir) == {}
+    assert query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)") == [(0,)]

@@ -136,8 +136,9 @@ IPV6 = "2001:db8:feed:beef::77"
 AGENT = "PrivacyProbe/7.3 (Distinctive; Agent-4471)"
 
 
-async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path) -> None:
-    collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true")
+@pytest.mark.parametrize("mode", ["seed", "ephemeral"])
+async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path, mode: str) -> None:
+    collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true", PRIVACY_MODE=mode)
     await collector.start()
     url = collector.url + "/api/pageview"
     async with aiohttp.ClientSession() as session:
