@@ -256,39 +256,17 @@ def _number(name: str, text: str, low: float, high: float) -> float:
 
 
 def _allowed_domains(name: str, text: str) -> DomainAllowList | None:
-    """Hostnames and *.hostname wildcards, normalised as page views' domains are."""
-    exact: set[str] = set()
-    parents: set[str] = set()
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        wildcard = item.startswith("*.")
-        host = normalize_host(item[2:] if wildcard else item)
-        if host is None:
-            raise ConfigError(f"{name}: {item!r} is not a hostname or *.hostname")
-        (parents if wildcard else exact).add(host)
-    return DomainAllowList(frozenset(exact), frozenset(parents)) if exact or parents else None
+    try:
+        return filters.parse_domains(text, normalize_host)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
 
 
 def _allowed_origins(name: str, text: str) -> OriginAllowList:
-    """* for any; else origins as a browser sends them (scheme://host[:port]), a host may be *.name."""
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    if not items or "*" in items:
-        return ANY_ORIGIN
-    exact: set[str] = set()
-    wildcards: list[tuple[str, str]] = []
-    for item in items:
-        scheme, separator, host = item.lower().partition("://")
-        hostname, _, port = host.partition(":")
-        wildcard = hostname.startswith("*.")
-        bare = normalize_host(hostname[2:] if wildcard else hostname)
-        if (scheme not in ("http", "https") or not separator or bare is None or bare.startswith("[")
-                or (port and not (port.isdigit() and 0 < int(port) < 65536))):
-            raise ConfigError(f"{name}: {item!r} is not an origin such as https://example.com or https://*.example.com")
-        suffix = bare + (f":{port}" if port else "")
-        if wildcard:
-            wildcards.append((f"{scheme}://", "." + suffix))
-        else:
-            exact.add(f"{scheme}://{suffix}")
-    return OriginAllowList(False, frozenset(exact), tuple(wildcards))
+    try:
+        return filters.parse_origins(text, normalize_host)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
 
 
 def _flowcore(get: Callable[[str], str]) -> FlowcoreSettings | None:

@@ -164,6 +164,44 @@ class OriginAllowList:
 
 
 ANY_ORIGIN = OriginAllowList(True, frozenset(), ())
+Normalize = Callable[[str], "str | None"]  # a hostname as page views' domains are normalised, or None
+
+
+def parse_domains(text: str, normalize: Normalize) -> DomainAllowList | None:
+    """ALLOWED_DOMAINS: comma-separated hostnames and *.hostname; None (any domain) when empty."""
+    exact: set[str] = set()
+    parents: set[str] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        wildcard = item.startswith("*.")
+        host = normalize(item[2:] if wildcard else item)
+        if host is None:
+            raise ValueError(f"{item!r} is not a hostname or *.hostname")
+        (parents if wildcard else exact).add(host)
+    return DomainAllowList(frozenset(exact), frozenset(parents)) if exact or parents else None
+
+
+def parse_origins(text: str, normalize: Normalize) -> OriginAllowList:
+    """ALLOWED_ORIGINS: * for any; else origins as a browser sends them (scheme://host[:port]),
+    whose host may be *.name."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items or "*" in items:
+        return ANY_ORIGIN
+    exact: set[str] = set()
+    wildcards: list[tuple[str, str]] = []
+    for item in items:
+        scheme, separator, host = item.lower().partition("://")
+        hostname, _, port = host.partition(":")
+        wildcard = hostname.startswith("*.")
+        bare = normalize(hostname[2:] if wildcard else hostname)
+        if (scheme not in ("http", "https") or not separator or bare is None or bare.startswith("[")
+                or (port and not (port.isdigit() and 0 < int(port) < 65536))):
+            raise ValueError(f"{item!r} is not an origin such as https://example.com or https://*.example.com")
+        suffix = bare + (f":{port}" if port else "")
+        if wildcard:
+            wildcards.append((f"{scheme}://", "." + suffix))
+        else:
+            exact.add(f"{scheme}://{suffix}")
+    return OriginAllowList(False, frozenset(exact), tuple(wildcards))
 
 
 @dataclass(frozen=True)
