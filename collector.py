@@ -728,7 +728,8 @@ async def transformer(request: web.Request) -> web.Response:
 # -- service endpoints ----------------------------------------------------------------------------------------
 
 ENDPOINTS = {
-    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain.",
+    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
+    "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",
@@ -1034,6 +1035,13 @@ def log_start(config: Config) -> None:
                            "to Flowcore will not come back to build statistics here")
     if config.transformer_secret:
         logger.info("POST /api/transformer is enabled")
+    logger.info(
+        "privacy mode %s; counting %s; rate limit %s",
+        config.privacy_mode,
+        "any domain" if config.allowed_domains is None else "ALLOWED_DOMAINS only",
+        f"{config.rate_limit_per_second:g}/s, burst {config.rate_limit_burst}" if config.rate_limit_per_second
+        else "off",
+    )
 
 
 # -- the data directory's lock, and rebuild ---------------------------------------------------------------------
