@@ -46,7 +46,7 @@ MAX_USER_AGENT_LENGTH = 1024
 # Automation that announces itself; crawlerdetect knows most of these as generic bots, but the
 # reason matters to the operator, so they are told apart first.
 HEADLESS_PATTERN = re.compile(
-    r"HeadlessChrome|PhantomJS|SlimerJS|HtmlUnit|Puppeteer|Playwright|Selenium|webdriver|Electron/.*Headless",
+    r"HeadlessChrome|PhantomJS|SlimerJS|HtmlUnit|Puppeteer|Playwright|Selenium|webdriver",
     re.IGNORECASE,
 )
 

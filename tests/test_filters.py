@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestClient
 from conftest import Start
 from helpers import BROWSER_UA, FakeClock, drained, query, utc
 
+import stats
 from collector import DROPS, LIMITER, ConfigError, load_config
-from filters import BotDetector, RateLimiter, limiter_key
+from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
 TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageviews", "daily_stats", "visitor_state",
@@ -363,3 +364,8 @@ async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_
     await client.close()  # no flush asked for: the shutdown writes what is pending
     assert query(data_dir, "SELECT domain, day, reason, count FROM dropped_pageviews") == [
         ("example.com", "2025-06-04", "gpc", 1)]
+
+
+def test_stats_knows_every_drop_reason() -> None:
+    assert set(stats.DROP_REASONS) == set(REASONS) - {DOMAIN_NOT_ALLOWED}
+    assert stats.OTHER_DOMAINS == OTHER_DOMAINS
