@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Start
 from helpers import BROWSER_UA, SECRET, FakeClock, drained, query, utc
 
 import privacy
-from collector import SALTS
+from collector import MAINTENANCE_INTERVAL, SALTS, maintenance_pause
 from store import DB_FILENAME, Store
 
 ADDRESS = "198.51.100.23"
@@ -169,3 +170,10 @@ async def test_a_dropped_page_view_makes_no_salt_and_no_hash(start_collector: St
     await drained(client)
     assert salts(data_dir) == {}
     assert query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)") == [(0,)]
+
+
+def test_the_maintenance_job_wakes_just_after_utc_midnight() -> None:
+    assert maintenance_pause(utc(2025, 6, 4, 12)) == MAINTENANCE_INTERVAL
+    assert maintenance_pause(utc(2025, 6, 4, 23, 59)) == 61
+    assert maintenance_pause(utc(2025, 6, 4, 23, 59, 59, 900_000)) == pytest.approx(1.1)
+    assert maintenance_pause(utc(2025, 6, 5, 1, 30).astimezone(ZoneInfo("Asia/Tokyo"))) == MAINTENANCE_INTERVAL
