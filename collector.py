@@ -21,7 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,10 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 
+import filters
 import privacy
 import stats
+from filters import ANY_ORIGIN, DomainAllowList, FilterSettings, OriginAllowList
 from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
 from pathways import (
     VISITOR_TRACKED,
@@ -51,7 +53,7 @@ from pathways import (
     secret_matches,
     wait_any,
 )
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError
+from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour
 
 __version__ = "0.1.0"
 
@@ -138,6 +140,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FLOWCORE_TIMEOUT_MS", "10000", "How long one request to Flowcore may take before it is retried."),
     Setting("FLOWCORE_RETRY_BASE_MS", "500", "First retry delay after a failed send; it doubles each time."),
     Setting("FLOWCORE_RETRY_MAX_MS", "60000", "Longest delay between retries while Flowcore is down."),
+    Setting(
+        "PRIVACY_MODE",
+        "seed",
+        "seed: the original collector's hash, its daily salt derived from SECRET_KEY; ephemeral: a random "
+        "salt per UTC day, deleted after 48 hours, so no hash can be linked back to an address afterwards.",
+    ),
+    Setting(
+        "ALLOWED_DOMAINS",
+        "",
+        "Comma-separated domains whose page views are counted (example.com, *.example.com for its "
+        "subdomains but not itself); others are dropped. Empty: any domain.",
+    ),
+    Setting(
+        "ALLOWED_ORIGINS",
+        "*",
+        "Comma-separated origins that get CORS headers on /api/pageview (https://example.com, "
+        "https://*.example.com), or * for any.",
+    ),
+    Setting("RESPECT_GPC", "true", "true: a page view with Sec-GPC: 1 is not counted."),
+    Setting("RESPECT_DNT", "false", "true: a page view with DNT: 1 is not counted."),
+    Setting(
+        "RATE_LIMIT_PER_SECOND",
+        "10",
+        "Page views per second one client address (IPv4, or IPv6 /64) may send on average; 0: no limit.",
+    ),
+    Setting("RATE_LIMIT_BURST", "50", "Page views one client address may send at once before the rate applies."),
+    Setting(
+        "RATE_LIMIT_TABLE_SIZE",
+        "100000",
+        "Client addresses the rate limiter remembers (in memory only); beyond, the least recent is forgotten.",
+    ),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
@@ -162,6 +195,14 @@ class Config:
     event_loop: str = "auto"
     flowcore: FlowcoreSettings | None = None
     transformer_secret: str = field(default="", repr=False)
+    privacy_mode: str = privacy.SEED
+    allowed_domains: DomainAllowList | None = None
+    allowed_origins: OriginAllowList = ANY_ORIGIN
+    respect_gpc: bool = True
+    respect_dnt: bool = False
+    rate_limit_per_second: float = 10.0
+    rate_limit_burst: int = 50
+    rate_limit_table_size: int = 100_000
 
     @property
     def mode(self) -> str:
@@ -190,7 +231,43 @@ def load_config(environ: Mapping[str, str]) -> Config:
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
         stats_token=_stats_token("STATS_TOKEN", get("STATS_TOKEN")),
         raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
+        privacy_mode=_choice("PRIVACY_MODE", get("PRIVACY_MODE").lower(), privacy.PRIVACY_MODES),
+        allowed_domains=_allowed_domains("ALLOWED_DOMAINS", get("ALLOWED_DOMAINS")),
+        allowed_origins=_allowed_origins("ALLOWED_ORIGINS", get("ALLOWED_ORIGINS")),
+        respect_gpc=_boolean("RESPECT_GPC", get("RESPECT_GPC")),
+        respect_dnt=_boolean("RESPECT_DNT", get("RESPECT_DNT")),
+        rate_limit_per_second=_number("RATE_LIMIT_PER_SECOND", get("RATE_LIMIT_PER_SECOND"), 0, 1_000_000),
+        rate_limit_burst=_integer("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), 1, 1_000_000),
+        rate_limit_table_size=_integer("RATE_LIMIT_TABLE_SIZE", get("RATE_LIMIT_TABLE_SIZE"), 100, 10_000_000),
     )
+
+
+def _boolean(name: str, text: str) -> bool:
+    return _choice(name, text.lower(), ("true", "false")) == "true"
+
+
+def _number(name: str, text: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {text!r}") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise ConfigError(f"{name} must be from {low:g} to {high:g}, not {text}")
+    return value
+
+
+def _allowed_domains(name: str, text: str) -> DomainAllowList | None:
+    try:
+        return filters.parse_domains(text, normalize_host)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+
+
+def _allowed_origins(name: str, text: str) -> OriginAllowList:
+    try:
+        return filters.parse_origins(text, normalize_host)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
 
 
 def _flowcore(get: Callable[[str], str]) -> FlowcoreSettings | None:
@@ -423,10 +500,12 @@ class PageviewInput:
 
 
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Reflect the Origin when ALLOWED_ORIGINS admits it; the answer depends on it either way."""
+    response.headers["Vary"] = "Origin"
     origin = request.headers.get("Origin")
-    if origin:
+    if origin and request.app[CONFIG].allowed_origins.allows(origin):
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Expose-Headers"] = filters.DROPPED_HEADER
 
 
 async def pageview_preflight(request: web.Request) -> web.Response:
@@ -441,16 +520,29 @@ async def pageview_preflight(request: web.Request) -> web.Response:
 
 
 async def pageview(request: web.Request) -> web.Response:
-    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed."""
+    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed.
+
+    The order: the rate limit (before any work), then validation (so bad input gets its 4xx
+    whoever sent it), then the filters (a dropped page view answers 204 and says why), then
+    the hash and the write."""
+    app = request.app
+    config = app[CONFIG]
+    ip = client_ip(request.remote, request.headers, config.trusted_proxies)
+    wait = app[LIMITER].retry_after(ip)
+    if wait is not None:
+        raise ApiError(429, f"too many page views from this address; try again in {wait} s",
+                       {"Retry-After": str(wait)})
     if request.content_type not in BODY_TYPES:
         raise ApiError(415, f"Content-Type must be application/json or text/plain, not {request.content_type}")
     fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), request.headers)
-    config = request.app[CONFIG]
-    now = request.app[CLOCK]()
+    now = app[CLOCK]()
+    reason = app[FILTER].drop_reason(fields.domain, request.headers)
+    if reason is not None:
+        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), config.timezone)[0], reason)
+        return web.Response(status=204, headers={filters.DROPPED_HEADER: reason})
     day = privacy.salt_day(now)
-    ip = client_ip(request.remote, request.headers, config.trusted_proxies)
     payload = {
-        "visitorHash": privacy.visitor_hash(ip, request.headers.get("User-Agent"), day, config.secret_key),
+        "visitorHash": await app[HASHER](day, fields.domain, ip, request.headers.get("User-Agent")),
         "domain": fields.domain,
         "pathname": fields.pathname,
         "referrer": fields.referrer,
@@ -666,7 +758,8 @@ async def transformer(request: web.Request) -> web.Response:
 # -- service endpoints ----------------------------------------------------------------------------------------
 
 ENDPOINTS = {
-    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain.",
+    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
+    "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",
@@ -843,6 +936,11 @@ STORE = web.AppKey("store", Store)
 PATHWAYS = web.AppKey("pathways", Pathways)
 EMITTER = web.AppKey("emitter", Emitter)
 SINK: web.AppKey[Sink] = web.AppKey("sink")
+FILTER = web.AppKey("filter", filters.PageviewFilter)
+LIMITER = web.AppKey("limiter", filters.RateLimiter)
+DROPS = web.AppKey("drops", filters.DropCounter)
+HASHER = web.AppKey("hasher", privacy.VisitorHasher)
+SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
 def utc_now() -> datetime:
@@ -853,6 +951,12 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors])
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[FILTER] = filters.PageviewFilter(
+        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector()
+    )
+    app[LIMITER] = filters.RateLimiter(
+        config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
+    )
     app.cleanup_ctx.append(data_dir_lock)
     app.cleanup_ctx.append(runtime)
     app.router.add_get("/", index)
@@ -887,17 +991,23 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
     emitter = Emitter(store, sink, batch_size)
     app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
+    salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
+    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, config.secret_key, salts)
+    app[DROPS] = filters.DropCounter(store)
     emitter.start()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(
         run_maintenance(store, config, app[CLOCK], stop_maintenance), name="maintenance"
     )
+    drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
     try:
         yield
     finally:
         stop_maintenance.set()
         with suppress(Exception):
             await maintenance
+        with suppress(Exception):
+            await drop_counts  # its last flush writes what the final requests dropped
         await emitter.stop()
         if session is not None:
             await session.close()
@@ -906,13 +1016,24 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:
+    """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
+    ephemeral salt's 48 hours end)."""
     while not stop.is_set():
         try:
-            await store.forget_expired_visitors(clock().astimezone(UTC).date())
+            today = clock().astimezone(UTC).date()
+            await store.forget_expired_visitors(today)
             await enforce_retention(store, config.timezone, config.raw_retention_days, clock())
+            await store.forget_salts(privacy.previous_day(today.isoformat()))
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
-        await wait_any(stop, timeout=MAINTENANCE_INTERVAL)
+        await wait_any(stop, timeout=maintenance_pause(clock()))
+
+
+def maintenance_pause(now: datetime) -> float:
+    """Seconds to the next run: the interval, or just past the next UTC midnight if sooner."""
+    utc = now.astimezone(UTC)
+    midnight = datetime.combine(utc.date() + timedelta(days=1), time(), tzinfo=UTC)
+    return max(1.0, min(MAINTENANCE_INTERVAL, (midnight - utc).total_seconds() + 1))
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
@@ -944,6 +1065,13 @@ def log_start(config: Config) -> None:
                            "to Flowcore will not come back to build statistics here")
     if config.transformer_secret:
         logger.info("POST /api/transformer is enabled")
+    logger.info(
+        "privacy mode %s; counting %s; rate limit %s",
+        config.privacy_mode,
+        "any domain" if config.allowed_domains is None else "ALLOWED_DOMAINS only",
+        f"{config.rate_limit_per_second:g}/s, burst {config.rate_limit_burst}" if config.rate_limit_per_second
+        else "off",
+    )
 
 
 # -- the data directory's lock, and rebuild ---------------------------------------------------------------------

@@ -233,6 +233,29 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
     return int(next(iter(rows))[0])
 
 
+# Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
+DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
+OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed
+
+
+async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:
+    """Page views not counted over the range: this domain's, by reason (every reason listed,
+    zeros included), and those for any domain outside ALLOWED_DOMAINS (their names are not kept)."""
+    rows = await db.execute_fetchall(
+        "SELECT domain, reason, sum(count) FROM dropped_pageviews WHERE domain IN (?, ?) AND day BETWEEN ? AND ? "
+        "GROUP BY 1, 2",
+        (domain, OTHER_DOMAINS, span.first.isoformat(), span.last.isoformat()),
+    )
+    by_reason = dict.fromkeys(DROP_REASONS, 0)
+    other = 0
+    for name, reason, count in rows:
+        if name == OTHER_DOMAINS:
+            other += count
+        else:
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": other}
+
+
 async def overview(
     db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo
 ) -> dict[str, Any]:
@@ -251,6 +274,7 @@ async def overview(
         "pages": await top(db, "page_stats", domain, span, limit),
         "sources": await top(db, "source_stats", domain, span, limit),
         "current_visitors": await current_visitors(db, domain, now),
+        "dropped": await dropped(db, domain, span),
     }
 
 

@@ -139,7 +139,29 @@ CREATE TABLE seen (
 );
 """
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (("0001_initial", SCHEMA_0001),)
+SCHEMA_0002 = """
+-- Page views not counted, per domain (or '*' for domains outside ALLOWED_DOMAINS), local day
+-- and reason: the only trace a dropped request leaves.
+CREATE TABLE dropped_pageviews (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (domain, day, reason)
+) WITHOUT ROWID;
+-- PRIVACY_MODE=ephemeral: one random salt per UTC day, shared by every collector on this file,
+-- deleted once its day and the next are over (forget_salts).
+CREATE TABLE salts (
+    day TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    ("0001_initial", SCHEMA_0001),
+    ("0002_dropped_pageviews_and_salts", SCHEMA_0002),
+)
 
 
 class StoreClosedError(RuntimeError):
@@ -196,6 +218,7 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._group = _GroupCommit(self, commit_max_events, commit_delay)
+        self._salts_in_wal = False  # a deleted salt may still be in the WAL's older frames
         self.outbox_commits = 0  # how many commits served how many appends: group commit at work
         self.outbox_appends = 0
 
@@ -210,6 +233,9 @@ class Store:
             # Checkpoints (and their fsync of the database file) run on their own connection and
             # thread, never inside a commit that a page view is waiting for.
             "PRAGMA wal_autocheckpoint = 0",
+            # Deleted rows are zeroed in their page where that costs no extra I/O: a deleted
+            # ephemeral salt must not linger in the file (forget_salts also truncates the WAL).
+            "PRAGMA secure_delete = FAST",
         ):
             await self._writer.execute(pragma)
         await self._migrate()
@@ -334,6 +360,72 @@ class Store:
             (seq, limit),
         )
         return [LoggedEvent(*row) for row in rows]
+
+    # -- drop counts and ephemeral salts ----------------------------------------------------------
+
+    async def add_dropped(self, rows: Sequence[tuple[str, str, str, int]]) -> None:
+        """Add (domain, day, reason, count) rows to the drop counts, in one transaction."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO dropped_pageviews (domain, day, reason, count) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (domain, day, reason) DO UPDATE SET count = count + excluded.count",
+                rows,
+            )
+
+    async def salt_for_day(self, day: str, candidate: bytes, keep_from: str) -> bytes:
+        """The day's salt: `candidate` if no collector on this file made one first, else theirs
+        (INSERT OR IGNORE, then read back, in one IMMEDIATE transaction, so all agree). Salts of
+        days before keep_from are deleted in the same transaction."""
+        async with self.transaction() as tx:
+            deleted = await tx.execute("DELETE FROM salts WHERE day < ?", (keep_from,))
+            if deleted.rowcount > 0:
+                self._salts_in_wal = True  # the next forget_salts truncates the WAL
+            await tx.execute(
+                "INSERT OR IGNORE INTO salts (day, salt, created_at) VALUES (?, ?, ?)",
+                (day, candidate, iso_ms(datetime.now(UTC))),
+            )
+            row = await _first_row(tx, "SELECT salt FROM salts WHERE day = ?", (day,))
+        assert row is not None, "the salt was inserted or already there"
+        return bytes(row[0])
+
+    async def forget_salts(self, keep_from: str) -> int:
+        """Delete the salts of days before keep_from, zeroing their bytes in the page, then
+        truncate the WAL, whose older frames still hold them. Returns the salts deleted."""
+        async with self._write_lock:
+            conn = self.writer
+            await conn.execute("PRAGMA secure_delete = ON")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                cursor = await conn.execute("DELETE FROM salts WHERE day < ?", (keep_from,))
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+            finally:
+                await conn.execute("PRAGMA secure_delete = FAST")
+            deleted = cursor.rowcount
+            if deleted > 0 or self._salts_in_wal:
+                self._salts_in_wal = not await self._truncate_wal(conn)
+        return deleted
+
+    async def _truncate_wal(self, conn: aiosqlite.Connection) -> bool:
+        """Checkpoint everything and truncate the WAL, without waiting for readers (the write
+        lock is held, and page views wait for it): False when a reader was in the way."""
+        await conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            row = await _first_row(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            await conn.execute("PRAGMA busy_timeout = 5000")
+        if row is not None and row[0]:
+            logger.warning("the WAL could not be truncated after deleting old salts (a reader was busy); "
+                           "the next maintenance run tries again")
+            return False
+        return True
+
+    async def salt_days(self) -> list[str]:
+        rows = await self.reader.execute_fetchall("SELECT day FROM salts ORDER BY day")
+        return [row[0] for row in rows]
 
     async def get_meta(self, key: str) -> str | None:
         row = await _first_row(self.reader, "SELECT value FROM meta WHERE key = ?", (key,))

@@ -82,7 +82,14 @@ class PageErrors:
             self.messages.append(f"console.error: {message.text}")
 
 
+# Headless Chromium says "HeadlessChrome" in its user agent, and the collector drops headless
+# browsers' page views; the page tests present a desktop Chrome's instead (test_filters checks
+# that the unchanged one is dropped).
+DESKTOP_CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+
+
 async def new_page(browser: Browser, errors: PageErrors, **context_options: object) -> tuple[BrowserContext, Page]:
+    context_options.setdefault("user_agent", DESKTOP_CHROME)
     context = await browser.new_context(**context_options)  # type: ignore[arg-type]
     page = await context.new_page()
     errors.watch(page)
@@ -91,6 +98,7 @@ async def new_page(browser: Browser, errors: PageErrors, **context_options: obje
 
 __all__ = [
     "CHROMIUM_ARGS",
+    "DESKTOP_CHROME",
     "TEST_DOMAIN_ARGS",
     "Error",
     "PageErrors",

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from helpers import SECRET
+from helpers import BROWSER_UA, SECRET
 
 from collector import Config, create_app, load_config, utc_now
 
@@ -35,6 +35,7 @@ Start = Callable[..., Awaitable[TestClient]]
 @pytest.fixture
 def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> Start:
     async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> TestClient:
-        return await aiohttp_client(create_app(make_config(**env), clock=clock))
+        # Every request says it comes from a browser unless a test says otherwise.
+        return await aiohttp_client(create_app(make_config(**env), clock=clock), headers={"User-Agent": BROWSER_UA})
 
     return start

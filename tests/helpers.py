@@ -14,6 +14,9 @@ from collector import EMITTER
 from store import DB_FILENAME
 
 SECRET = "this-is-a-test-secret-key-of-40-chars!!"
+# A desktop browser's user agent: the collector drops page views from bots, HTTP libraries
+# (aiohttp's own default user agent among them), headless browsers and empty user agents.
+BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
 class FakeClock:

@@ -20,6 +20,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.handler_max_attempts == 5
     assert any(net.with_prefixlen == "127.0.0.0/8" for net in config.trusted_proxies)
     assert any(net.with_prefixlen == "192.168.0.0/16" for net in config.trusted_proxies)
+    assert (config.privacy_mode, config.allowed_domains, config.allowed_origins.any) == ("seed", None, True)
+    assert (config.respect_gpc, config.respect_dnt) == (True, False)
+    assert (config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size) == (10, 50, 100_000)
 
 
 def test_the_default_data_dir_is_data_under_the_working_directory(tmp_path: Path, monkeypatch) -> None:
@@ -38,6 +41,16 @@ def test_the_default_data_dir_is_data_under_the_working_directory(tmp_path: Path
         ("SECRET_KEY", "too-short"),
         ("HANDLER_MAX_ATTEMPTS", "0"),
         ("LOG_LEVEL", "LOUD"),
+        ("PRIVACY_MODE", "paranoid"),
+        ("RESPECT_GPC", "maybe"),
+        ("RESPECT_DNT", "yes please"),
+        ("RATE_LIMIT_PER_SECOND", "-1"),
+        ("RATE_LIMIT_PER_SECOND", "fast"),
+        ("RATE_LIMIT_PER_SECOND", "nan"),
+        ("RATE_LIMIT_BURST", "0"),
+        ("RATE_LIMIT_TABLE_SIZE", "5"),
+        ("ALLOWED_DOMAINS", "*.*"),
+        ("ALLOWED_ORIGINS", "example.com"),
     ],
 )
 def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str) -> None:

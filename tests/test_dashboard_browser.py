@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock
 from playwright.async_api import Page, Request
 from test_stats import FIXTURE, NOW, TZ, seed
+
+from store import DB_FILENAME, Store
 
 TOKEN = "dashboard-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -49,7 +52,30 @@ async def wait_loaded(page: Page, domain: str, period: str) -> None:
     )
 
 
+async def seed_drops(data_dir: Path) -> None:
+    """Drop counts as the collector's DropCounter writes them."""
+    store = Store(data_dir / DB_FILENAME, ZoneInfo(TZ))
+    await store.open()
+    try:
+        await store.add_dropped([("example.com", "2025-06-09", "bot", 1200), ("example.com", "2025-06-10", "gpc", 3),
+                                 ("*", "2025-06-10", "domain-not-allowed", 7)])
+    finally:
+        await store.close()
+
+
+def filtered(dropped: dict[str, Any]) -> str:
+    """The dashboard's "Filtered" line for the API's dropped object (its renderFiltered, in Python)."""
+    text = f"Filtered: {dropped['total']:,} page views not counted"
+    reasons = [f"{reason} {count:,}" for reason, count in dropped["by_reason"].items() if count]
+    if reasons:
+        text += f" ({', '.join(reasons)})"
+    if dropped["domain_not_allowed"]:
+        text += f"; {dropped['domain_not_allowed']:,} for domains outside ALLOWED_DOMAINS (all sites)"
+    return text + "."
+
+
 async def assert_shows(page: Page, stats: dict[str, Any]) -> None:
+    assert await page.locator("#filtered").text_content() == filtered(stats["dropped"])
     for name, figure in stats["totals"].items():
         assert await page.locator(f"[data-metric={name}]").text_content() == shown(name, figure["value"]), name
     pages = await page.locator("#pages tbody tr").all_inner_texts()
@@ -66,6 +92,7 @@ async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
     start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
 ) -> None:
     await seed(data_dir, FIXTURE)
+    await seed_drops(data_dir)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ, STATS_TOKEN=TOKEN)
     errors = PageErrors()
     context, page = await new_page(browser, errors, viewport={"width": 1280, "height": 900})
@@ -77,6 +104,8 @@ async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
     await wait_loaded(page, "example.com", "30d")
     await assert_shows(page, await api_stats(client, "example.com", "30d"))
     assert await page.locator("[data-change=pageviews]").text_content() == "—"  # nothing the 30 days before
+    assert await page.locator("#filtered").text_content() == (
+        "Filtered: 1,203 page views not counted (bot 1,200, gpc 3); 7 for domains outside ALLOWED_DOMAINS (all sites).")
 
     await page.get_by_label("Period").select_option("7d")
     await wait_loaded(page, "example.com", "7d")

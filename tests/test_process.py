@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import query
+from helpers import BROWSER_UA, query
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Callable[..., CollectorProces
 
 
 async def send_pageviews(url: str, count: int, headers: dict[str, str] | None = None) -> list[int]:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"User-Agent": BROWSER_UA}) as session:
 
         async def one(index: int) -> int:
             body = json.dumps({"pathname": f"/p/{index}", "referrer": "", "domain": "example.com"})
@@ -100,7 +100,7 @@ async def send_pageviews(url: str, count: int, headers: dict[str, str] | None = 
 
 
 async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(running, tmp_path: Path) -> None:
-    collector = running()
+    collector = running(RATE_LIMIT_PER_SECOND="0")  # all from one address, as fast as it goes
     await collector.start()
     statuses = await send_pageviews(collector.url, 300)
     assert statuses == [204] * 300
@@ -118,7 +118,7 @@ async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(
 
 
 async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running, tmp_path: Path) -> None:
-    collector = running()
+    collector = running(RATE_LIMIT_PER_SECOND="0")
     await collector.start()
     assert await send_pageviews(collector.url, 100) == [204] * 100
     assert collector.stop(signal.SIGTERM) == 0
@@ -136,8 +136,9 @@ IPV6 = "2001:db8:feed:beef::77"
 AGENT = "PrivacyProbe/7.3 (Distinctive; Agent-4471)"
 
 
-async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path) -> None:
-    collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true")
+@pytest.mark.parametrize("mode", ["seed", "ephemeral"])
+async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path, mode: str) -> None:
+    collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true", PRIVACY_MODE=mode)
     await collector.start()
     url = collector.url + "/api/pageview"
     async with aiohttp.ClientSession() as session:
