@@ -31,6 +31,8 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 
+import http_defense
+import openapi
 import privacy
 import stats
 from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
@@ -124,6 +126,18 @@ SETTINGS: tuple[Setting, ...] = (
         "false",
         "true: log a line per request (method, path, status, size, time; never an address or user agent).",
     ),
+    # -- defensive HTTP (issue 6) --
+    Setting(
+        "BODY_TIMEOUT_MS",
+        "10000",
+        "How long a client may take to send a request body; a slower one gets 408 and is disconnected.",
+    ),
+    Setting(
+        "KEEPALIVE_TIMEOUT_MS",
+        "75000",
+        "How long an idle connection, or one still sending its headers, is kept open. Behind a reverse "
+        "proxy, keep the proxy's upstream keep-alive shorter than this.",
+    ),
     Setting("FLOWCORE_TENANT", "", "Flowcore tenant; with FLOWCORE_API_KEY, events go to Flowcore."),
     Setting("FLOWCORE_API_KEY", "", "Flowcore API key (fc_...), sent as the raw Authorization header. Never logged."),
     Setting("FLOWCORE_WEBHOOK_BASEURL", "https://webhook.api.flowcore.io", "Flowcore ingestion webhook base URL."),
@@ -161,6 +175,8 @@ class Config:
     event_loop: str = "auto"
     flowcore: FlowcoreSettings | None = None
     transformer_secret: str = field(default="", repr=False)
+    body_timeout: float = 10.0  # seconds
+    keepalive_timeout: float = 75.0  # seconds
 
     @property
     def mode(self) -> str:
@@ -189,6 +205,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
         stats_token=_stats_token("STATS_TOKEN", get("STATS_TOKEN")),
         raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
+        body_timeout=_integer("BODY_TIMEOUT_MS", get("BODY_TIMEOUT_MS"), 1, 600_000) / 1000,
+        keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
     )
 
 
@@ -460,7 +478,17 @@ async def pageview(request: web.Request) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes the limit."""
+    """The body, refused with 413 as soon as it passes the limit, and with 408 when it does not
+    arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
+    timeout = request.app[CONFIG].body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_limited(request, limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None:
         if request.content_length > limit:
             raise ApiError(413, f"the body is larger than {limit} bytes")
@@ -647,6 +675,7 @@ ENDPOINTS = {
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
     "GET /dashboard": "The statistics dashboard.",
+    "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
     "GET /": "This list.",
 }
 
@@ -700,14 +729,6 @@ LOOPBACK_ONLY = (
     "the statistics answer only clients on this machine; to read them from elsewhere, set STATS_TOKEN "
     f"to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send 'Authorization: Bearer <token>'"
 )
-# The dashboard loads nothing from another origin; the policy makes the browser hold it to that.
-DASHBOARD_HEADERS = {
-    "Cache-Control": "no-cache",
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 def require_reader(request: web.Request) -> None:
@@ -801,7 +822,8 @@ async def export_api(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "dashboard.html", headers=DASHBOARD_HEADERS)
+    # Its Content-Security-Policy (hashes of its inline script and style) comes from http_defense.
+    return web.FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
 
 # -- the application ---------------------------------------------------------------------------------------------
@@ -819,8 +841,17 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# The HTML pages: the dashboard sends no referrer anywhere; the test page keeps the browser's
+# default, as a site's page would, and loads the tracker from its own origin.
+PAGES = {
+    "/dashboard": http_defense.Page(STATIC_DIR / "dashboard.html", "no-referrer"),
+    "/test.html": http_defense.Page(STATIC_DIR / "test.html", "strict-origin-when-cross-origin", "'self'"),
+}
+
+
 def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
-    app = web.Application(middlewares=[errors_and_cors])
+    app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
+    http_defense.install(app, PAGES)
     app[CONFIG] = config
     app[CLOCK] = clock
     app.cleanup_ctx.append(data_dir_lock)
@@ -837,6 +868,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/current-visitors", current_visitors_api)
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/openapi.json", openapi.handler(__version__))
     return app
 
 
@@ -959,6 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == ["rebuild"]:
         return rebuild_command(config)
     log_start(config)
+    http_defense.quiet_parse_errors()
     try:
         loop = new_event_loop(config.event_loop)
     except ConfigError as error:
@@ -974,6 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=10.0,
             print=None,
+            **http_defense.server_options(config.keepalive_timeout),
         )
     except DataDirBusyError as error:
         print(f"collector: {error}; stop it first", file=sys.stderr)

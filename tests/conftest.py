@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from helpers import SECRET
 
 from collector import Config, create_app, load_config, utc_now
+from http_defense import server_options
 
 pytest_plugins = ["browser"]  # the `browser` fixture, for the page tests
 
@@ -35,6 +36,9 @@ Start = Callable[..., Awaitable[TestClient]]
 @pytest.fixture
 def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> Start:
     async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> TestClient:
-        return await aiohttp_client(create_app(make_config(**env), clock=clock))
+        config = make_config(**env)
+        # The server limits main() gives the real process, so the tests meet the same ones.
+        return await aiohttp_client(create_app(config, clock=clock),
+                                    server_kwargs=server_options(config.keepalive_timeout))
 
     return start
