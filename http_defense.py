@@ -29,7 +29,12 @@ CLIENT_MAX_SIZE = 256 * 1024
 MAX_LINE_SIZE = 4096
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 64
+# After answering without reading the whole body (a 413, a 408), aiohttp keeps reading and
+# discarding it for this long so the client sees the answer rather than a reset connection.
+# aiohttp's 10 s would let a client that stalls hold the connection that much longer.
+LINGERING_TIME = 2.0
 
+SERVER = "flow-analytics-collector"
 # Not a page: nothing may load, frame or run from it.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
@@ -55,6 +60,7 @@ def server_options(keepalive_timeout: float) -> dict[str, Any]:
         "max_field_size": MAX_FIELD_SIZE,
         "max_headers": MAX_HEADERS,
         "keepalive_timeout": keepalive_timeout,
+        "lingering_time": LINGERING_TIME,
     }
 
 
@@ -99,14 +105,17 @@ def install(app: web.Application, pages: Mapping[str, Page]) -> None:
 
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
+        headers["Server"] = SERVER  # not aiohttp's, which names Python's and its own version
         headers.setdefault("X-Content-Type-Options", "nosniff")
         # The API's answers are no documents; a strict policy costs the sites that call it nothing.
         headers["Referrer-Policy"] = policies.referrer.get(request.path, "no-referrer")
         headers["Content-Security-Policy"] = policies.csp.get(request.path, API_POLICY)
-        if response.status == 408:
-            response.force_close()  # a client too slow to send its body gets no second request
+        if response.status == 408:  # a client too slow to send its body gets no second request
+            headers["Connection"] = "close"
+            response.force_close()
 
     app.on_response_prepare.append(security_headers)
+    quiet_parse_errors()
 
 
 class ParseErrorFilter(logging.Filter):

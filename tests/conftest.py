@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from helpers import SECRET
 
 from collector import Config, create_app, load_config, utc_now
@@ -37,8 +37,10 @@ Start = Callable[..., Awaitable[TestClient]]
 def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> Start:
     async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> TestClient:
         config = make_config(**env)
-        # The server limits main() gives the real process, so the tests meet the same ones.
-        return await aiohttp_client(create_app(config, clock=clock),
-                                    server_kwargs=server_options(config.keepalive_timeout))
+        # The server limits main() gives the real process, so the tests meet the same ones. They
+        # go to start_server(): TestServer's constructor (server_kwargs) does not pass them on.
+        server = TestServer(create_app(config, clock=clock))
+        await server.start_server(**server_options(config.keepalive_timeout))
+        return await aiohttp_client(server)
 
     return start
