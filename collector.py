@@ -334,7 +334,8 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        response = error_response(error.status, _http_error_message(request, error))
+        allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None  # a 405 must say
+        response = error_response(error.status, _http_error_message(request, error), allow)
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
         response = error_response(500, "internal error")

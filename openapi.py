@@ -304,8 +304,8 @@ def paths() -> dict[str, Any]:
                                                 json_answer("The count.", ref("CurrentVisitors")))},
         "/api/export": {"get": reader("CSV export.", [
             DOMAIN_PARAM,
-            query("from", "First day, YYYY-MM-DD.", DAY),
-            query("to", "Last day, YYYY-MM-DD.", DAY),
+            {**query("from", "First day, YYYY-MM-DD.", DAY), "required": True},
+            {**query("to", "Last day, YYYY-MM-DD.", DAY), "required": True},
             query("table", "daily (default), pages or sources.", {"enum": ["daily", "pages", "sources"]}),
         ], {"description": "CSV with a header row.", "content": {"text/csv": {"schema": {"type": "string"}}},
             "headers": {"Content-Disposition": header("attachment; filename=...", True)}})},
