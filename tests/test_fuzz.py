@@ -241,3 +241,47 @@ async def test_transformer_never_fails_on_hostile_input(start_collector: Start, 
     assert counted == len(processed)
     for (payload,) in await asyncio.to_thread(query, data_dir, "SELECT domain FROM pageviews"):
         assert isinstance(payload, str)
+
+
+# -- raw bytes in the headers: what no client library sends, an attacker can --------------------------------
+
+header_bytes = st.binary(max_size=300).map(lambda raw: raw.replace(b"\r", b"").replace(b"\n", b""))
+RAW_HEADERS = ["X-Secret", "User-Agent", "X-Forwarded-For", "X-Real-IP", "Origin", "Referer", "Content-Type",
+               "Authorization", "Sec-GPC", "DNT"]
+
+
+async def raw_post(client: TestClient, path: str, headers: dict[str, bytes], body: bytes) -> tuple[int, bytes]:
+    head = b"".join(name.encode() + b": " + value + b"\r\n" for name, value in headers.items())
+    request = (f"POST {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+               .encode() + head + b"\r\n" + body)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head_part, _, body_part = answer.partition(b"\r\n\r\n")
+    status = int(head_part.split(b" ", 2)[1])
+    if status >= 400 and b"application/json" not in head_part:
+        assert status == 400 and b"Traceback" not in body_part, answer  # the HTTP parser's own short refusal
+        return status, b""
+    return status, body_part
+
+
+async def test_raw_header_bytes_never_cause_a_5xx(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET)
+    bridge = Bridge(asyncio.get_running_loop())
+    pageview = b'{"pathname": "/", "referrer": "", "domain": "example.com"}'
+
+    @FUZZ
+    @given(path=st.sampled_from(["/api/pageview", "/api/transformer"]),
+           headers=st.dictionaries(st.sampled_from(RAW_HEADERS), header_bytes, max_size=5))
+    def property(path: str, headers: dict[str, bytes]) -> None:
+        headers = {"Content-Type": b"text/plain", **headers}
+        status, answer = bridge.run(raw_post(client, path, headers, pageview))
+        assert_sane(status, answer)
+
+    await in_thread(property)
+    assert (await client.get("/health")).status == 200
+    await drained(client)
+    await database_is_consistent(data_dir)
