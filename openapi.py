@@ -8,6 +8,7 @@ schemathesis run generates requests from it and checks every answer.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -314,6 +315,22 @@ def paths() -> dict[str, Any]:
     }
 
 
+PARSER_400 = "A request the HTTP parser refuses (request line over 4 KiB, a header field over 8 KiB, more than 64 " \
+    "headers, malformed syntax) gets a short text/plain reason and the connection is closed."
+
+
+def with_parser_refusals(paths: dict[str, Any]) -> dict[str, Any]:
+    """Any request can be refused by the HTTP parser before the app sees it: a text/plain 400."""
+    for item in paths.values():
+        for operation in item.values():
+            responses = operation["responses"]
+            answer = responses.setdefault("400", {"description": PARSER_400, "content": {}})
+            if answer["description"] != PARSER_400:
+                answer["description"] += " Or: " + PARSER_400[0].lower() + PARSER_400[1:]
+            answer["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return paths
+
+
 def document(version: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -327,7 +344,7 @@ def document(version: str) -> dict[str, Any]:
             "connection is closed. Every answer carries X-Content-Type-Options: nosniff, a Referrer-Policy "
             "and a Content-Security-Policy.",
         },
-        "paths": paths(),
+        "paths": with_parser_refusals(copy.deepcopy(paths())),  # the shared answers are not to be changed
         "components": {
             "schemas": SCHEMAS,
             "responses": {
