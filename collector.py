@@ -992,7 +992,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == ["rebuild"]:
         return rebuild_command(config)
     log_start(config)
-    http_defense.quiet_parse_errors()
     try:
         loop = new_event_loop(config.event_loop)
     except ConfigError as error:
