@@ -33,6 +33,8 @@ from aiohttp import web
 from multidict import MultiMapping
 
 import filters
+import http_defense
+import openapi
 import privacy
 import stats
 from filters import ANY_ORIGIN, DomainAllowList, FilterSettings, OriginAllowList
@@ -127,6 +129,18 @@ SETTINGS: tuple[Setting, ...] = (
         "false",
         "true: log a line per request (method, path, status, size, time; never an address or user agent).",
     ),
+    # -- defensive HTTP (issue 6) --
+    Setting(
+        "BODY_TIMEOUT_MS",
+        "10000",
+        "How long a client may take to send a request body; a slower one gets 408 and is disconnected.",
+    ),
+    Setting(
+        "KEEPALIVE_TIMEOUT_MS",
+        "75000",
+        "How long an idle connection, or one still sending its headers, is kept open. Behind a reverse "
+        "proxy, keep the proxy's upstream keep-alive shorter than this.",
+    ),
     Setting("FLOWCORE_TENANT", "", "Flowcore tenant; with FLOWCORE_API_KEY, events go to Flowcore."),
     Setting("FLOWCORE_API_KEY", "", "Flowcore API key (fc_...), sent as the raw Authorization header. Never logged."),
     Setting("FLOWCORE_WEBHOOK_BASEURL", "https://webhook.api.flowcore.io", "Flowcore ingestion webhook base URL."),
@@ -203,6 +217,8 @@ class Config:
     rate_limit_per_second: float = 10.0
     rate_limit_burst: int = 50
     rate_limit_table_size: int = 100_000
+    body_timeout: float = 10.0  # seconds
+    keepalive_timeout: float = 75.0  # seconds
 
     @property
     def mode(self) -> str:
@@ -239,6 +255,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         rate_limit_per_second=_number("RATE_LIMIT_PER_SECOND", get("RATE_LIMIT_PER_SECOND"), 0, 1_000_000),
         rate_limit_burst=_integer("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), 1, 1_000_000),
         rate_limit_table_size=_integer("RATE_LIMIT_TABLE_SIZE", get("RATE_LIMIT_TABLE_SIZE"), 100, 10_000_000),
+        body_timeout=_integer("BODY_TIMEOUT_MS", get("BODY_TIMEOUT_MS"), 1, 600_000) / 1000,
+        keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
     )
 
 
@@ -394,7 +412,8 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        response = error_response(error.status, _http_error_message(request, error))
+        allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None  # a 405 must say
+        response = error_response(error.status, _http_error_message(request, error), allow)
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
         response = error_response(500, "internal error")
@@ -553,7 +572,17 @@ async def pageview(request: web.Request) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes the limit."""
+    """The body, refused with 413 as soon as it passes the limit, and with 408 when it does not
+    arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
+    timeout = request.app[CONFIG].body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_limited(request, limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None:
         if request.content_length > limit:
             raise ApiError(413, f"the body is larger than {limit} bytes")
@@ -672,7 +701,7 @@ def _address(text: str) -> tuple[int, str] | None:
         bare = bare.split(":", 1)[0]
     try:
         return _V4_TAG | int.from_bytes(socket.inet_pton(socket.AF_INET, bare), "big"), bare
-    except OSError:
+    except (OSError, ValueError):  # not IPv4; ValueError also covers NULs and undecodable bytes
         address = parse_ip(text)
     if address is None:
         return None
@@ -770,6 +799,7 @@ ENDPOINTS = {
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
     "GET /dashboard": "The statistics dashboard.",
+    "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
     "GET /": "This list.",
 }
 
@@ -823,14 +853,6 @@ LOOPBACK_ONLY = (
     "the statistics answer only clients on this machine; to read them from elsewhere, set STATS_TOKEN "
     f"to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send 'Authorization: Bearer <token>'"
 )
-# The dashboard loads nothing from another origin; the policy makes the browser hold it to that.
-DASHBOARD_HEADERS = {
-    "Cache-Control": "no-cache",
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 def require_reader(request: web.Request) -> None:
@@ -924,7 +946,8 @@ async def export_api(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "dashboard.html", headers=DASHBOARD_HEADERS)
+    # Its Content-Security-Policy (hashes of its inline script and style) comes from http_defense.
+    return web.FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
 
 # -- the application ---------------------------------------------------------------------------------------------
@@ -947,8 +970,17 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# The HTML pages: the dashboard sends no referrer anywhere; the test page keeps the browser's
+# default, as a site's page would, and loads the tracker from its own origin.
+PAGES = {
+    "/dashboard": http_defense.Page(STATIC_DIR / "dashboard.html", "no-referrer"),
+    "/test.html": http_defense.Page(STATIC_DIR / "test.html", "strict-origin-when-cross-origin", "'self'"),
+}
+
+
 def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
-    app = web.Application(middlewares=[errors_and_cors])
+    app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
+    http_defense.install(app, PAGES)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
@@ -971,6 +1003,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/current-visitors", current_visitors_api)
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/openapi.json", openapi.handler(__version__))
     return app
 
 
@@ -1132,6 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=10.0,
             print=None,
+            **http_defense.server_options(config.keepalive_timeout),
         )
     except DataDirBusyError as error:
         print(f"collector: {error}; stop it first", file=sys.stderr)

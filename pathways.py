@@ -217,7 +217,9 @@ def parse_envelope(raw: Any) -> Event:
 
 def secret_matches(expected: str, provided: str | None) -> bool:
     """Constant-time comparison, so the secret cannot be guessed byte by byte from timings."""
-    return provided is not None and hmac.compare_digest(expected.encode(), provided.encode())
+    # surrogateescape: a header that is not valid UTF-8 (aiohttp keeps its bytes that way) is
+    # compared as its bytes and refused, never a 500
+    return provided is not None and hmac.compare_digest(expected.encode(), provided.encode("utf-8", "surrogateescape"))
 
 
 def time_bucket(collected_at: str) -> str:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from helpers import BROWSER_UA, SECRET
 
 from collector import Config, create_app, load_config, utc_now
+from http_defense import server_options
 
 pytest_plugins = ["browser"]  # the `browser` fixture, for the page tests
 
@@ -35,7 +36,12 @@ Start = Callable[..., Awaitable[TestClient]]
 @pytest.fixture
 def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> Start:
     async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> TestClient:
+        config = make_config(**env)
+        # The server limits main() gives the real process, so the tests meet the same ones. They
+        # go to start_server(): TestServer's constructor (server_kwargs) does not pass them on.
+        server = TestServer(create_app(config, clock=clock))
+        await server.start_server(**server_options(config.keepalive_timeout))
         # Every request says it comes from a browser unless a test says otherwise.
-        return await aiohttp_client(create_app(make_config(**env), clock=clock), headers={"User-Agent": BROWSER_UA})
+        return await aiohttp_client(server, headers={"User-Agent": BROWSER_UA})
 
     return start

@@ -166,3 +166,40 @@ async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running,
         for name, content in [("log", log), *((str(path), data) for path, data in files.items())]:
             assert needle.encode() not in content, f"{needle!r} found in {name}"
             assert needle.encode("utf-16-le") not in content, f"{needle!r} (UTF-16) found in {name}"
+
+
+async def raw_exchange(collector: CollectorProcess, raw: bytes, timeout: float = 10) -> bytes:
+    """Raw bytes on a new connection; all the process answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_main_applies_the_server_limits_and_timeouts(running, tmp_path: Path) -> None:
+    collector = running(BODY_TIMEOUT_MS="300", KEEPALIVE_TIMEOUT_MS="500")
+    await collector.start()
+    long_line = b"GET /health?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: c\r\n\r\n"
+    many_headers = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(70)) + b"\r\n"
+    for raw in (long_line, many_headers, b"GET /health HTTP/1.1\r\nHost c\r\n\r\n"):
+        answer = await raw_exchange(collector, raw)
+        assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"Traceback" not in answer
+    # half a body, then nothing: 408, and the connection is closed
+    started = time.monotonic()
+    answer = await raw_exchange(collector, b"POST /api/pageview HTTP/1.1\r\nHost: c\r\nContent-Type: text/plain\r\n"
+                                b"Content-Length: 60\r\n\r\n{\"pathname\"")
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+    # headers that never end: the connection is closed without an answer once KEEPALIVE_TIMEOUT_MS runs out
+    started = time.monotonic()
+    assert await raw_exchange(collector, b"GET /health HTTP/1.1\r\nHost: c\r\n") == b""
+    assert time.monotonic() - started < 5
+    await collector.poll_health(lambda body: body["status"] == "ok")  # still up
+    assert collector.stop(signal.SIGTERM) == 0
+    log = (tmp_path / "collector.log").read_text()
+    assert "refused a malformed HTTP request (LineTooLong)" in log
+    assert "Error handling request from" not in log and "Traceback" not in log

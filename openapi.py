@@ -1,0 +1,377 @@
+"""The OpenAPI 3.1 document of the collector's HTTP interface, served at GET /openapi.json.
+
+Built from a dict here rather than kept as a JSON file so the shared parts (the error shape, the
+common answers) are written once. Two tests keep it true: one compares its paths and methods
+with the app's router both ways, one checks real answers of every endpoint against it; and a
+schemathesis run generates requests from it and checks every answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+JSON = "application/json"
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def error(description: str, headers: dict[str, Any] | None = None) -> Schema:
+    """An answer in the one error shape."""
+    answer: Schema = {"description": description, "content": {JSON: {"schema": ref("Error")}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def json_answer(description: str, schema: Schema, headers: dict[str, Any] | None = None) -> Schema:
+    answer: Schema = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def header(description: str, required: bool = False, schema: Schema | None = None) -> Schema:
+    return {"description": description, "required": required, "schema": schema or {"type": "string"}}
+
+
+INTERNAL = error("An unexpected error; the body never carries internal detail.")
+UNAVAILABLE = error("The collector is shutting down; try again.")
+NOT_FOUND = error("No such endpoint (also answered for any path not listed here).")
+READER_ERRORS = {
+    "400": error("A parameter is unknown, repeated, missing or malformed; the message names it."),
+    "401": error(
+        "STATS_TOKEN is set and the request lacks 'Authorization: Bearer <token>' or has a wrong one.",
+        {"WWW-Authenticate": header("Bearer realm=\"statistics\"", required=True)},
+    ),
+    "403": error("STATS_TOKEN is not set and the client is not on loopback."),
+    "500": INTERNAL,
+    "503": UNAVAILABLE,
+}
+DOMAIN_PARAM = {
+    "name": "domain", "in": "query", "required": True, "description": "The site, e.g. example.com.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+}
+DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
+READER_SECURITY: list[dict[str, list[str]]] = [{"statsToken": []}, {}]
+
+
+def figure() -> Schema:
+    number = {"type": ["number", "null"]}
+    return {
+        "type": "object",
+        "required": ["label", "value", "previous", "change"],
+        "properties": {"label": {"type": "string"}, "value": number, "previous": number, "change": number},
+    }
+
+
+def ranked(column: str) -> Schema:
+    return {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": [column, "pageviews", "visitors"],
+            "properties": {column: {"type": "string"}, "pageviews": {"type": "integer"},
+                           "visitors": {"type": "integer"}},
+        },
+    }
+
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "description": "Every error answer of the app has this shape, and nothing more.",
+        "required": ["status", "error"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "integer", "minimum": 400, "maximum": 599, "description": "The HTTP status."},
+            "error": {"type": "string", "minLength": 1, "description": "What is wrong, naming the field."},
+        },
+    },
+    "Pageview": {
+        "type": "object",
+        "required": ["pathname", "referrer"],
+        "additionalProperties": False,
+        "properties": {
+            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048},
+            "referrer": {"type": "string", "maxLength": 2048},
+            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+                       "description": "A hostname; when absent, the host of Origin, else of Referer."},
+        },
+    },
+    "Envelope": {
+        "type": "object",
+        "description": "A Flowcore event envelope; `aggregator` is the legacy name of `flowType`.",
+        "required": ["eventId", "eventType", "validTime", "payload"],
+        "properties": {
+            "eventId": {"type": "string", "minLength": 1},
+            "flowType": {"type": "string", "minLength": 1},
+            "aggregator": {"type": "string", "minLength": 1},
+            "eventType": {"type": "string", "minLength": 1},
+            "validTime": {"type": "string", "description": "ISO 8601 with a zone."},
+            "timeBucket": {"type": "string"},
+            "payload": {"type": "object"},
+            "metadata": {"type": "object"},
+        },
+    },
+    "Index": {
+        "type": "object",
+        "required": ["service", "version", "mode", "endpoints"],
+        "properties": {
+            "service": {"type": "string"}, "version": {"type": "string"}, "mode": {"enum": ["local", "flowcore"]},
+            "endpoints": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "mode", "version", "database"],
+        "properties": {
+            "status": {"enum": ["ok", "halted", "unavailable"]},
+            "mode": {"enum": ["local", "flowcore"]},
+            "version": {"type": "string"},
+            "database": {"enum": ["ok", "unavailable"]},
+            "backlog": {"type": "integer"},
+            "outbox": {"type": "integer"},
+            "dead_letters": {"type": "integer"},
+            "last_processed_at": {"type": ["string", "null"]},
+            "group_commit": {"type": "object"},
+            "retention_last_run": {"type": ["string", "null"]},
+            "flowcore": {"type": "object"},
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["domain", "period", "from", "to", "previous", "timezone", "interval", "totals", "series",
+                     "pages", "sources", "current_visitors"],
+        "properties": {
+            "domain": {"type": "string"},
+            "period": {"type": "string"},
+            "from": DAY,
+            "to": DAY,
+            "previous": {"type": "object", "required": ["from", "to"], "properties": {"from": DAY, "to": DAY}},
+            "timezone": {"type": "string"},
+            "interval": {"enum": ["hour", "day"]},
+            "totals": {
+                "type": "object",
+                "required": ["pageviews", "visitors", "visits", "bounce_rate", "visit_duration", "views_per_visit"],
+                "additionalProperties": figure(),
+            },
+            "series": {
+                "type": "array",
+                "items": {"type": "object", "required": ["time", "pageviews", "visitors"],
+                          "properties": {"time": {"type": "string"}, "pageviews": {"type": "integer"},
+                                         "visitors": {"type": "integer"}}},
+            },
+            "pages": ranked("pathname"),
+            "sources": ranked("source"),
+            "current_visitors": {"type": "integer", "minimum": 0},
+            "dropped": {
+                "type": "object",
+                "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
+                "(bot, headless, empty-user-agent, prefetch, gpc, dnt), and `domain_not_allowed`: page views "
+                "the whole collector dropped for a domain outside ALLOWED_DOMAINS (kept under no name).",
+                "required": ["total", "by_reason", "domain_not_allowed"],
+                "properties": {
+                    "total": {"type": "integer", "minimum": 0},
+                    "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                    "domain_not_allowed": {"type": "integer", "minimum": 0},
+                },
+            },
+        },
+    },
+    "Sites": {
+        "type": "object",
+        "required": ["sites"],
+        "properties": {"sites": {"type": "array", "items": {
+            "type": "object", "required": ["domain", "first_day", "last_day", "pageviews"],
+            "properties": {"domain": {"type": "string"}, "first_day": DAY, "last_day": DAY,
+                           "pageviews": {"type": "integer"}},
+        }}},
+    },
+    "CurrentVisitors": {
+        "type": "object",
+        "required": ["domain", "current_visitors"],
+        "properties": {"domain": {"type": "string"}, "current_visitors": {"type": "integer", "minimum": 0}},
+    },
+}
+
+CORS_ORIGIN = header("The request's Origin, when it is allowed (ALLOWED_ORIGINS).")
+BODY_ERRORS = {
+    "400": error("The body is not JSON, not an object, or a field is missing or malformed; the message names it."),
+    "408": error("The body did not arrive within BODY_TIMEOUT_MS; the connection is closed."),
+    "413": error("The body is larger than the endpoint takes."),
+}
+
+
+def pageview_operation() -> Schema:
+    body = {"schema": ref("Pageview")}
+    return {
+        "summary": "Record a page view.",
+        "description": "Sent by the tracker script, cross-origin. The visitor is hashed from the address and "
+        "user agent, which are never stored.",
+        "requestBody": {"required": True, "content": {JSON: body, "text/plain": body}},
+        "responses": {
+            "204": {
+                "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
+                "headers": {
+                    "X-Collector-Dropped": header("Why the page view was not counted: bot, prefetch, gpc, dnt, "
+                                                  "domain, ..."),
+                    "Access-Control-Allow-Origin": CORS_ORIGIN,
+                },
+            },
+            **BODY_ERRORS,
+            "413": error("The body is larger than 8 KiB."),
+            "415": error("Content-Type is neither application/json nor text/plain."),
+            "429": error("This address sent more page views than the rate limit allows.",
+                         {"Retry-After": header("Seconds to wait.", True, {"type": "string", "pattern": "^[0-9]+$"})}),
+            "500": INTERNAL,
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+def transformer_operation() -> Schema:
+    return {
+        "summary": "Flowcore delivers an event.",
+        "description": "Enabled by FLOWCORE_TRANSFORMER_SECRET. A redelivered event changes nothing.",
+        "security": [{"transformerSecret": []}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": ref("Envelope")}}},
+        "responses": {
+            "200": {"description": "Processed, now or before.", "content": {"text/plain": {"schema": {"const": "OK"}}}},
+            **BODY_ERRORS,
+            "401": error("X-Secret is missing or wrong."),
+            "404": error("The endpoint is disabled, or no pathway handles the event's flow and event type."),
+            "413": error("The body is larger than 256 KiB."),
+            "422": error("The payload breaks the event type's contract."),
+            "500": error("The handler failed (deliver the event again), or an unexpected error."),
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+def reader(summary: str, parameters: list[Schema], ok: Schema) -> Schema:
+    return {"summary": summary, "security": READER_SECURITY, "parameters": parameters,
+            "responses": {"200": ok, **READER_ERRORS}}
+
+
+def query(name: str, description: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def html(summary: str) -> Schema:
+    return {"summary": summary, "responses": {
+        "200": {"description": "The page; its Content-Security-Policy allows exactly what it needs.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+                "headers": {"Content-Security-Policy": header("The page's policy.", True)}},
+        "500": INTERNAL,
+    }}
+
+
+def paths() -> dict[str, Any]:
+    period = query("period", "The period; custom needs from and to.", {"enum": [
+        "today", "yesterday", "7d", "30d", "month", "12mo", "custom"]})
+    return {
+        "/api/pageview": {
+            "post": pageview_operation(),
+            "options": {"summary": "CORS preflight.", "responses": {
+                "204": {"description": "The methods and headers allowed.", "headers": {
+                    "Access-Control-Allow-Methods": header("POST, OPTIONS", True)}},
+                "500": INTERNAL}},
+        },
+        "/api/transformer": {"post": transformer_operation()},
+        "/health": {"get": {"summary": "Status, mode, version, backlog, dead letters.", "responses": {
+            "200": json_answer("The collector works.", ref("Health")),
+            "503": json_answer("The database does not answer.", ref("Health")),
+            "500": INTERNAL}}},
+        "/": {"get": {"summary": "The service and its endpoints.", "responses": {
+            "200": json_answer("Name, version, mode and endpoints.", ref("Index")), "500": INTERNAL}}},
+        "/script.js": {"get": {"summary": "The tracker script.", "responses": {
+            "200": {"description": "The script (gzip when accepted).",
+                    "content": {"application/javascript": {"schema": {"type": "string"}}},
+                    "headers": {"ETag": header("Its version.", True)}},
+            "304": {"description": "Not modified (If-None-Match)."},
+            "500": INTERNAL}}},
+        "/test.html": {"get": html("A test page that sends page views to this collector.")},
+        "/dashboard": {"get": html("The statistics dashboard.")},
+        "/api/stats": {"get": reader("Statistics of a domain over a period.", [
+            DOMAIN_PARAM, period,
+            query("from", "First day, YYYY-MM-DD (custom).", DAY),
+            query("to", "Last day, YYYY-MM-DD (custom).", DAY),
+            query("limit", "Rows of pages and sources, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
+        ], json_answer("The statistics.", ref("Stats")))},
+        "/api/sites": {"get": reader("The domains seen.", [], json_answer("The sites.", ref("Sites")))},
+        "/api/current-visitors": {"get": reader("Distinct visitors in the last five minutes.", [DOMAIN_PARAM],
+                                                json_answer("The count.", ref("CurrentVisitors")))},
+        "/api/export": {"get": reader("CSV export.", [
+            DOMAIN_PARAM,
+            {**query("from", "First day, YYYY-MM-DD.", DAY), "required": True},
+            {**query("to", "Last day, YYYY-MM-DD.", DAY), "required": True},
+            query("table", "daily (default), pages or sources.", {"enum": ["daily", "pages", "sources"]}),
+        ], {"description": "CSV with a header row.", "content": {"text/csv": {"schema": {"type": "string"}}},
+            "headers": {"Content-Disposition": header("attachment; filename=...", True)}})},
+        "/openapi.json": {"get": {"summary": "This document.", "responses": {
+            "200": json_answer("The OpenAPI document.", {"type": "object"}), "500": INTERNAL}}},
+    }
+
+
+PARSER_400 = "A request the HTTP parser refuses (request line over 4 KiB, a header field over 8 KiB, more than 64 " \
+    "headers, malformed syntax) gets a short text/plain reason and the connection is closed."
+
+
+def with_parser_refusals(paths: dict[str, Any]) -> dict[str, Any]:
+    """Any request can be refused by the HTTP parser before the app sees it: a text/plain 400."""
+    for item in paths.values():
+        for operation in item.values():
+            responses = operation["responses"]
+            answer = responses.setdefault("400", {"description": PARSER_400, "content": {}})
+            if answer["description"] != PARSER_400:
+                answer["description"] += " Or: " + PARSER_400[0].lower() + PARSER_400[1:]
+            answer["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return paths
+
+
+def document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flow-analytics-collector",
+            "version": version,
+            "description": "A privacy-first web analytics collector. Every error the app answers is JSON "
+            "{\"status\": N, \"error\": \"...\"}: 404 for an unknown path, 405 for a method a path does not "
+            "take (with Allow). A request the HTTP parser refuses (a request line over 4 KiB, a header field "
+            "over 8 KiB, more than 64 headers, malformed syntax) gets a short text/plain 400 and the "
+            "connection is closed. Every answer carries X-Content-Type-Options: nosniff, a Referrer-Policy "
+            "and a Content-Security-Policy.",
+        },
+        "paths": with_parser_refusals(copy.deepcopy(paths())),  # the shared answers are not to be changed
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {
+                "MethodNotAllowed": error("The path does not take this method.",
+                                          {"Allow": header("The methods it takes.", True)}),
+                "NotFound": NOT_FOUND,
+            },
+            "securitySchemes": {
+                "statsToken": {"type": "http", "scheme": "bearer",
+                               "description": "STATS_TOKEN; without it, only loopback clients are answered."},
+                "transformerSecret": {"type": "apiKey", "in": "header", "name": "X-Secret"},
+            },
+        },
+    }
+
+
+def handler(version: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /openapi.json: the document, serialized once."""
+    body = json.dumps(document(version), indent=1).encode("utf-8")
+
+    async def serve_openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=JSON, headers={"Cache-Control": "no-cache"})
+
+    return serve_openapi
