@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 DB_FILENAME = "collector.sqlite3"
 VISIT_GAP_MS = 30 * 60 * 1000
-CHECKPOINT_INTERVAL = 1.0  # seconds
 INGEST_PRIORITY_WAIT = 0.1  # seconds a read model transaction yields to waiting page views
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
@@ -211,10 +210,8 @@ class Store:
         self.outbox_changed = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._durable = False
-        self._closing = asyncio.Event()
         self._ingest_idle = asyncio.Event()  # set while no page view waits for its commit
         self._ingest_idle.set()
-        self._checkpoints: asyncio.Task[None] | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._group = _GroupCommit(self, commit_max_events, commit_delay)
@@ -230,9 +227,6 @@ class Store:
             "PRAGMA synchronous = NORMAL",
             "PRAGMA busy_timeout = 5000",
             "PRAGMA cache_size = -16000",  # 16 MB: the read model's hot pages stay in memory
-            # Checkpoints (and their fsync of the database file) run on their own connection and
-            # thread, never inside a commit that a page view is waiting for.
-            "PRAGMA wal_autocheckpoint = 0",
             # Deleted rows are zeroed in their page where that costs no extra I/O: a deleted
             # ephemeral salt must not linger in the file (forget_salts also truncates the WAL).
             "PRAGMA secure_delete = FAST",
@@ -242,33 +236,16 @@ class Store:
         self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         self._group.start()
-        self._checkpoints = asyncio.create_task(self._checkpoint_regularly(), name="wal-checkpoint")
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections. Safe to call twice."""
         await self._group.stop()
-        if self._checkpoints is not None:
-            self._closing.set()
-            await self._checkpoints
-            self._checkpoints = None
-            await self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._writer is not None:
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
         self._reader = self._writer = None
-
-    async def _checkpoint_regularly(self) -> None:
-        """Copy the WAL into the database file every CHECKPOINT_INTERVAL seconds. PASSIVE
-        never blocks the writer; a checkpoint that could not finish is simply tried again."""
-        async with aiosqlite.connect(self.path, isolation_level=None) as conn:
-            await conn.execute("PRAGMA busy_timeout = 5000")
-            while not self._closing.is_set():
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), CHECKPOINT_INTERVAL)
-                try:
-                    await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except aiosqlite.Error as error:
-                    logger.warning("WAL checkpoint failed (%s); trying again in %g s", error, CHECKPOINT_INTERVAL)
 
     @property
     def writer(self) -> aiosqlite.Connection:
