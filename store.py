@@ -945,9 +945,11 @@ def referrer_source(referrer: str, domain: str) -> str:
 
 
 async def _first_row(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-    async with conn.execute(sql, params) as cursor:
-        row = await cursor.fetchone()
-    return tuple(row) if row is not None else None
+    # One call on the connection's thread, so the statement is done when it returns: a cursor
+    # left open across an await keeps its read snapshot, and a reader sharing the connection
+    # in between would see that old snapshot (it once made the emitter resend sent events).
+    rows = await conn.execute_fetchall(sql, params)
+    return tuple(next(iter(rows))) if rows else None
 
 
 async def _put_meta(tx: aiosqlite.Connection, key: str, value: str) -> None:

@@ -396,3 +396,4 @@ async def test_redelivery_twice_and_out_of_order_gives_the_live_counts(
         assert await pageview(local, f"/p/{index}", **{"X-Forwarded-For": f"198.51.100.{index % 2}"}) == 204
     await drained(local)
     assert shuffled == query(local_dir, "SELECT * FROM daily_stats")
+
