@@ -12,8 +12,6 @@ wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 
 wrk.headers["Origin"] = "https://example.com"
 
 local think_ms = tonumber(os.getenv("BENCH_THINK_MS") or "0")
-local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "0")
-local answered = 0
 
 function init(args)
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
@@ -31,16 +29,6 @@ end
 
 function delay()
   return think_ms
-end
-
--- Only when a request count is asked for: reading responses in Lua costs wrk some speed.
-if max_requests > 0 then
-  function response(status, headers, body)
-    answered = answered + 1
-    if answered >= max_requests then
-      wrk.thread:stop()
-    end
-  end
 end
 
 function done(summary, latency, requests)
