@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,18 @@ class FakeClock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+async def poll(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10, what: str = "the condition") -> None:
+    """Poll until the check holds, with a deadline: for what no event announces (a background
+    job, another process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout:g} s"
+        await asyncio.sleep(0.01)
 
 
 async def drained(client: TestClient) -> None:

@@ -7,9 +7,8 @@ import asyncio
 import base64
 import json
 import sqlite3
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Start
 from fake_flowcore import FakeFlowcore
-from helpers import FakeClock, drained, query, utc
+from helpers import FakeClock, drained, poll, query, utc
 
 from collector import ConfigError, load_config
 from pathways import OutboxRow, parse_retry_after, same_second_batches
@@ -56,13 +55,6 @@ async def pageview(client: TestClient, path: str, **headers: str) -> int:
 async def health(client: TestClient) -> dict[str, Any]:
     return await (await client.get("/health")).json()  # type: ignore[no-any-return]
 
-
-async def poll(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    """Poll until the check holds, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        await asyncio.sleep(0.01)
 
 
 def transformer_url(client: TestClient) -> str:

@@ -10,7 +10,6 @@ import pty
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Start
-from helpers import SECRET, FakeClock, drained, query, utc
+from helpers import SECRET, FakeClock, drained, poll, query, utc
 
 import collector
 from maintenance import DataDirBusyError, rebuild
@@ -73,12 +72,6 @@ async def send_views(start_collector: Start, clock: FakeClock, **env: str) -> No
     await client.close()
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll with a deadline (the job runs in the collector's own task)."""
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.01)
-
 
 # -- retention ----------------------------------------------------------------------------------------
 
@@ -98,7 +91,7 @@ async def test_retention_deletes_old_raw_rows_and_log_and_keeps_aggregates(
         body = await (await client.get("/health")).json()
         return bool(body["retention_last_run"] == iso_ms(clock.now))
 
-    await until(ran)
+    await poll(ran)
     kept_days = {row[0] for row in query(data_dir, "SELECT day FROM pageviews")}
     assert kept_days == {"2025-06-09"}
     assert [row[0] for row in query(data_dir, "SELECT valid_time FROM event_log ORDER BY seq")] == [
@@ -162,7 +155,7 @@ async def test_rebuild_after_retention_recomputes_the_kept_days_and_keeps_older_
     await send_views(start_collector, clock)
     clock.now = utc(2025, 6, 10, 14)
     client = await start_collector(clock=clock, TIMEZONE=TZ, RAW_RETENTION_DAYS="1")
-    await until(lambda: _retention_ran(client, clock.now))
+    await poll(lambda: _retention_ran(client, clock.now))
     await client.close()
     live = aggregates(data_dir)
     # Spoil the kept days' aggregates, as a bug in a handler might have: rebuild puts them right.
