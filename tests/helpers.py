@@ -62,3 +62,15 @@ def query(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[
 
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
+
+
+async def raw_exchange(host: str, port: int, raw: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes on a new connection; everything the server answers until it closes."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -14,6 +14,7 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Start
+from helpers import raw_exchange
 
 from collector import STATIC_DIR
 from http_defense import CLIENT_MAX_SIZE, LINGERING_TIME, MAX_HEADERS, MAX_LINE_SIZE
@@ -22,14 +23,7 @@ PAGEVIEW = json.dumps({"pathname": "/", "referrer": "", "domain": "example.com"}
 
 
 async def exchange(client: TestClient, raw: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes on a new connection; everything the server answers until it closes."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
+    return await raw_exchange(str(client.host), int(client.port), raw, timeout)
 
 
 def status_of(answer: bytes) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import BROWSER_UA, query
+from helpers import BROWSER_UA, query, raw_exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,16 +168,6 @@ async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running,
             assert needle.encode("utf-16-le") not in content, f"{needle!r} (UTF-16) found in {name}"
 
 
-async def raw_exchange(collector: CollectorProcess, raw: bytes, timeout: float = 10) -> bytes:
-    """Raw bytes on a new connection; all the process answers until it closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 async def test_main_applies_the_server_limits_and_timeouts(running, tmp_path: Path) -> None:
@@ -186,17 +176,17 @@ async def test_main_applies_the_server_limits_and_timeouts(running, tmp_path: Pa
     long_line = b"GET /health?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: c\r\n\r\n"
     many_headers = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(70)) + b"\r\n"
     for raw in (long_line, many_headers, b"GET /health HTTP/1.1\r\nHost c\r\n\r\n"):
-        answer = await raw_exchange(collector, raw)
+        answer = await raw_exchange("127.0.0.1", collector.port, raw)
         assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert b"Traceback" not in answer
     # half a body, then nothing: 408, and the connection is closed
     started = time.monotonic()
-    answer = await raw_exchange(collector, b"POST /api/pageview HTTP/1.1\r\nHost: c\r\nContent-Type: text/plain\r\n"
-                                b"Content-Length: 60\r\n\r\n{\"pathname\"")
+    half = b"POST /api/pageview HTTP/1.1\r\nHost: c\r\nContent-Type: text/plain\r\nContent-Length: 60\r\n\r\n{\"pa"
+    answer = await raw_exchange("127.0.0.1", collector.port, half)
     assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
     # headers that never end: the connection is closed without an answer once KEEPALIVE_TIMEOUT_MS runs out
     started = time.monotonic()
-    assert await raw_exchange(collector, b"GET /health HTTP/1.1\r\nHost: c\r\n") == b""
+    assert await raw_exchange("127.0.0.1", collector.port, b"GET /health HTTP/1.1\r\nHost: c\r\n") == b""
     assert time.monotonic() - started < 5
     await collector.poll_health(lambda body: body["status"] == "ok")  # still up
     assert collector.stop(signal.SIGTERM) == 0
