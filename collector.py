@@ -14,19 +14,16 @@ import ipaddress
 import json
 import logging
 import os
-import re
-import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 from aiohttp import web
@@ -37,14 +34,14 @@ import http_defense
 import openapi
 import privacy
 import stats
-from filters import ANY_ORIGIN, DomainAllowList, FilterSettings, OriginAllowList
+from config import MIN_STATS_TOKEN_LENGTH, Config, ConfigError, IPNetwork, load_config, with_secret_key
+from filters import MAX_DOMAIN_LENGTH, FilterSettings, normalize_host
 from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
 from pathways import (
     VISITOR_TRACKED,
     ContractError,
     Emitter,
     EnvelopeError,
-    FlowcoreSettings,
     FlowcoreSink,
     LocalSink,
     Outcome,
@@ -64,321 +61,14 @@ logger = logging.getLogger("collector")
 SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
 MAX_PATH_LENGTH = 2048
-MAX_DOMAIN_LENGTH = 253
-SECRET_KEY_FILE = "secret_key"
-MIN_SECRET_KEY_LENGTH = 32
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
-MIN_STATS_TOKEN_LENGTH = 16
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Clock = Callable[[], datetime]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# -- configuration ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    default: str
-    help: str
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", "0.0.0.0", "Address to listen on."),
-    Setting("PORT", "3005", "Port to listen on."),
-    Setting("DATA_DIR", "./data", "Directory of the SQLite database and the generated secret key."),
-    Setting(
-        "SECRET_KEY",
-        "",
-        "Seeds the daily visitor-hash salt; at least 32 characters. When unset, one is generated "
-        "and kept in DATA_DIR/secret_key (mode 0600). Changing it changes every visitor hash.",
-    ),
-    Setting(
-        "TRUSTED_PROXIES",
-        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,169.254.0.0/16,fe80::/10",
-        "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For, "
-        "X-Real-IP and CF-Connecting-IP headers are believed. Empty: believe none.",
-    ),
-    Setting("TIMEZONE", "UTC", "IANA time zone whose days the statistics follow, e.g. Europe/Copenhagen."),
-    Setting(
-        "HANDLER_MAX_ATTEMPTS",
-        "5",
-        "Attempts a failing event handler gets before the event goes to the dead-letter table.",
-    ),
-    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting(
-        "STATS_TOKEN",
-        "",
-        "Bearer token for /api/stats, /api/sites, /api/export and the dashboard; at least 16 characters. "
-        "When unset, the statistics answer only clients on loopback.",
-    ),
-    Setting(
-        "RAW_RETENTION_DAYS",
-        "30",
-        "Days of raw page view rows and local event log kept (whole local days, plus today); "
-        "aggregates are kept for good.",
-    ),
-    Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
-    Setting(
-        "ACCESS_LOG",
-        "false",
-        "true: log a line per request (method, path, status, size, time; never an address or user agent).",
-    ),
-    # -- defensive HTTP (issue 6) --
-    Setting(
-        "BODY_TIMEOUT_MS",
-        "10000",
-        "How long a client may take to send a request body; a slower one gets 408 and is disconnected.",
-    ),
-    Setting(
-        "KEEPALIVE_TIMEOUT_MS",
-        "75000",
-        "How long an idle connection, or one still sending its headers, is kept open. Behind a reverse "
-        "proxy, keep the proxy's upstream keep-alive shorter than this.",
-    ),
-    Setting("FLOWCORE_TENANT", "", "Flowcore tenant; with FLOWCORE_API_KEY, events go to Flowcore."),
-    Setting("FLOWCORE_API_KEY", "", "Flowcore API key (fc_...), sent as the raw Authorization header. Never logged."),
-    Setting("FLOWCORE_WEBHOOK_BASEURL", "https://webhook.api.flowcore.io", "Flowcore ingestion webhook base URL."),
-    Setting("FLOWCORE_DATA_CORE", "flow-analytics", "Flowcore data core name (or id)."),
-    Setting(
-        "FLOWCORE_TRANSFORMER_SECRET",
-        "",
-        "Enables POST /api/transformer (in either mode); Flowcore must send it in the X-Secret header.",
-    ),
-    Setting("FLOWCORE_BATCH_SIZE", "100", "Events per request to the Flowcore webhook (1 to 1000)."),
-    Setting("FLOWCORE_TIMEOUT_MS", "10000", "How long one request to Flowcore may take before it is retried."),
-    Setting("FLOWCORE_RETRY_BASE_MS", "500", "First retry delay after a failed send; it doubles each time."),
-    Setting("FLOWCORE_RETRY_MAX_MS", "60000", "Longest delay between retries while Flowcore is down."),
-    Setting(
-        "PRIVACY_MODE",
-        "seed",
-        "seed: the original collector's hash, its daily salt derived from SECRET_KEY; ephemeral: a random "
-        "salt per UTC day, deleted after 48 hours, so no hash can be linked back to an address afterwards.",
-    ),
-    Setting(
-        "ALLOWED_DOMAINS",
-        "",
-        "Comma-separated domains whose page views are counted (example.com, *.example.com for its "
-        "subdomains but not itself); others are dropped. Empty: any domain.",
-    ),
-    Setting(
-        "ALLOWED_ORIGINS",
-        "*",
-        "Comma-separated origins that get CORS headers on /api/pageview (https://example.com, "
-        "https://*.example.com), or * for any.",
-    ),
-    Setting("RESPECT_GPC", "true", "true: a page view with Sec-GPC: 1 is not counted."),
-    Setting("RESPECT_DNT", "false", "true: a page view with DNT: 1 is not counted."),
-    Setting(
-        "RATE_LIMIT_PER_SECOND",
-        "10",
-        "Page views per second one client address (IPv4, or IPv6 /64) may send on average; 0: no limit.",
-    ),
-    Setting("RATE_LIMIT_BURST", "50", "Page views one client address may send at once before the rate applies."),
-    Setting(
-        "RATE_LIMIT_TABLE_SIZE",
-        "100000",
-        "Client addresses the rate limiter remembers (in memory only); beyond, the least recent is forgotten.",
-    ),
-)
-DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
-
-
-class ConfigError(ValueError):
-    """A setting with a bad value; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Config:
-    host: str
-    port: int
-    data_dir: Path
-    secret_key: str = field(repr=False)
-    trusted_proxies: tuple[IPNetwork, ...]
-    timezone: ZoneInfo
-    handler_max_attempts: int
-    log_level: str
-    stats_token: str = field(default="", repr=False)
-    raw_retention_days: int = 30
-    access_log: bool = False
-    event_loop: str = "auto"
-    flowcore: FlowcoreSettings | None = None
-    transformer_secret: str = field(default="", repr=False)
-    privacy_mode: str = privacy.SEED
-    allowed_domains: DomainAllowList | None = None
-    allowed_origins: OriginAllowList = ANY_ORIGIN
-    respect_gpc: bool = True
-    respect_dnt: bool = False
-    rate_limit_per_second: float = 10.0
-    rate_limit_burst: int = 50
-    rate_limit_table_size: int = 100_000
-    body_timeout: float = 10.0  # seconds
-    keepalive_timeout: float = 75.0  # seconds
-
-    @property
-    def mode(self) -> str:
-        return "local" if self.flowcore is None else "flowcore"
-
-
-def load_config(environ: Mapping[str, str]) -> Config:
-    """Read every setting once; a bad value raises ConfigError naming the variable."""
-
-    def get(name: str) -> str:
-        return environ.get(name, DEFAULTS[name]).strip()
-
-    data_dir = Path(get("DATA_DIR") or DEFAULTS["DATA_DIR"])
-    return Config(
-        host=get("HOST") or DEFAULTS["HOST"],
-        port=_integer("PORT", get("PORT"), 1, 65535),
-        data_dir=data_dir,
-        secret_key=_secret_key(environ.get("SECRET_KEY", ""), data_dir),
-        trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
-        timezone=_zone("TIMEZONE", get("TIMEZONE")),
-        handler_max_attempts=_integer("HANDLER_MAX_ATTEMPTS", get("HANDLER_MAX_ATTEMPTS"), 1, 1000),
-        log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
-        access_log=_choice("ACCESS_LOG", get("ACCESS_LOG").lower(), ("true", "false")) == "true",
-        event_loop=_choice("EVENT_LOOP", get("EVENT_LOOP").lower(), ("auto", "asyncio", "uvloop")),
-        flowcore=_flowcore(get),
-        transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
-        stats_token=_stats_token("STATS_TOKEN", get("STATS_TOKEN")),
-        raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
-        privacy_mode=_choice("PRIVACY_MODE", get("PRIVACY_MODE").lower(), privacy.PRIVACY_MODES),
-        allowed_domains=_allowed_domains("ALLOWED_DOMAINS", get("ALLOWED_DOMAINS")),
-        allowed_origins=_allowed_origins("ALLOWED_ORIGINS", get("ALLOWED_ORIGINS")),
-        respect_gpc=_boolean("RESPECT_GPC", get("RESPECT_GPC")),
-        respect_dnt=_boolean("RESPECT_DNT", get("RESPECT_DNT")),
-        rate_limit_per_second=_number("RATE_LIMIT_PER_SECOND", get("RATE_LIMIT_PER_SECOND"), 0, 1_000_000),
-        rate_limit_burst=_integer("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), 1, 1_000_000),
-        rate_limit_table_size=_integer("RATE_LIMIT_TABLE_SIZE", get("RATE_LIMIT_TABLE_SIZE"), 100, 10_000_000),
-        body_timeout=_integer("BODY_TIMEOUT_MS", get("BODY_TIMEOUT_MS"), 1, 600_000) / 1000,
-        keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
-    )
-
-
-def _boolean(name: str, text: str) -> bool:
-    return _choice(name, text.lower(), ("true", "false")) == "true"
-
-
-def _number(name: str, text: str, low: float, high: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {text!r}") from None
-    if not low <= value <= high:  # NaN fails this too
-        raise ConfigError(f"{name} must be from {low:g} to {high:g}, not {text}")
-    return value
-
-
-def _allowed_domains(name: str, text: str) -> DomainAllowList | None:
-    try:
-        return filters.parse_domains(text, normalize_host)
-    except ValueError as error:
-        raise ConfigError(f"{name}: {error}") from None
-
-
-def _allowed_origins(name: str, text: str) -> OriginAllowList:
-    try:
-        return filters.parse_origins(text, normalize_host)
-    except ValueError as error:
-        raise ConfigError(f"{name}: {error}") from None
-
-
-def _flowcore(get: Callable[[str], str]) -> FlowcoreSettings | None:
-    """Flowcore mode when both the tenant and the key are set; one without the other is a mistake."""
-    tenant, key = get("FLOWCORE_TENANT"), get("FLOWCORE_API_KEY")
-    if not tenant and not key:
-        return None
-    if not (tenant and key):
-        missing = "FLOWCORE_API_KEY" if tenant else "FLOWCORE_TENANT"
-        raise ConfigError(f"{missing} is not set: Flowcore mode needs both FLOWCORE_TENANT and FLOWCORE_API_KEY "
-                          "(unset both for the local event log)")
-    base_url = get("FLOWCORE_WEBHOOK_BASEURL")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"FLOWCORE_WEBHOOK_BASEURL must be an http(s) URL, not {base_url!r}")
-    data_core = get("FLOWCORE_DATA_CORE")
-    if not data_core:
-        raise ConfigError("FLOWCORE_DATA_CORE must not be empty")
-    return FlowcoreSettings(
-        base_url=base_url,
-        tenant=tenant,
-        data_core=data_core,
-        api_key=key,
-        batch_size=_integer("FLOWCORE_BATCH_SIZE", get("FLOWCORE_BATCH_SIZE"), 1, 1000),
-        timeout=_integer("FLOWCORE_TIMEOUT_MS", get("FLOWCORE_TIMEOUT_MS"), 1, 600_000) / 1000,
-        retry_base=_integer("FLOWCORE_RETRY_BASE_MS", get("FLOWCORE_RETRY_BASE_MS"), 1, 600_000) / 1000,
-        retry_max=_integer("FLOWCORE_RETRY_MAX_MS", get("FLOWCORE_RETRY_MAX_MS"), 1, 3_600_000) / 1000,
-    )
-
-
-def _integer(name: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be from {low} to {high}, not {value}")
-    return value
-
-
-def _choice(name: str, text: str, choices: Sequence[str]) -> str:
-    if text not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {text!r}")
-    return text
-
-
-def _networks(name: str, text: str) -> tuple[IPNetwork, ...]:
-    networks = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range") from None
-    return tuple(networks)
-
-
-def _zone(name: str, text: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{name} must be an IANA time zone such as Europe/Copenhagen, not {text!r}") from None
-
-
-def _stats_token(name: str, text: str) -> str:
-    if text and (len(text) < MIN_STATS_TOKEN_LENGTH or not text.isprintable() or " " in text):
-        raise ConfigError(f"{name} must be at least {MIN_STATS_TOKEN_LENGTH} printable characters without spaces")
-    return text
-
-
-def _secret_key(given: str, data_dir: Path) -> str:
-    """SECRET_KEY from the environment, else the one kept in DATA_DIR, else a new one kept there."""
-    if given:
-        if len(given) < MIN_SECRET_KEY_LENGTH:
-            raise ConfigError(f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters long")
-        return given
-    path = data_dir / SECRET_KEY_FILE
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            key = path.read_text().strip()
-            if len(key) < MIN_SECRET_KEY_LENGTH:
-                raise ConfigError(f"SECRET_KEY: the key stored in {path} is shorter than {MIN_SECRET_KEY_LENGTH}")
-            logger.info("SECRET_KEY is not set: using the one stored in %s", path)
-            return key
-        key = secrets.token_urlsafe(48)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(key + "\n")
-    except OSError as error:
-        raise ConfigError(f"SECRET_KEY is not set and DATA_DIR cannot keep a generated one: {error}") from None
-    logger.info("SECRET_KEY is not set: generated one and stored it in %s (mode 0600)", path)
-    return key
-
 
 # -- errors -----------------------------------------------------------------------------------------------
 
@@ -508,7 +198,6 @@ def script_handler(script: Script) -> Handler:
 CORS_PATHS = {"/api/pageview"}
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
 BODY_TYPES = ("application/json", "text/plain")
-HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
 @dataclass(frozen=True)
@@ -636,25 +325,6 @@ def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
     except UnicodeEncodeError:
         raise ApiError(400, f"{name} is not valid Unicode (it holds a lone surrogate)") from None
     return value
-
-
-@lru_cache(maxsize=1024)
-def normalize_host(text: str) -> str | None:
-    """A lower-case hostname (IDNA-encoded) or a bracketed IPv6 address; None if it is neither."""
-    host = text.strip().rstrip(".").lower()
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
-        except ValueError:
-            return None
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    if not 0 < len(host) <= MAX_DOMAIN_LENGTH or not all(HOST_LABEL.fullmatch(label) for label in host.split(".")):
-        return None
-    return host
 
 
 def domain_from_headers(headers: Mapping[str, str]) -> str:
@@ -1011,6 +681,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     """Open the store, start the emitter and the maintenance job; on the way out, stop
     them in order: the emitter finishes its request, pending commits land, the file closes."""
     config = app[CONFIG]
+    secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     await store.open()
     pathways = Pathways(store, max_attempts=config.handler_max_attempts)
@@ -1025,7 +696,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     emitter = Emitter(store, sink, batch_size)
     app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
     salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
-    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, config.secret_key, salts)
+    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
     app[DROPS] = filters.DropCounter(store)
     emitter.start()
     stop_maintenance = asyncio.Event()
@@ -1170,6 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataDirBusyError as error:
         print(f"collector: {error}; stop it first", file=sys.stderr)
         return 1
+    except ConfigError as error:
+        print(f"collector: configuration error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -40,6 +40,29 @@ REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, D
 # invented names are not worth keeping, and a flood of them cannot grow the table.
 OTHER_DOMAINS = "*"
 
+MAX_DOMAIN_LENGTH = 253
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@lru_cache(maxsize=1024)
+def normalize_host(text: str) -> str | None:
+    """A lower-case hostname (IDNA-encoded) or a bracketed IPv6 address; None if it is neither."""
+    host = text.strip().rstrip(".").lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            return None
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not 0 < len(host) <= MAX_DOMAIN_LENGTH or not all(HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        return None
+    return host
+
+
 BOT_CACHE_SIZE = 10_000
 # No browser sends a longer user agent; the regex list is not run over one (it costs time per byte).
 MAX_USER_AGENT_LENGTH = 1024

@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import quote
 
 import aiohttp
 import aiosqlite
 
+from config import FlowcoreSettings
 from store import LoggedEvent, OutboxRow, Store, iso_ms
 
 logger = logging.getLogger(__name__)
@@ -433,22 +433,6 @@ class LocalSink:
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 EMPTY_METADATA = "e30="  # base64 of "{}": the original always sent the header
-
-
-@dataclass(frozen=True)
-class FlowcoreSettings:
-    base_url: str
-    tenant: str
-    data_core: str
-    api_key: str = field(repr=False)
-    batch_size: int = 100
-    timeout: float = 10.0
-    retry_base: float = 0.5
-    retry_max: float = 60.0
-
-    def events_url(self, flow_type: str, event_type: str) -> str:
-        parts = (self.tenant, self.data_core, flow_type, event_type)
-        return f"{self.base_url.rstrip('/')}/events/" + "/".join(quote(part, safe="") for part in parts)
 
 
 @dataclass

@@ -30,7 +30,8 @@ from aiohttp import ClientSession, web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector import create_app, load_config  # noqa: E402
+from collector import create_app  # noqa: E402
+from config import load_config  # noqa: E402
 from store import DB_FILENAME, Store, key64, local_day_hour, referrer_source  # noqa: E402
 
 TABLES = ("pageviews", "daily_stats", "hourly_stats", "page_stats", "source_stats", "visitor_state")

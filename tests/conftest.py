@@ -11,7 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import BROWSER_UA, SECRET
 
-from collector import Config, create_app, load_config, utc_now
+from collector import create_app, utc_now
+from config import Config, load_config
 from http_defense import server_options
 
 pytest_plugins = ["browser"]  # the `browser` fixture, for the page tests

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import resource
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
 import collector
-from collector import SETTINGS, ConfigError, load_config
+from config import SETTINGS, ConfigError, load_config, with_secret_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +30,11 @@ def test_defaults(tmp_path: Path) -> None:
 def test_the_default_data_dir_is_data_under_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_config({}).data_dir == Path("data")
-    assert (tmp_path / "data" / "secret_key").exists()
+
+
+def test_reading_the_settings_touches_no_disk(tmp_path: Path) -> None:
+    load_config({"DATA_DIR": str(tmp_path / "d")})
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize(
@@ -71,11 +77,15 @@ def test_an_empty_trusted_proxies_trusts_no_one(tmp_path: Path) -> None:
 
 def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO)
-    first = load_config({"DATA_DIR": str(tmp_path / "d")})
+    (tmp_path / "d").mkdir()
+    config = load_config({"DATA_DIR": str(tmp_path / "d")})
+    assert config.secret_key == ""
+    first = with_secret_key(config)
     key_file = tmp_path / "d" / "secret_key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert len(first.secret_key) >= 32
-    second = load_config({"DATA_DIR": str(tmp_path / "d")})
+    assert [path.name for path in (tmp_path / "d").iterdir()] == ["secret_key"]  # no temporary file left
+    second = with_secret_key(config)
     assert second.secret_key == first.secret_key
     assert "generated" in caplog.text and "using the one stored" in caplog.text
     assert first.secret_key not in caplog.text
@@ -83,9 +93,28 @@ def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(tmp_path
 
 
 def test_a_given_secret_key_is_used_and_not_stored(tmp_path: Path) -> None:
-    config = load_config({"DATA_DIR": str(tmp_path), "SECRET_KEY": "k" * 32})
+    config = with_secret_key(load_config({"DATA_DIR": str(tmp_path), "SECRET_KEY": "k" * 32}))
     assert config.secret_key == "k" * 32
     assert not (tmp_path / "secret_key").exists()
+
+
+def test_a_failed_key_write_leaves_no_file(tmp_path: Path) -> None:
+    """A write that fails part-way (here: a file size limit of 0 bytes, as a full disk would)
+    leaves neither an empty key nor a temporary file, so the next start generates a key."""
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    config = load_config({"DATA_DIR": str(data_dir)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with pytest.raises(ConfigError, match="SECRET_KEY"):
+            with_secret_key(config)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert list(data_dir.iterdir()) == []
+    assert len(with_secret_key(config).secret_key) >= 32
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:

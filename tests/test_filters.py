@@ -14,7 +14,8 @@ from conftest import Start
 from helpers import BROWSER_UA, FakeClock, drained, query, utc
 
 import stats
-from collector import DROPS, LIMITER, ConfigError, load_config
+from collector import DROPS, LIMITER
+from config import ConfigError, load_config
 from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}

@@ -18,7 +18,7 @@ from conftest import Start
 from fake_flowcore import FakeFlowcore
 from helpers import FakeClock, drained, poll, query, utc
 
-from collector import ConfigError, load_config
+from config import ConfigError, load_config
 from pathways import OutboxRow, parse_retry_after, same_second_batches
 from store import DB_FILENAME
 

@@ -15,7 +15,8 @@ from helpers import SECRET, FakeClock, drained, query, utc
 from multidict import CIMultiDict
 
 import privacy
-from collector import STORE, client_ip, load_config
+from collector import STORE, client_ip
+from config import load_config
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"
 # Worked out with coreutils' sha256sum, not with the code under test:

@@ -11,7 +11,7 @@ from conftest import Start
 from helpers import FakeClock
 from test_stats import FIXTURE, NOW, TZ, seed, view
 
-from collector import ConfigError, load_config
+from config import ConfigError, load_config
 
 TOKEN = "s3cret-token-for-the-stats"
 READ_ENDPOINTS = [
