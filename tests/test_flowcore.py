@@ -338,25 +338,43 @@ async def test_transformer_processes_once_and_acknowledges_redelivery(start_coll
     assert query(data_dir, "SELECT count(*) FROM pathway_state") == [(2,)]
 
 
-async def test_transformer_answers_500_while_the_handler_fails(start_collector: Start, data_dir: Path) -> None:
-    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET, HANDLER_MAX_ATTEMPTS="2")
+def add_failing_trigger(data_dir: Path) -> None:
+    """A real failure inside the handler's transaction: SQLite refuses page views of /boom."""
+    with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
-    def add_failing_trigger() -> None:  # a real failure inside the handler's transaction
-        with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
-            conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
-                         "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
-    await asyncio.to_thread(add_failing_trigger)  # in a thread: the app's writer shares this event loop
+def drop_failing_trigger(data_dir: Path) -> None:
+    with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
+        conn.execute("DROP TRIGGER boom")
+
+
+async def test_a_failing_handler_is_retried_in_the_request_then_dead_lettered_with_503(
+    start_collector: Start, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET, HANDLER_MAX_ATTEMPTS="3")
+    await asyncio.to_thread(add_failing_trigger, data_dir)  # in a thread: the app's writer shares this loop
     boom = envelope(payload={**envelope()["payload"], "pathname": "/boom"})
-    status, answer = await post_event(client, boom)
-    assert status == 500 and "deliver it again" in answer["error"]
-    status, answer = await post_event(client, boom)
-    assert status == 500 and "dead letters" in answer["error"]
-    assert query(data_dir, "SELECT attempts, error LIKE '%the disk said no%' FROM dead_letters") == [(2, 1)]
-    assert await post_event(client, boom) == (200, "OK")  # redelivered after dead-lettering: acknowledged
-    assert await post_event(client, envelope("another-event")) == (200, "OK")
-    assert query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(1,)]
+    response = await client.post("/api/transformer", json=boom, headers={"X-Secret": SECRET})
+    assert response.status == 503  # one the platform redelivers; it does not redeliver a 500
+    assert response.headers["Retry-After"] == "30"
+    assert "kept in the dead letters" in (await response.json())["error"]
+    assert caplog.text.count("failed, attempt") == 3  # three quick attempts inside the request
+    assert query(data_dir, "SELECT attempts, error LIKE '%the disk said no%' FROM dead_letters") == [(3, 1)]
+    assert query(data_dir, "SELECT count(*) FROM pathway_state") == [(0,)]  # not marked processed
     assert (await health(client))["dead_letters"] == 1
+
+    status, _ = await post_event(client, boom)  # redelivered while still failing
+    assert status == 503
+    assert query(data_dir, "SELECT attempts FROM dead_letters") == [(6,)]
+
+    await asyncio.to_thread(drop_failing_trigger, data_dir)  # the fix
+    assert await post_event(client, boom) == (200, "OK")  # the next delivery succeeds and clears it
+    assert query(data_dir, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert await post_event(client, boom) == (200, "OK")  # and one more changes nothing
+    assert query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(1,)]
+    assert (await health(client))["dead_letters"] == 0
 
 
 async def test_transformer_is_disabled_without_a_secret(start_collector: Start) -> None:
