@@ -35,7 +35,7 @@ import openapi
 import privacy
 import stats
 from config import MIN_STATS_TOKEN_LENGTH, Config, ConfigError, IPNetwork, load_config, with_secret_key
-from filters import MAX_DOMAIN_LENGTH, FilterSettings, normalize_host
+from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
     enforce_retention,
@@ -571,6 +571,8 @@ def domain_param(params: Mapping[str, str]) -> str:
     text = params.get("domain", "")
     if not text:
         raise ApiError(400, "domain is required, e.g. domain=example.com")
+    if text == NO_SITE:  # received events whose domain was empty or not a hostname
+        return text
     domain = normalize_host(text) if len(text) <= MAX_DOMAIN_LENGTH else None
     if domain is None:
         raise ApiError(400, "domain must be a hostname such as example.com")

@@ -56,7 +56,9 @@ READER_ERRORS = {
     "503": UNAVAILABLE,
 }
 DOMAIN_PARAM = {
-    "name": "domain", "in": "query", "required": True, "description": "The site, e.g. example.com.",
+    "name": "domain", "in": "query", "required": True,
+    "description": "The site, e.g. example.com; `(no site)` for received events whose domain was empty or not a "
+    "hostname.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 253},
 }
 DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
@@ -249,9 +251,12 @@ def transformer_operation() -> Schema:
             "401": error("X-Secret is missing or wrong."),
             "404": error("The endpoint is disabled, or no pathway handles the event's flow and event type."),
             "413": error("The body is larger than 256 KiB."),
-            "422": error("The payload breaks the event type's contract."),
-            "500": error("The handler failed (deliver the event again), or an unexpected error."),
-            "503": UNAVAILABLE,
+            "422": error("The payload breaks the event type's contract (read as leniently as the original "
+                         "collector wrote it), or its validTime or salt day is before 2000 or after tomorrow."),
+            "500": INTERNAL,
+            "503": error("The handler kept failing: the event is kept in the dead letters; deliver it again "
+                         "after Retry-After seconds. Or the collector is shutting down.",
+                         {"Retry-After": header("Seconds to wait before delivering the event again.")}),
         },
     }
 
