@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import json
 import re
 import uuid
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientError, ClientSession, web
 
 MAX_EVENT_BYTES = 64 * 1024
 ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?Z")
@@ -218,13 +219,10 @@ class FakeFlowcore:
 
     async def _feed(self, target: DeliveryTarget) -> None:
         async with ClientSession() as session:
-            index = 0
-            while True:
+            for index in itertools.count():
                 async with self._changed:
-                    await self._changed.wait_for(lambda: len(self.events) > index)
-                event = self.events[index]
-                await self._deliver_one(session, target, event)
-                index += 1
+                    await self._changed.wait_for(lambda: len(self.events) > index)  # noqa: B023 (awaited here)
+                await self._deliver_one(session, target, self.events[index])
                 async with self._changed:
                     self._changed.notify_all()
 
@@ -236,8 +234,8 @@ class FakeFlowcore:
                 async with session.post(target.url, json=event, headers={"X-Secret": target.secret}) as response:
                     status, body = response.status, await response.text()
                     retry_after = response.headers.get("Retry-After")
-            except OSError:  # the endpoint is down: as a connection refused, try again
-                status, body, retry_after = 503, "unreachable", None
+            except (OSError, ClientError) as error:  # the endpoint is down or dropped us: try again
+                status, body, retry_after = 503, f"unreachable: {type(error).__name__}", None
             if 200 <= status < 300:
                 target.delivered.append(event["eventId"])
                 return

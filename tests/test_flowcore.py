@@ -407,3 +407,19 @@ async def test_redelivery_twice_and_out_of_order_gives_the_live_counts(
     await drained(local)
     assert shuffled == query(local_dir, "SELECT * FROM daily_stats")
 
+
+
+async def test_an_answer_without_event_ids_halts_keeps_the_events_and_is_not_resent(
+    start_collector: Start, fake: FakeFlowcore, data_dir: Path
+) -> None:
+    client = await start_collector(**flowcore_env(fake))
+    fake.answer_without_event_ids()
+    assert await pageview(client, "/garbled") == 204
+    await poll(lambda: _halted(client))
+    body = await health(client)
+    assert body["status"] == "halted"
+    assert "answered without 1 eventIds" in body["flowcore"]["last_error"]
+    assert body["backlog"] == 1 and query(data_dir, "SELECT count(*) FROM outbox") == [(1,)]  # kept
+    assert await pageview(client, "/after") == 204  # page views are still taken, and wait
+    await poll(lambda: _backlog_is(client, 2))
+    assert len(fake.ingestions) == 1  # the platform stored it once; it was not sent again
