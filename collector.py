@@ -34,7 +34,15 @@ import http_defense
 import openapi
 import privacy
 import stats
-from config import MIN_STATS_TOKEN_LENGTH, Config, ConfigError, IPNetwork, load_config, with_secret_key
+from config import (
+    IGNORED_SETTINGS,
+    MIN_STATS_TOKEN_LENGTH,
+    Config,
+    ConfigError,
+    IPNetwork,
+    load_config,
+    with_secret_key,
+)
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
@@ -441,11 +449,12 @@ async def transformer(request: web.Request) -> web.Response:
     """One Flowcore event envelope (flowType or the legacy aggregator). 200 OK once processed
     or when it was processed before; 503 with Retry-After when its handler kept failing (the
     event waits in the dead letters), so the sender delivers it again."""
-    secret = request.app[CONFIG].transformer_secret
+    config = request.app[CONFIG]
+    secret = config.transformer_secret
     if not secret:
         raise ApiError(404, "the transformer endpoint is disabled: set FLOWCORE_TRANSFORMER_SECRET to enable it")
-    if not secret_matches(secret, request.headers.get("X-Secret")):
-        raise ApiError(401, "missing or wrong X-Secret header")
+    if not secret_matches(secret, request.headers.get(config.transformer_secret_header)):
+        raise ApiError(401, f"missing or wrong {config.transformer_secret_header} header")
     raw = parse_json(await read_body(request, MAX_ENVELOPE_BYTES))
     try:
         event = parse_envelope(raw)
@@ -786,7 +795,10 @@ def log_start(config: Config) -> None:
             logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "
                            "to Flowcore will not come back to build statistics here")
     if config.transformer_secret:
-        logger.info("POST /api/transformer is enabled")
+        logger.info("POST /api/transformer is enabled; it reads the secret from the %s header",
+                    config.transformer_secret_header)
+    for name in config.ignored_settings:
+        logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
     logger.info(
         "privacy mode %s; counting %s; rate limit %s",
         config.privacy_mode,

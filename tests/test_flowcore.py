@@ -423,3 +423,32 @@ async def test_an_answer_without_event_ids_halts_keeps_the_events_and_is_not_res
     assert await pageview(client, "/after") == 204  # page views are still taken, and wait
     await poll(lambda: _backlog_is(client, 2))
     assert len(fake.ingestions) == 1  # the platform stored it once; it was not sent again
+
+
+def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from collector import log_start
+
+    caplog.set_level(logging.INFO)
+    dsn = "postgresql://postgres:hunter2-pw@localhost:5433/pathway_db"
+    config = load_config({"DATA_DIR": str(tmp_path), "POSTGRES_CONNECTION_STRING": dsn})
+    log_start(config)
+    [line] = [record.getMessage() for record in caplog.records if "POSTGRES_CONNECTION_STRING" in record.getMessage()]
+    assert line.startswith("POSTGRES_CONNECTION_STRING is set but ignored: ")
+    assert "lives in the SQLite file" in line
+    assert "hunter2" not in caplog.text and "hunter2" not in repr(config)
+    caplog.clear()
+    log_start(load_config({"DATA_DIR": str(tmp_path)}))
+    assert "POSTGRES" not in caplog.text
+
+
+async def test_the_secret_header_can_be_named(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET,
+                                   FLOWCORE_TRANSFORMER_SECRET_HEADER="X-Proxy-Secret")
+    response = await client.post("/api/transformer", json=envelope(), headers={"X-Secret": SECRET})
+    assert response.status == 401 and "X-Proxy-Secret" in (await response.json())["error"]
+    response = await client.post("/api/transformer", json=envelope(), headers={"X-Proxy-Secret": SECRET})
+    assert response.status == 200
+    with pytest.raises(ConfigError, match="FLOWCORE_TRANSFORMER_SECRET_HEADER"):
+        load_config({"DATA_DIR": str(data_dir), "FLOWCORE_TRANSFORMER_SECRET_HEADER": "X Secret"})
