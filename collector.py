@@ -488,6 +488,7 @@ ENDPOINTS = {
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
+    "GET /swagger": "Swagger UI over /openapi.json, when the swagger extra is installed.",
     "GET /": "This list.",
 }
 
@@ -635,6 +636,33 @@ async def export_api(request: web.Request) -> web.Response:
     )
 
 
+SWAGGER_MISSING = ("Swagger UI is not installed here: pip install '.[swagger]' and restart; the OpenAPI document "
+                   "is at /openapi.json")
+ASSET_CACHE_CONTROL = "public, max-age=86400"
+
+
+async def swagger_page(request: web.Request) -> web.FileResponse:
+    # Its Content-Security-Policy (scripts and styles from this origin only) comes from http_defense.
+    if openapi.swagger_ui_dir() is None:
+        raise ApiError(404, SWAGGER_MISSING)
+    return web.FileResponse(STATIC_DIR / "swagger.html", headers={"Cache-Control": "no-cache"})
+
+
+async def swagger_asset(request: web.Request) -> web.FileResponse:
+    asset, directory = request.match_info["asset"], openapi.swagger_ui_dir()
+    if directory is None:
+        raise ApiError(404, SWAGGER_MISSING)
+    if asset == "init.js":
+        path = STATIC_DIR / "swagger-init.js"
+    elif asset in openapi.SWAGGER_ASSETS:
+        path = directory / asset
+    else:
+        raise ApiError(404, f"no such file of Swagger UI: {asset[:64]!r}")
+    kind = "text/css" if asset.endswith(".css") else "text/javascript"  # as documented, whatever mimetypes says
+    headers = {"Cache-Control": ASSET_CACHE_CONTROL, "Content-Type": f"{kind}; charset=utf-8"}
+    return web.FileResponse(path, headers=headers)
+
+
 async def dashboard(request: web.Request) -> web.FileResponse:
     # Its Content-Security-Policy (hashes of its inline script and style) comes from http_defense.
     return web.FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
@@ -665,6 +693,7 @@ def utc_now() -> datetime:
 PAGES = {
     "/dashboard": http_defense.Page(STATIC_DIR / "dashboard.html", "no-referrer"),
     "/test.html": http_defense.Page(STATIC_DIR / "test.html", "strict-origin-when-cross-origin", "'self'"),
+    "/swagger": http_defense.Page(STATIC_DIR / "swagger.html", "no-referrer", "'self'", style_src="'self'"),
 }
 
 
@@ -694,6 +723,8 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/openapi.json", openapi.handler(__version__))
+    app.router.add_get("/swagger", swagger_page)
+    app.router.add_get("/swagger/{asset}", swagger_asset)
     return app
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -270,11 +271,12 @@ def query(name: str, description: str, schema: Schema) -> Schema:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-def html(summary: str) -> Schema:
+def html(summary: str, errors: dict[str, Schema] | None = None) -> Schema:
     return {"summary": summary, "responses": {
         "200": {"description": "The page; its Content-Security-Policy allows exactly what it needs.",
                 "content": {"text/html": {"schema": {"type": "string"}}},
                 "headers": {"Content-Security-Policy": header("The page's policy.", True)}},
+        **(errors or {}),
         "500": INTERNAL,
     }}
 
@@ -305,6 +307,18 @@ def paths() -> dict[str, Any]:
             "500": INTERNAL}}},
         "/test.html": {"get": html("A test page that sends page views to this collector.")},
         "/dashboard": {"get": html("The statistics dashboard.")},
+        "/swagger": {"get": html("Swagger UI over this document (with the swagger extra installed).",
+                                 {"404": error("Swagger UI is not installed here (pip install '.[swagger]').")})},
+        "/swagger/{asset}": {"get": {
+            "summary": "A file of Swagger UI, or its set-up.",
+            "parameters": [{"name": "asset", "in": "path", "required": True,
+                            "schema": {"enum": [*SWAGGER_ASSETS, "init.js"]}}],
+            "responses": {
+                "200": {"description": "The file.", "content": {"text/javascript": {"schema": {"type": "string"}},
+                                                                 "text/css": {"schema": {"type": "string"}}}},
+                "404": error("No such file, or Swagger UI is not installed here."),
+                "500": INTERNAL,
+            }}},
         "/api/stats": {"get": reader("Statistics of a domain over a period.", [
             DOMAIN_PARAM, period,
             query("from", "First day, YYYY-MM-DD (custom).", DAY),
@@ -380,3 +394,19 @@ def handler(version: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         return web.Response(body=body, content_type=JSON, headers={"Cache-Control": "no-cache"})
 
     return serve_openapi
+
+
+# -- Swagger UI -------------------------------------------------------------------------------------
+
+# The two files of Swagger UI the page at /swagger loads, from the optional `swagger` extra
+# (swagger-ui-bundle-v2); the page and its few lines of set-up are static/swagger*.
+SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
+
+
+def swagger_ui_dir() -> Path | None:
+    """Where the installed Swagger UI's files are, or None without the `swagger` extra."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return Path(str(swagger_ui_bundle.swagger_ui_path))
