@@ -62,3 +62,11 @@ def test_the_scale_out_scenario_has_one_transformer_per_collector_each_with_its_
         endpoints.append(parameters["PROXY_ENDPOINT"]["value"])
     assert all(url.endswith("/api/transformer") for url in endpoints)
     assert len(set(endpoints)) == len(endpoints)  # each collector's own address
+
+
+def test_the_docs_create_the_organisation_secret_that_the_scenarios_name() -> None:
+    [transformer] = load("flowcore.yaml")["scenario"]["transformers"].values()
+    secret = {p["name"]: p for p in transformer["parameters"]}["PROXY_HEADER_SECRET"]["value"]
+    docs = (ROOT / "docs" / "flowcore.md").read_text()
+    assert f"flowcore auth new secret --tenant your-tenant {secret} \\" in docs
+    assert f"flowcore auth new secret --tenant your-tenant {secret} \\" in (ROOT / "flowcore.yaml").read_text()
