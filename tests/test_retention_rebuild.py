@@ -191,7 +191,7 @@ async def test_rebuild_refuses_while_the_collector_runs(
 
 def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert collector.main(["rebuild-everything"]) == 2
-    assert "usage: python collector.py [rebuild]" in capsys.readouterr().err
+    assert "usage: python collector.py [rebuild | dead-letters [--retry]]" in capsys.readouterr().err
 
 
 async def test_the_rebuild_command_shows_a_progress_bar_on_a_terminal_and_a_summary(
