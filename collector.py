@@ -133,15 +133,17 @@ SCRIPT_CACHE_CONTROL = "public, max-age=86400"
 
 @dataclass(frozen=True)
 class Script:
-    """static/script.js as served: prepared once, in plain and gzip form, with its ETag."""
+    """A tracker script as served: prepared once, in plain and gzip form, with its ETag."""
 
     body: bytes
     gzipped: bytes
     etag: str
 
 
-def load_script(path: Path) -> Script:
-    body = strip_script(path.read_text(encoding="utf-8")).encode("utf-8")
+def load_script(*paths: Path) -> Script:
+    """The files one after the other, as one script: /script.clicks.js is script.js and then
+    script.clicks.js, so a page loads one file whichever it chose."""
+    body = "".join(strip_script(path.read_text(encoding="utf-8")) for path in paths).encode("utf-8")
     return Script(body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:20])
 
 
@@ -544,6 +546,8 @@ ENDPOINTS = {
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",
+    "GET /script.clicks.js": "The tracker script with click tracking: tagged elements, outbound links, downloads "
+    "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
     "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
@@ -705,6 +709,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 # -- the application ---------------------------------------------------------------------------------------------
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
@@ -746,6 +751,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
+    app.router.add_get("/script.clicks.js", script_handler(load_script(*CLICKS_SCRIPT)))
     app.router.add_post("/api/pageview", pageview)
     app.router.add_route("OPTIONS", "/api/pageview", collection_preflight)
     app.router.add_post("/api/event", event)

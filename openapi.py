@@ -325,6 +325,15 @@ def html(summary: str) -> Schema:
     }}
 
 
+def script(summary: str) -> Schema:
+    return {"summary": summary, "responses": {
+        "200": {"description": "The script (gzip when accepted).",
+                "content": {"application/javascript": {"schema": {"type": "string"}}},
+                "headers": {"ETag": header("Its version.", True)}},
+        "304": {"description": "Not modified (If-None-Match)."},
+        "500": INTERNAL}}
+
+
 def paths() -> dict[str, Any]:
     period = query("period", "The period; custom needs from and to.", {"enum": [
         "today", "yesterday", "7d", "30d", "month", "12mo", "custom"]})
@@ -338,12 +347,8 @@ def paths() -> dict[str, Any]:
             "500": INTERNAL}}},
         "/": {"get": {"summary": "The service and its endpoints.", "responses": {
             "200": json_answer("Name, version, mode and endpoints.", ref("Index")), "500": INTERNAL}}},
-        "/script.js": {"get": {"summary": "The tracker script.", "responses": {
-            "200": {"description": "The script (gzip when accepted).",
-                    "content": {"application/javascript": {"schema": {"type": "string"}}},
-                    "headers": {"ETag": header("Its version.", True)}},
-            "304": {"description": "Not modified (If-None-Match)."},
-            "500": INTERNAL}}},
+        "/script.js": {"get": script("The tracker script.")},
+        "/script.clicks.js": {"get": script("The tracker script and its click tracking, in one file.")},
         "/test.html": {"get": html("A test page that sends page views to this collector.")},
         "/dashboard": {"get": html("The statistics dashboard.")},
         "/api/stats": {"get": reader("Statistics of a domain over a period.", [

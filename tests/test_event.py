@@ -38,7 +38,7 @@ SIGNUP = {"name": "Signup", "pathname": "/pricing", "domain": "example.com", "pr
 EVENT_TYPE = "SELECT count(*) FROM {} WHERE event_type = 'visitor.event.v0'"
 
 
-async def post(client: TestClient, body: object, **headers: str) -> ClientResponse:
+async def post(client: TestClient[Any, Any], body: object, **headers: str) -> ClientResponse:
     headers = {"Content-Type": "text/plain", "X-Forwarded-For": "198.51.100.23", **headers}
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return await client.post("/api/event", data=data, headers=headers)
@@ -102,7 +102,7 @@ async def test_optional_fields_take_their_defaults_and_the_domain_comes_from_ori
 
 async def test_the_bounds_themselves_are_accepted(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector()
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {"name": "n" * MAX_EVENT_NAME_LENGTH, "pathname": "/"},
         {"name": "Many", "pathname": "/", "props": {f"key{i}": i for i in range(MAX_EVENT_PROPS)}},
         {"name": "Long", "pathname": "/", "props": {"k" * MAX_PROP_KEY_LENGTH: "v" * MAX_PROP_VALUE_LENGTH}},
