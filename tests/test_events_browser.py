@@ -409,3 +409,31 @@ async def test_a_local_page_sends_no_events(site: MakeSite) -> None:
     await drained(s.collector)
     assert s.logged("Signup") == [] and s.logged("Manual") == [] and s.logged("File Download") == []
     assert s.errors.messages == []
+
+
+# -- the collector's own test page ----------------------------------------------------------------------------------
+
+
+async def test_the_test_page_event_buttons_send_events(
+    start_collector: Start, site_browser: Browser, data_dir: Path
+) -> None:
+    client = await start_collector()
+    errors = PageErrors()
+    context, page = await new_page(site_browser, errors)
+    async with page.expect_response(lambda r: r.url.endswith("/api/pageview")):
+        await page.goto(str(client.make_url("/test.html")))
+    for button in ("A tagged button (data-collector-event)", 'collector.event("Test Event", {plan: "pro"})'):
+        async with page.expect_response(answered):
+            await page.get_by_role("button", name=button).click()
+    # Polled from here: the page's Content-Security-Policy forbids the eval that wait_for_function polls with.
+    recorded = "document.getElementById('console').textContent.split('204 recorded').length - 1"
+    await poll(lambda: page.evaluate(f"{recorded} == 3"), what="three answers in the page's console")
+    assert '"name":"Test Event"' in await page.text_content("#console")
+    await context.close()
+    await drained(client)
+    rows = query(data_dir, "SELECT payload FROM event_log WHERE event_type = 'visitor.event.v0' ORDER BY seq")
+    assert [(event["name"], event["pathname"], event["props"]) for event in (json.loads(row[0]) for row in rows)] == [
+        ("Test Click", "/test.html", {"source": "test page"}),
+        ("Test Event", "/test.html", {"plan": "pro"}),
+    ]
+    assert errors.messages == []
