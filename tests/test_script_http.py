@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import pytest
 from conftest import Start
@@ -137,3 +138,12 @@ async def test_the_clicks_script_is_the_tracker_then_its_click_tracking(start_co
 def test_the_clicks_script_strips_safely() -> None:
     source = (STATIC_DIR / "script.clicks.js").read_text()
     assert "`" not in source and "/*" not in source and "\\\n" not in source
+
+
+def test_the_docs_name_the_default_file_types_of_the_script() -> None:
+    source = (STATIC_DIR / "script.clicks.js").read_text()
+    [listed] = re.findall(r'var FILE_TYPES = "([^"]*)" \+\s*"([^"]*)"', source)
+    in_script = "".join(listed).split(",")
+    docs = (STATIC_DIR.parent / "docs" / "events.md").read_text()
+    [in_docs] = re.findall(r"\*\*The default file types\*\*: `([^`]*)`", docs.replace("\n  ", " "))
+    assert in_docs.split(", ") == in_script
