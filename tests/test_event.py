@@ -18,7 +18,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from conftest import Start
 from fake_flowcore import FakeFlowcore
-from helpers import SECRET, FakeClock, drained, query, utc
+from helpers import SECRET, FakeClock, drained, poll, query, utc
 
 from collector import DROPS, MAX_EVENT_BYTES, STORE, __version__
 from openapi import document
@@ -379,3 +379,31 @@ async def test_in_flowcore_mode_an_event_goes_to_its_event_type_and_comes_back_o
     assert sorted(query(data_dir, "SELECT pathway FROM pathway_state")) == [
         ("visitor.v0/visitor.event.v0",), ("visitor.v0/visitor.tracked.v0",)]
     assert query(data_dir, "SELECT pageviews FROM daily_stats") == [(1,)]
+
+
+async def test_a_data_core_without_the_event_type_halts_sending_and_keeps_everything(
+    start_collector: Start, data_dir: Path
+) -> None:
+    """What docs/events.md warns of: flowcore.yaml not applied, so the platform refuses the event
+    type. Sending stops, nothing is lost, and /health names the cause."""
+    platform = FakeFlowcore()  # knows visitor.tracked.v0 only
+    await platform.start()
+    try:
+        client = await start_collector(FLOWCORE_TENANT=platform.tenant, FLOWCORE_API_KEY=platform.api_key,
+                                       FLOWCORE_WEBHOOK_BASEURL=platform.url)
+        pageview = json.dumps({"pathname": "/", "referrer": "", "domain": "example.com"})
+        assert (await post(client, SIGNUP)).status == 204
+        assert (await client.post("/api/pageview", data=pageview, headers={"Content-Type": "text/plain"})).status == 204
+        await platform.wait_for_refusals(1)
+
+        async def halted() -> bool:
+            return (await (await client.get("/health")).json())["status"] == "halted"  # type: ignore[no-any-return]
+
+        await poll(halted, what="the sink halting")
+        health = await (await client.get("/health")).json()
+        assert "EventType not found" in health["flowcore"]["last_error"]
+        assert platform.events == []
+        assert query(data_dir, "SELECT event_type FROM outbox ORDER BY seq") == [("visitor.event.v0",),
+                                                                                 ("visitor.tracked.v0",)]
+    finally:
+        await platform.close()
