@@ -124,7 +124,7 @@ class Props:
                 return f"key {_short(str(key))} {problem}"
             problem = self._value_problem(value)
             if problem is not None:
-                return f"value of {_short(key)} {problem}"
+                return f"value of {_short(str(key))} {problem}"
         return None
 
     def _value_problem(self, value: Any) -> str | None:
