@@ -52,7 +52,8 @@ from pathways import (
     secret_matches,
     wait_any,
 )
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour
+from readmodel import ReadModel, local_day_hour
+from store import DB_FILENAME, Store, StoreClosedError
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
 MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
+LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
@@ -460,7 +462,8 @@ ENDPOINTS = {
     "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
     "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
-    "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
+    "GET /health": "Status, mode, version, backlog and the read model's lag in seconds, dead letters, last processed "
+    "event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
@@ -486,7 +489,6 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(5):
             counts = await store.health(local_delivery=config.flowcore is None)
-            retention_last_run = await store.get_meta(RETENTION_LAST_RUN)
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
@@ -494,12 +496,13 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok",
         **about,
         "database": "ok",
-        "backlog": counts["outbox"] + counts["undelivered"],
-        "outbox": counts["outbox"],
-        "dead_letters": counts["dead_letters"],
-        "last_processed_at": counts["last_processed_at"],
-        "group_commit": {"commits": store.outbox_commits, "events": store.outbox_appends},
-        "retention_last_run": retention_last_run,
+        "backlog": counts.backlog,
+        "lag_seconds": counts.lag_seconds(request.app[CLOCK]()),
+        "outbox": counts.outbox,
+        "dead_letters": counts.dead_letters,
+        "last_processed_at": counts.last_processed_at,
+        "group_commit": {"commits": counts.commits, "events": counts.committed_events},
+        "retention_last_run": counts.retention_last_run,
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
@@ -626,6 +629,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG = web.AppKey("config", Config)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
+READ_MODEL = web.AppKey("read_model", ReadModel)
 PATHWAYS = web.AppKey("pathways", Pathways)
 EMITTER = web.AppKey("emitter", Emitter)
 SINK: web.AppKey[Sink] = web.AppKey("sink")
@@ -683,25 +687,27 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
+    read_model = ReadModel(store)
     await store.open()
     pathways = Pathways(store, max_attempts=config.handler_max_attempts)
     pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
     if config.flowcore and session:
         sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
     else:
         sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size)
+    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
     app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
+    app[READ_MODEL] = read_model
     salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
     app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
     app[DROPS] = filters.DropCounter(store)
     emitter.start()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(
-        run_maintenance(store, config, app[CLOCK], stop_maintenance), name="maintenance"
+        run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"
     )
     drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
     try:
@@ -719,14 +725,15 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         logger.info("stopped; the database is closed")
 
 
-async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:
+async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
+                          stop: asyncio.Event) -> None:
     """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
     ephemeral salt's 48 hours end)."""
     while not stop.is_set():
         try:
             today = clock().astimezone(UTC).date()
-            await store.forget_expired_visitors(today)
-            await enforce_retention(store, config.timezone, config.raw_retention_days, clock())
+            await read_model.forget_expired_visitors(today)
+            await enforce_retention(store, read_model, config.raw_retention_days, clock())
             await store.forget_salts(privacy.previous_day(today.isoformat()))
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)

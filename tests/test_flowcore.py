@@ -343,7 +343,8 @@ async def test_transformer_answers_500_while_the_handler_fails(start_collector: 
 
     def add_failing_trigger() -> None:  # a real failure inside the handler's transaction
         with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
-            conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
+            conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageview_rows WHEN NEW.page IN "
+                         "(SELECT id FROM dims WHERE kind = 'page' AND value = '/boom') "
                          "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
     await asyncio.to_thread(add_failing_trigger)  # in a thread: the app's writer shares this event loop
