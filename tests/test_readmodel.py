@@ -23,7 +23,7 @@ from readmodel import ReadModel
 from store import DB_FILENAME, Store, _Writer
 
 ROLLUPS = ("daily_stats", "hourly_stats", "page_stats", "source_stats")
-OLD_FILE = Path(__file__).resolve().parent / "data" / "read_model_v1.sql"
+OLD_FILE = Path(__file__).resolve().parent / "fixtures" / "read_model_v1.sql"
 
 
 def view(at: datetime, who: str, path: str = "/", referrer: str = "", event_id: str | None = None) -> Event:
