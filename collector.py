@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 
+import dimensions
 import filters
 import http_defense
 import openapi
@@ -38,7 +39,11 @@ from config import MIN_STATS_TOKEN_LENGTH, Config, ConfigError, IPNetwork, load_
 from filters import MAX_DOMAIN_LENGTH, FilterSettings, normalize_host
 from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
 from pathways import (
+    MAX_UTM_LENGTH,
+    UTM_KEYS,
     VISITOR_TRACKED,
+    VISITOR_TRACKED_V1,
+    Contract,
     ContractError,
     Emitter,
     EnvelopeError,
@@ -196,7 +201,7 @@ def script_handler(script: Script) -> Handler:
 # -- the collection endpoint --------------------------------------------------------------------------------
 
 CORS_PATHS = {"/api/pageview"}
-PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
+PAGEVIEW_FIELDS = ("pathname", "referrer", "domain", "utm")
 BODY_TYPES = ("application/json", "text/plain")
 
 
@@ -205,6 +210,7 @@ class PageviewInput:
     pathname: str
     referrer: str
     domain: str
+    utm: Mapping[str, str] = field(default_factory=dict)
 
 
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -228,7 +234,8 @@ async def pageview_preflight(request: web.Request) -> web.Response:
 
 
 async def pageview(request: web.Request) -> web.Response:
-    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed.
+    """Turn a page view into an anonymous visitor.tracked.v1 event (v0 with EVENT_VERSION=v0);
+    204 once it is committed.
 
     The order: the rate limit (before any work), then validation (so bad input gets its 4xx
     whoever sent it), then the filters (a dropped page view answers 204 and says why), then
@@ -249,15 +256,25 @@ async def pageview(request: web.Request) -> web.Response:
         app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), config.timezone)[0], reason)
         return web.Response(status=204, headers={filters.DROPPED_HEADER: reason})
     day = privacy.salt_day(now)
-    payload = {
-        "visitorHash": await app[HASHER](day, fields.domain, ip, request.headers.get("User-Agent")),
+    user_agent = request.headers.get("User-Agent")
+    payload: dict[str, Any] = {
+        "visitorHash": await app[HASHER](day, fields.domain, ip, user_agent),
         "domain": fields.domain,
         "pathname": fields.pathname,
         "referrer": fields.referrer,
         "sessionContext": {"dailySaltRotation": day},
     }
-    await request.app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
+    if config.event_version == "v1":
+        found = app[DIMENSIONS].derive(ip, user_agent, cdn_country(request.remote, request.headers, config))
+        payload.update(country=found.country, browser=found.browser, os=found.os, device=found.device,
+                       utm=dict(fields.utm))
+    await request.app[PATHWAYS].write(tracked_contract(config), payload, now)
     return web.Response(status=204)
+
+
+def tracked_contract(config: Config) -> Contract:
+    """The page view event this collector writes: EVENT_VERSION's."""
+    return VISITOR_TRACKED_V1 if config.event_version == "v1" else VISITOR_TRACKED
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -300,7 +317,7 @@ def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
     unknown = sorted(set(data) - set(PAGEVIEW_FIELDS))
     if unknown:
         names = ", ".join(repr(name[:64]) for name in unknown[:10])
-        raise ApiError(400, f"unknown fields: {names}; expected pathname, referrer and domain")
+        raise ApiError(400, f"unknown fields: {names}; expected pathname, referrer, domain and utm")
     pathname = _text_field(data, "pathname", 1, MAX_PATH_LENGTH)
     referrer = _text_field(data, "referrer", 0, MAX_PATH_LENGTH)
     if "domain" in data:
@@ -309,13 +326,29 @@ def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
             raise ApiError(400, "domain must be a hostname such as example.com")
     else:
         domain = domain_from_headers(headers)
-    return PageviewInput(pathname, referrer, domain)
+    utm = parse_utm(data["utm"]) if "utm" in data else {}
+    return PageviewInput(pathname, referrer, domain, utm)
 
 
-def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
-    if name not in data:
+def parse_utm(value: Any) -> Mapping[str, str]:
+    """The page's campaign parameters: an object of source, medium, campaign, term and content,
+    each optional, each a string of 1 to 256 characters."""
+    if not isinstance(value, dict):
+        raise ApiError(400, "utm must be an object such as {\"source\": \"newsletter\"}")
+    unknown = sorted(set(value) - set(UTM_KEYS))
+    if unknown:
+        names = ", ".join(repr(name[:64]) for name in unknown[:10])
+        raise ApiError(400, f"utm has unknown keys: {names}; expected {', '.join(UTM_KEYS)}")
+    for key in value:
+        _text_field(value, key, 1, MAX_UTM_LENGTH, f"utm.{key}")
+    return value
+
+
+def _text_field(data: Mapping[str, Any], key: str, low: int, high: int, name: str = "") -> str:
+    name = name or key
+    if key not in data:
         raise ApiError(400, f"{name} is required")
-    value = data[name]
+    value = data[key]
     if not isinstance(value, str):
         raise ApiError(400, f"{name} must be a string")
     if not low <= len(value) <= high:
@@ -410,6 +443,15 @@ def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNet
     return peer_address[1]
 
 
+def cdn_country(peer: str | None, headers: MultiMapping[str], config: Config) -> str | None:
+    """CF-IPCountry, believed only from a trusted proxy (anyone else could name any country)."""
+    value = headers.get("CF-IPCountry")
+    if value is None:
+        return None
+    peer_address = _address(peer or "")
+    return value if peer_address is not None and _trusted(peer_address[0], _ranges(config.trusted_proxies)) else None
+
+
 def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int], ...]) -> str | None:
     values = headers.getall("X-Forwarded-For", [])
     hops = [hop for value in values for hop in value.split(",") if hop.strip()]
@@ -457,7 +499,8 @@ async def transformer(request: web.Request) -> web.Response:
 # -- service endpoints ----------------------------------------------------------------------------------------
 
 ENDPOINTS = {
-    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
+    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?, utm?}, as application/json or "
+    "text/plain. "
     "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
@@ -503,7 +546,8 @@ async def health(request: web.Request) -> web.Response:
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
-        body["flowcore"] = {"target": sink.settings.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type),
+        contract = tracked_contract(config)
+        body["flowcore"] = {"target": sink.settings.events_url(contract.flow_type, contract.event_type),
                             **asdict(sink.status)}
         if sink.status.halted:
             body["status"] = "halted"
@@ -633,6 +677,7 @@ FILTER = web.AppKey("filter", filters.PageviewFilter)
 LIMITER = web.AppKey("limiter", filters.RateLimiter)
 DROPS = web.AppKey("drops", filters.DropCounter)
 HASHER = web.AppKey("hasher", privacy.VisitorHasher)
+DIMENSIONS = web.AppKey("dimensions", dimensions.DimensionReader)
 SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
@@ -659,6 +704,10 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app[LIMITER] = filters.RateLimiter(
         config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
     )
+    try:
+        app[DIMENSIONS] = dimensions.DimensionReader(config.geoip_database)
+    except ValueError as error:
+        raise ConfigError(f"GEOIP_DATABASE: {error}") from None
     app.cleanup_ctx.append(data_dir_lock)
     app.cleanup_ctx.append(runtime)
     app.router.add_get("/", index)
@@ -685,12 +734,16 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     await store.open()
     pathways = Pathways(store, max_attempts=config.handler_max_attempts)
-    pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):
+        # Both versions are received (from the local log, Flowcore or a replay), whichever is written.
+        # The read model reads the v0 fields of either; the v1 dimensions are stored by issue 13's second half.
+        pathways.register(contract)
+        pathways.handle(contract, store.record_pageviews)
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
     if config.flowcore and session:
-        sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
+        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
+        batch_size = config.flowcore.batch_size
     else:
         sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
     emitter = Emitter(store, sink, batch_size)
@@ -762,7 +815,8 @@ def log_start(config: Config) -> None:
         config.timezone.key,
     )
     if config.flowcore is not None:
-        target = config.flowcore.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type)
+        contract = tracked_contract(config)
+        target = config.flowcore.events_url(contract.flow_type, contract.event_type)
         logger.info("sending events to Flowcore: %s", target)
         if not config.transformer_secret:
             logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "

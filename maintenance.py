@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, Event
+from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
 from store import DB_FILENAME, RETENTION_LAST_RUN, Store, local_day_hour
 
 LOCK_FILENAME = "collector.lock"
@@ -85,7 +85,7 @@ async def _replay_log(store: Store, progress: Progress) -> RebuildSummary:
     from_day = await store.rebuild_from_day()
     if from_day is None:
         return RebuildSummary(None, 0, 0)
-    kind = VISITOR_TRACKED.event_type
+    kind = (VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type)  # in log order, whichever was written
     total, done, replayed, seq = await store.count_replayable(kind), 0, 0, 0
     progress(done, total)
     async with store.transaction() as tx:

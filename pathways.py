@@ -14,7 +14,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -127,6 +127,58 @@ VISITOR_TRACKED = Contract(
             "sessionContext": Obj(
                 {"dailySaltRotation": Text(10, 10, re.compile(r"\d{4}-\d{2}-\d{2}"), "a date as YYYY-MM-DD")}
             ),
+        }
+    ),
+)
+
+
+@dataclass(frozen=True)
+class NullableText(Text):
+    """A string field that may also be null (an unknown dimension)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return "must be a string or null" if not isinstance(value, str) else super().problem(value)
+
+
+@dataclass(frozen=True)
+class PartialObj(Obj):
+    """An object field whose keys are each optional; unknown keys are still refused."""
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise ContractError(f"{name} must be an object")
+        unknown = sorted(set(value) - set(self.fields))
+        if unknown:
+            raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
+        for key, item in value.items():
+            spec = self.fields[key]
+            if isinstance(spec, Obj):
+                spec.check(f"{name}.{key}", item)
+            elif (problem := spec.problem(item)) is not None:
+                raise ContractError(f"{name}.{key} {problem}")
+
+
+UTM_KEYS = ("source", "medium", "campaign", "term", "content")
+MAX_UTM_LENGTH = 256
+DEVICE_CLASSES = ("desktop", "mobile", "tablet")
+
+# visitor.tracked.v0 plus what was derived from the address and the user agent before both were
+# dropped, and the page's campaign parameters. Versions of browsers and systems are never kept.
+VISITOR_TRACKED_V1 = Contract(
+    flow_type=VISITOR_TRACKED.flow_type,
+    event_type="visitor.tracked.v1",
+    description="A page view by an anonymous visitor (the v0 fields), with the visitor's country, browser, "
+    "operating system and device class, and the page's utm campaign parameters.",
+    schema=Obj(
+        {
+            **VISITOR_TRACKED.schema.fields,
+            "country": NullableText(2, 2, re.compile(r"[A-Z]{2}"), "an ISO 3166-1 alpha-2 code such as DK"),
+            "browser": NullableText(1, 64),
+            "os": NullableText(1, 64),
+            "device": NullableText(1, 16, re.compile("|".join(DEVICE_CLASSES)), " or ".join(DEVICE_CLASSES)),
+            "utm": PartialObj({key: Text(1, MAX_UTM_LENGTH) for key in UTM_KEYS}),
         }
     ),
 )
@@ -460,10 +512,15 @@ class FlowcoreSink:
     answer halts sending until a restart, keeping every event. Sent events are logged locally
     with the ids the platform gave them."""
 
-    def __init__(self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings) -> None:
+    def __init__(
+        self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings, *, send_v0: bool = False
+    ) -> None:
         self.store = store
         self.session = session
         self.settings = settings
+        # EVENT_VERSION=v0: page views written as v1 before the switch go as v0 too, so a data
+        # core without the v1 event type takes the backlog it refused.
+        self.send_v0 = send_v0
         self.status = SinkStatus()
         self._interrupted = asyncio.Event()
 
@@ -474,6 +531,8 @@ class FlowcoreSink:
         self._interrupted.set()
 
     async def send(self, rows: Sequence[OutboxRow]) -> None:
+        if self.send_v0:
+            rows = [as_v0(row) for row in rows]
         for batch in same_second_batches(rows):
             if not await self._send_until_accepted(batch):
                 return
@@ -520,7 +579,9 @@ class FlowcoreSink:
             raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=True,
                             retry_after=parse_retry_after(retry_after))
         if not 200 <= status < 300:
-            raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=False)
+            message = platform_message(text)
+            raise SendError(f"HTTP {status}: {message}{missing_event_type_hint(batch[0], status, message)}",
+                            retryable=False)
         return _event_ids(text, len(batch))
 
     async def _failed(self, error: SendError) -> None:
@@ -538,6 +599,26 @@ class FlowcoreSink:
             delay = min(self.settings.retry_max, max(delay, error.retry_after))
         logger.warning("sending to Flowcore failed (%s), attempt %d; retrying in %.1f s", error, failures, delay)
         await wait_any(self._interrupted, timeout=delay)
+
+
+def missing_event_type_hint(row: OutboxRow, status: int, message: str) -> str:
+    """What to do when the data core refuses an event type newer than the original's: most likely
+    it was set up from an older flowcore.yaml. The platform answers an unknown event type with
+    404 "EventType not found with name = tenant/dataCore/flowType/eventType"."""
+    if row.event_type == VISITOR_TRACKED.event_type or not (status == 404 or "not found" in message.lower()):
+        return ""
+    return (f"; the data core may not have the event type {row.flow_type}/{row.event_type} yet: apply the new "
+            "flowcore.yaml or set EVENT_VERSION=v0 (`flowcore data-core apply -f flowcore.yaml`), then restart")
+
+
+def as_v0(row: OutboxRow) -> OutboxRow:
+    """A visitor.tracked.v1 row as the visitor.tracked.v0 event it extends: the v0 keys are the
+    v1 payload's first keys, so the same encoder gives the bytes a v0 write would have given."""
+    if row.event_type != VISITOR_TRACKED_V1.event_type:
+        return row
+    payload = json.loads(row.payload)
+    v0 = {key: payload[key] for key in VISITOR_TRACKED.schema.fields}
+    return replace(row, event_type=VISITOR_TRACKED.event_type, payload=COMPACT_JSON.encode(v0))
 
 
 def same_second_batches(rows: Sequence[OutboxRow]) -> Iterator[list[OutboxRow]]:

@@ -614,17 +614,19 @@ class Store:
         kept = await self.get_meta(LOG_KEPT_FROM)
         return max(first_day, kept) if kept else first_day
 
-    async def count_replayable(self, event_type: str) -> int:
-        row = await _first_row(self.reader, f"SELECT count(*) FROM event_log e WHERE {_REPLAYABLE}", (event_type,))
+    async def count_replayable(self, event_types: Sequence[str]) -> int:
+        row = await _first_row(
+            self.reader, f"SELECT count(*) FROM event_log e WHERE {_replayable(event_types)}", tuple(event_types)
+        )
         return int(row[0]) if row else 0
 
-    async def replayable_events(self, event_type: str, after_seq: int, limit: int) -> list[LoggedEvent]:
-        """Logged events of this type that the router processed, dead letters left out: what
+    async def replayable_events(self, event_types: Sequence[str], after_seq: int, limit: int) -> list[LoggedEvent]:
+        """Logged events of these types that the router processed, dead letters left out: what
         live processing counted, whether or not the sink's cursor had moved past them."""
         rows = await self.reader.execute_fetchall(
             "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload FROM event_log e "
-            f"WHERE {_REPLAYABLE} AND seq > ? ORDER BY seq LIMIT ?",
-            (event_type, after_seq, limit),
+            f"WHERE {_replayable(event_types)} AND seq > ? ORDER BY seq LIMIT ?",
+            (*event_types, after_seq, limit),
         )
         return [LoggedEvent(*row) for row in rows]
 
@@ -641,10 +643,12 @@ class Store:
 LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathways.LocalSink.CURSOR)
 LOG_KEPT_FROM = "log_kept_from"
 RETENTION_LAST_RUN = "retention_last_run"
-_REPLAYABLE = (
-    "e.event_type = ? AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
-    "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
-)
+def _replayable(event_types: Sequence[str]) -> str:
+    return (
+        f"e.event_type IN ({', '.join('?' * len(event_types))}) "
+        "AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
+        "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
