@@ -98,7 +98,7 @@ def open_geoip_database(path: Path) -> CountryLookup:
 
     try:
         reader = maxminddb.open_database(str(path))
-    except (OSError, ValueError) as error:  # maxminddb's InvalidDatabaseError is a ValueError
+    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as error:
         raise ValueError(f"cannot read {path} as a MaxMind DB file: {error}") from None
 
     def lookup(address: str) -> str | None:
