@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pathways import MAX_UTM_LENGTH, UTM_KEYS
+
 JSON = "application/json"
 Schema = dict[str, Any]
 
@@ -104,6 +106,15 @@ SCHEMAS: dict[str, Schema] = {
             "referrer": {"type": "string", "maxLength": 2048},
             "domain": {"type": "string", "minLength": 1, "maxLength": 253,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
+            "utm": {
+                "type": "object",
+                "description": "The page's campaign parameters, as the tracker reads them from its query string "
+                "(utm_source, with ref and source as its aliases; utm_medium, utm_campaign, utm_term, utm_content). "
+                "Each key is optional; they go into the visitor.tracked.v1 event (not into v0's).",
+                "additionalProperties": False,
+                "properties": {key: {"type": "string", "minLength": 1, "maxLength": MAX_UTM_LENGTH}
+                               for key in UTM_KEYS},
+            },
         },
     },
     "Envelope": {
@@ -215,7 +226,9 @@ def pageview_operation() -> Schema:
     return {
         "summary": "Record a page view.",
         "description": "Sent by the tracker script, cross-origin. The visitor is hashed from the address and "
-        "user agent, which are never stored.",
+        "user agent; with EVENT_VERSION=v1 (the default) the country (from the address, or a trusted proxy's "
+        "CF-IPCountry), the browser, the operating system and the device class (desktop, mobile or tablet; "
+        "names without versions) are derived from them too. Neither the address nor the user agent is stored.",
         "requestBody": {"required": True, "content": {JSON: body, "text/plain": body}},
         "responses": {
             "204": {
@@ -240,7 +253,8 @@ def pageview_operation() -> Schema:
 def transformer_operation() -> Schema:
     return {
         "summary": "Flowcore delivers an event.",
-        "description": "Enabled by FLOWCORE_TRANSFORMER_SECRET. A redelivered event changes nothing.",
+        "description": "Enabled by FLOWCORE_TRANSFORMER_SECRET. Takes visitor.v0/visitor.tracked.v0 and "
+        "visitor.v0/visitor.tracked.v1 events. A redelivered event changes nothing.",
         "security": [{"transformerSecret": []}],
         "requestBody": {"required": True, "content": {JSON: {"schema": ref("Envelope")}}},
         "responses": {

@@ -17,7 +17,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from collector import __version__, create_app
-from openapi import document
+from openapi import SCHEMAS, document
 
 TRANSFORMER_SECRET = "transformer-secret-for-tests"
 TOKEN = "a-stats-token-of-enough-length"
@@ -107,6 +107,8 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
         ("GET", "/dashboard", 200, {}),
         ("GET", "/openapi.json", 200, {}),
         ("POST", "/api/pageview", 204, {"json": PAGEVIEW}),
+        ("POST", "/api/pageview", 204, {"json": {**PAGEVIEW, "utm": {"source": "news", "campaign": "spring"}}}),
+        ("POST", "/api/pageview", 400, {"json": {**PAGEVIEW, "utm": {"gclid": "x"}}}),
         ("POST", "/api/pageview", 400, {"data": b"{nope", "headers": json_type}),
         ("POST", "/api/pageview", 413, {"data": b" " * 9000, "headers": json_type}),
         ("POST", "/api/pageview", 415, {"data": b"{}", "headers": {"Content-Type": "application/xml"}}),
@@ -195,3 +197,11 @@ def test_every_error_in_the_document_has_the_one_error_shape() -> None:
             continue
         if answer["content"]["application/json"]["schema"] != {"$ref": "#/components/schemas/Error"}:
             assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+
+
+def test_the_pageview_schema_names_the_utm_keys_and_bounds_the_collector_takes() -> None:
+    from pathways import MAX_UTM_LENGTH, UTM_KEYS
+
+    utm = SCHEMAS["Pageview"]["properties"]["utm"]
+    assert tuple(utm["properties"]) == UTM_KEYS and utm["additionalProperties"] is False
+    assert {(p["minLength"], p["maxLength"]) for p in utm["properties"].values()} == {(1, MAX_UTM_LENGTH)}
