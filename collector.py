@@ -823,6 +823,9 @@ def log_start(config: Config) -> None:
                            "to Flowcore will not come back to build statistics here")
     if config.transformer_secret:
         logger.info("POST /api/transformer is enabled")
+    countries = f"GEOIP_DATABASE {config.geoip_database}" if config.geoip_database else "the built-in registry data"
+    logger.info("page views become %s events%s", tracked_contract(config).event_type,
+                "" if config.event_version == "v0" else f"; countries from {countries}")
     logger.info(
         "privacy mode %s; counting %s; rate limit %s",
         config.privacy_mode,

@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
         "TRUSTED_PROXIES",
         "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,169.254.0.0/16,fe80::/10",
         "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For, "
-        "X-Real-IP and CF-Connecting-IP headers are believed. Empty: believe none.",
+        "X-Real-IP, CF-Connecting-IP and CF-IPCountry headers are believed. Empty: believe none.",
     ),
     Setting("TIMEZONE", "UTC", "IANA time zone whose days the statistics follow, e.g. Europe/Copenhagen."),
     Setting(
