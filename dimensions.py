@@ -145,6 +145,8 @@ class SoftwareParser:
         return software
 
     def _classify(self, agent: str) -> Software:
+        if not agent.isascii():  # bytes that were not UTF-8 arrive as lone surrogates, which re2 refuses
+            agent = agent.encode("utf-8", "replace").decode("utf-8")
         result = self._resolve(agent, Domain.USER_AGENT | Domain.OS)
         browser = browser_name(result.user_agent.family) if result.user_agent else None
         system = os_name(result.os.family) if result.os else None

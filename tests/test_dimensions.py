@@ -124,6 +124,13 @@ def test_nothing_is_known_of_a_missing_empty_or_overlong_user_agent(reader: Dime
         assert reader.derive("192.0.2.1", agent) == Dimensions(None, None, None, None)
 
 
+def test_a_user_agent_that_was_not_utf8_is_parsed_not_refused(reader: DimensionReader) -> None:
+    # aiohttp hands undecodable header bytes over as lone surrogates; the regex engines refuse those
+    found = reader.derive("192.0.2.1", "Mozilla/5.0 (X11; Linux x86_64) \udcff Chrome/131.0.0.0 Safari/537.36")
+    assert (found.browser, found.os, found.device) == ("Chrome", "Linux", "desktop")
+    assert reader.derive("192.0.2.1", "\udc80\udc81").browser is None
+
+
 def test_verdicts_are_cached_per_user_agent_with_a_bound() -> None:
     parser = SoftwareParser(cache_size=3)
     warm = parser.misses  # the warm-up parse at start

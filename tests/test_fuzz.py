@@ -22,7 +22,7 @@ from helpers import drained, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathways import VISITOR_TRACKED
+from pathways import UTM_KEYS, VISITOR_TRACKED, VISITOR_TRACKED_V1
 
 T = TypeVar("T")
 EXAMPLES = 300
@@ -55,7 +55,9 @@ json_values = st.recursive(
 pageview_shaped = st.fixed_dictionaries(
     {},
     optional={"pathname": odd_text | json_values, "referrer": odd_text | json_values,
-              "domain": odd_text | st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a" * 300])},
+              "domain": odd_text | st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a" * 300]),
+              "utm": json_values | st.dictionaries(st.sampled_from([*UTM_KEYS, "gclid"]) | odd_text,
+                                                   odd_text | json_values, max_size=6)},
 )
 
 
@@ -68,7 +70,9 @@ def encode(value: Any, ascii_only: bool) -> bytes:
 valid_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
 valid_pageviews = st.fixed_dictionaries(
     {"pathname": st.builds(lambda rest: "/" + rest, valid_text), "referrer": valid_text},
-    optional={"domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "xn--bcher-kva.example", "a.b"])},
+    optional={"domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "xn--bcher-kva.example", "a.b"]),
+              "utm": st.dictionaries(st.sampled_from(UTM_KEYS), valid_text.filter(lambda t: 0 < len(t) <= 256),
+                                     max_size=5)},
 )
 json_bodies = st.builds(encode, weighted((2, json_values | pageview_shaped), (3, valid_pageviews)), st.booleans())
 bodies = weighted((6, json_bodies), (1, st.binary(max_size=2000)), (1, st.just(b" " * 9000)))
@@ -90,6 +94,7 @@ hostile_headers = st.fixed_dictionaries(
                                      header_text),
         "X-Real-IP": addresses,
         "CF-Connecting-IP": addresses,
+        "CF-IPCountry": st.sampled_from(["DK", "XX", "T1", "dk", "EU", ""]) | header_text,
         "Origin": st.sampled_from(["null", "https://example.com", "file://", "https://[::1]:99", "http://a b"])
         | header_text,
         "Referer": header_text,
@@ -137,10 +142,11 @@ def assert_sane(status: int, body: bytes) -> None:
 async def database_is_consistent(data_dir: Path) -> None:
     [(check,)] = await asyncio.to_thread(query, data_dir, "PRAGMA integrity_check")
     assert check == "ok"
-    sql = "SELECT payload FROM outbox UNION ALL SELECT payload FROM event_log"
+    sql = "SELECT event_type, payload FROM outbox UNION ALL SELECT event_type, payload FROM event_log"
     rows = await asyncio.to_thread(query, data_dir, sql)
-    for (payload,) in rows:
-        VISITOR_TRACKED.validate(json.loads(payload))
+    contracts = {contract.event_type: contract for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1)}
+    for event_type, payload in rows:
+        contracts[event_type].validate(json.loads(payload))
 
 
 # -- the properties -----------------------------------------------------------------------------------------
