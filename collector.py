@@ -500,8 +500,7 @@ async def transformer(request: web.Request) -> web.Response:
 
 ENDPOINTS = {
     "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?, utm?}, as application/json or "
-    "text/plain. "
-    "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
+    "text/plain. 204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see the README).",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,7 @@ class SoftwareParser:
     name models, which are not kept), the device class from rules of our own; cached per user agent."""
 
     def __init__(self, cache_size: int = SOFTWARE_CACHE_SIZE) -> None:
-        agents, systems, _models = ua_parser.load_lazy_builtins()
-        self._resolve = ua_parser.BestAvailableResolver((agents, systems, []))
+        self._resolve = _resolver()
         self._cache: LruCache[str, Software] = LruCache(cache_size)
         self.misses = 0
         self.parse("warm-up")  # loads the rules before the first request, not during it
@@ -155,6 +155,14 @@ class SoftwareParser:
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+
+@cache
+def _resolver() -> ua_parser.Resolver:
+    """The rules, compiled once per process (about 0.1 s with google-re2) and shared: a resolver
+    holds no state of its own."""
+    agents, systems, _models = ua_parser.load_lazy_builtins()
+    return ua_parser.BestAvailableResolver((agents, systems, []))
 
 
 # A version number, and everything after it: names are kept, versions never.
