@@ -602,10 +602,10 @@ class FlowcoreSink:
 
 
 def missing_event_type_hint(row: OutboxRow, status: int, message: str) -> str:
-    """What to do when the data core refuses an event type newer than the original's: most likely
-    it was set up from an older flowcore.yaml. The platform answers an unknown event type with
+    """What to do when the data core refuses visitor.tracked.v1: most likely it was set up from an
+    older flowcore.yaml, and EVENT_VERSION=v0 is the other way out. The platform answers an unknown event type with
     404 "EventType not found with name = tenant/dataCore/flowType/eventType"."""
-    if row.event_type == VISITOR_TRACKED.event_type or not (status == 404 or "not found" in message.lower()):
+    if row.event_type != VISITOR_TRACKED_V1.event_type or not (status == 404 or "not found" in message.lower()):
         return ""
     return (f"; the data core may not have the event type {row.flow_type}/{row.event_type} yet: apply the new "
             "flowcore.yaml or set EVENT_VERSION=v0 (`flowcore data-core apply -f flowcore.yaml`), then restart")
