@@ -430,3 +430,17 @@ async def test_redelivery_twice_and_out_of_order_gives_the_live_counts(
     await drained(local)
     assert shuffled == query(local_dir, "SELECT * FROM daily_stats")
 
+
+
+def test_the_event_version_advice_is_for_a_refused_v1_event_only() -> None:
+    from pathways import missing_event_type_hint
+
+    def row(event_type: str) -> OutboxRow:
+        return OutboxRow(1, "visitor.v0", event_type, "{}", "2025-06-04T10:00:00.000Z")
+
+    not_found = "EventType not found with name = acme/flow-analytics/visitor.v0/visitor.tracked.v1"
+    assert "set EVENT_VERSION=v0" in missing_event_type_hint(row("visitor.tracked.v1"), 404, not_found)
+    assert "set EVENT_VERSION=v0" in missing_event_type_hint(row("visitor.tracked.v1"), 400, not_found)
+    assert missing_event_type_hint(row("visitor.tracked.v1"), 401, "Invalid API key") == ""
+    assert missing_event_type_hint(row("visitor.tracked.v0"), 404, not_found) == ""
+    assert missing_event_type_hint(row("visitor.event.v0"), 404, not_found) == ""
