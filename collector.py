@@ -19,7 +19,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiMapping
 
+import dimensions
 import filters
 import http_defense
 import openapi
@@ -54,10 +55,15 @@ from maintenance import (
     retry_dead_letters,
 )
 from pathways import (
+    DIMENSION_FIELDS,
     EVENT_PROPS,
     MAX_EVENT_NAME_LENGTH,
+    MAX_UTM_LENGTH,
+    UTM_KEYS,
     VISITOR_EVENT,
     VISITOR_TRACKED,
+    VISITOR_TRACKED_V1,
+    Contract,
     ContractError,
     Emitter,
     EnvelopeError,
@@ -224,7 +230,7 @@ def script_handler(script: Script) -> Handler:
 # answers 204 and says why), then the visitor hash and the write. The steps are shared below.
 
 CORS_PATHS = {"/api/pageview", "/api/event"}
-PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
+PAGEVIEW_FIELDS = ("pathname", "referrer", "domain", "utm")
 EVENT_FIELDS = ("name", "pathname", "domain", "referrer", "props")
 BODY_TYPES = ("application/json", "text/plain")
 # Room for a generous set of properties; the payload's own bound (pathways.MAX_PAYLOAD_BYTES) still holds.
@@ -236,6 +242,7 @@ class PageviewInput:
     pathname: str
     referrer: str
     domain: str
+    utm: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,12 @@ async def collection_preflight(request: web.Request) -> web.Response:
 
 
 async def pageview(request: web.Request) -> web.Response:
-    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed."""
+    """Turn a page view into an anonymous visitor.tracked.v1 event (v0 with EVENT_VERSION=v0);
+    204 once it is committed.
+
+    The order: the rate limit (before any work), then validation (so bad input gets its 4xx
+    whoever sent it), then the filters (a dropped page view answers 204 and says why), then
+    the hash and the write."""
     app = request.app
     ip = admit(request, "page views")
     fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), request.headers)
@@ -278,15 +290,33 @@ async def pageview(request: web.Request) -> web.Response:
         app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), app[CONFIG].timezone)[0], reason)
         return dropped(reason)
     day = privacy.salt_day(now)
-    payload = {
+    payload: dict[str, Any] = {
         "visitorHash": await visitor_hash(request, ip, fields.domain, day),
         "domain": fields.domain,
         "pathname": fields.pathname,
         "referrer": fields.referrer,
         "sessionContext": {"dailySaltRotation": day},
     }
-    await app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
+    if app[CONFIG].event_version == "v1":
+        payload.update(derived_dimensions(request, ip), utm=dict(fields.utm))
+    await app[PATHWAYS].write(tracked_contract(app[CONFIG]), payload, now)
     return web.Response(status=204)
+
+
+def tracked_contract(config: Config) -> Contract:
+    """The page view event this collector writes: EVENT_VERSION's."""
+    return VISITOR_TRACKED_V1 if config.event_version == "v1" else VISITOR_TRACKED
+
+
+def derived_dimensions(request: web.Request, ip: str) -> dict[str, str | None]:
+    """Country, browser, system and device class, while the address and user agent are in
+    memory (unknown, all null, with EVENT_VERSION=v0)."""
+    config = request.app[CONFIG]
+    if config.event_version != "v1":
+        return dict.fromkeys(DIMENSION_FIELDS)
+    found = request.app[DIMENSIONS].derive(ip, request.headers.get("User-Agent"),
+                                           cdn_country(request.remote, request.headers, config))
+    return {"country": found.country, "browser": found.browser, "os": found.os, "device": found.device}
 
 
 async def event(request: web.Request) -> web.Response:
@@ -310,8 +340,7 @@ async def event(request: web.Request) -> web.Response:
         "name": fields.name,
         "props": fields.props,
         "sessionContext": {"dailySaltRotation": day},
-        # The seam for the page view dimensions (pathways.EVENT_DIMENSION_FIELDS): their values
-        # join here, derived as the page view's are.
+        **derived_dimensions(request, ip),
     }
     await app[PATHWAYS].write(VISITOR_EVENT, payload, now)
     return web.Response(status=204)
@@ -386,7 +415,8 @@ def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
     data = parse_object(body, PAGEVIEW_FIELDS)
     pathname = _text_field(data, "pathname", 1, MAX_PATH_LENGTH)
     referrer = _text_field(data, "referrer", 0, MAX_PATH_LENGTH)
-    return PageviewInput(pathname, referrer, body_domain(data, headers))
+    utm = parse_utm(data["utm"]) if "utm" in data else {}
+    return PageviewInput(pathname, referrer, body_domain(data, headers), utm)
 
 
 def parse_event(body: bytes, headers: Mapping[str, str]) -> EventInput:
@@ -411,10 +441,25 @@ def body_domain(data: Mapping[str, Any], headers: Mapping[str, str]) -> str:
     return domain
 
 
-def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
-    if name not in data:
+def parse_utm(value: Any) -> Mapping[str, str]:
+    """The page's campaign parameters: an object of source, medium, campaign, term and content,
+    each optional, each a string of 1 to 256 characters."""
+    if not isinstance(value, dict):
+        raise ApiError(400, "utm must be an object such as {\"source\": \"newsletter\"}")
+    unknown = sorted(set(value) - set(UTM_KEYS))
+    if unknown:
+        names = ", ".join(repr(name[:64]) for name in unknown[:10])
+        raise ApiError(400, f"utm has unknown keys: {names}; expected {', '.join(UTM_KEYS)}")
+    for key in value:
+        _text_field(value, key, 1, MAX_UTM_LENGTH, f"utm.{key}")
+    return value
+
+
+def _text_field(data: Mapping[str, Any], key: str, low: int, high: int, name: str = "") -> str:
+    name = name or key
+    if key not in data:
         raise ApiError(400, f"{name} is required")
-    value = data[name]
+    value = data[key]
     if not isinstance(value, str):
         raise ApiError(400, f"{name} must be a string")
     if not low <= len(value) <= high:
@@ -509,6 +554,15 @@ def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNet
     return peer_address[1]
 
 
+def cdn_country(peer: str | None, headers: MultiMapping[str], config: Config) -> str | None:
+    """CF-IPCountry, believed only from a trusted proxy (anyone else could name any country)."""
+    value = headers.get("CF-IPCountry")
+    if value is None:
+        return None
+    peer_address = _address(peer or "")
+    return value if peer_address is not None and _trusted(peer_address[0], _ranges(config.trusted_proxies)) else None
+
+
 def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int], ...]) -> str | None:
     values = headers.getall("X-Forwarded-For", [])
     hops = [hop for value in values for hop in value.split(",") if hop.strip()]
@@ -559,8 +613,8 @@ async def transformer(request: web.Request) -> web.Response:
 # -- service endpoints ----------------------------------------------------------------------------------------
 
 ENDPOINTS = {
-    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
-    "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
+    "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?, utm?}, as application/json or "
+    "text/plain. 204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
     "POST /api/event": "Record a custom event: JSON {name, pathname, domain?, referrer?, props?}, by the page view's "
     "rules; see docs/events.md.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
@@ -611,7 +665,8 @@ async def health(request: web.Request) -> web.Response:
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
-        body["flowcore"] = {"target": sink.settings.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type),
+        contract = tracked_contract(config)
+        body["flowcore"] = {"target": sink.settings.events_url(contract.flow_type, contract.event_type),
                             **asdict(sink.status)}
         if sink.status.halted:
             body["status"] = "halted"
@@ -772,6 +827,7 @@ FILTER = web.AppKey("filter", filters.PageviewFilter)
 LIMITER = web.AppKey("limiter", filters.RateLimiter)
 DROPS = web.AppKey("drops", filters.DropCounter)
 HASHER = web.AppKey("hasher", privacy.VisitorHasher)
+DIMENSIONS = web.AppKey("dimensions", dimensions.DimensionReader)
 SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
@@ -799,6 +855,10 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app[LIMITER] = filters.RateLimiter(
         config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
     )
+    try:
+        app[DIMENSIONS] = dimensions.DimensionReader(config.geoip_database)
+    except ValueError as error:
+        raise ConfigError(f"GEOIP_DATABASE: {error}") from None
     app.cleanup_ctx.append(data_dir_lock)
     app.cleanup_ctx.append(runtime)
     app.router.add_get("/", index)
@@ -834,7 +894,8 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
     if config.flowcore and session:
-        sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
+        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
+        batch_size = config.flowcore.batch_size
     else:
         sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
     emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
@@ -867,8 +928,9 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
 def wire_pathways(store: Store, read_model: ReadModel, config: Config) -> Pathways:
     """The contracts and their handlers: for the running collector and `dead-letters --retry`."""
     pathways = Pathways(store, max_attempts=config.handler_max_attempts, log_received=config.flowcore is not None)
-    pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
+    for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):  # both are received, whichever this one writes
+        pathways.register(contract)
+        pathways.handle(contract, read_model.record_pageviews)
     pathways.register(VISITOR_EVENT)
     pathways.handle(VISITOR_EVENT, events_not_counted_yet)
     return pathways
@@ -927,7 +989,8 @@ def log_start(config: Config) -> None:
         config.timezone.key,
     )
     if config.flowcore is not None:
-        target = config.flowcore.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type)
+        contract = tracked_contract(config)
+        target = config.flowcore.events_url(contract.flow_type, contract.event_type)
         logger.info("sending events to Flowcore: %s", target)
         if not config.transformer_secret:
             logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "
@@ -937,6 +1000,10 @@ def log_start(config: Config) -> None:
                     config.transformer_secret_header)
     for name in config.ignored_settings:
         logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
+        logger.info("POST /api/transformer is enabled")
+    countries = f"GEOIP_DATABASE {config.geoip_database}" if config.geoip_database else "the built-in registry data"
+    logger.info("page views become %s events%s", tracked_contract(config).event_type,
+                "" if config.event_version == "v0" else f"; countries from {countries}")
     logger.info(
         "privacy mode %s; counting %s; rate limit %s",
         config.privacy_mode,

@@ -26,6 +26,7 @@ MIN_SECRET_KEY_LENGTH = 32
 MIN_STATS_TOKEN_LENGTH = 16
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+EVENT_VERSIONS = ("v1", "v0")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
         "TRUSTED_PROXIES",
         "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,169.254.0.0/16,fe80::/10",
         "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For, "
-        "X-Real-IP and CF-Connecting-IP headers are believed. Empty: believe none.",
+        "X-Real-IP, CF-Connecting-IP and CF-IPCountry headers are believed. Empty: believe none.",
     ),
     Setting("TIMEZONE", "UTC", "IANA time zone whose days the statistics follow, e.g. Europe/Copenhagen."),
     Setting(
@@ -157,6 +158,19 @@ SETTINGS: tuple[Setting, ...] = (
         "100000",
         "Client addresses the rate limiter remembers (in memory only); beyond, the least recent is forgotten.",
     ),
+    # -- dimensions (issue 13) --
+    Setting(
+        "EVENT_VERSION",
+        "v1",
+        "v1: page views are visitor.tracked.v1 events (v0 plus country, browser, os, device and utm); "
+        "v0: the original collector's visitor.tracked.v0 payload, byte for byte, without those dimensions.",
+    ),
+    Setting(
+        "GEOIP_DATABASE",
+        "",
+        "Path to a MaxMind or DB-IP country or city database (.mmdb) to look countries up in, instead of "
+        "the built-in registry data. Read at start-up; never downloaded.",
+    ),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
@@ -201,6 +215,8 @@ class Config:
     rate_limit_table_size: int = 100_000
     body_timeout: float = 10.0  # seconds
     keepalive_timeout: float = 75.0  # seconds
+    event_version: str = "v1"
+    geoip_database: Path | None = None
 
     @property
     def mode(self) -> str:
@@ -242,6 +258,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         rate_limit_table_size=_integer("RATE_LIMIT_TABLE_SIZE", get("RATE_LIMIT_TABLE_SIZE"), 100, 10_000_000),
         body_timeout=_integer("BODY_TIMEOUT_MS", get("BODY_TIMEOUT_MS"), 1, 600_000) / 1000,
         keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
+        event_version=_choice("EVENT_VERSION", get("EVENT_VERSION").lower(), EVENT_VERSIONS),
+        geoip_database=Path(get("GEOIP_DATABASE")) if get("GEOIP_DATABASE") else None,
     )
 
 

@@ -16,7 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from pathways import MAX_EVENT_NAME_LENGTH, MAX_EVENT_PROPS, MAX_PROP_KEY_LENGTH, MAX_PROP_VALUE_LENGTH
+from pathways import (
+    MAX_EVENT_NAME_LENGTH,
+    MAX_EVENT_PROPS,
+    MAX_PROP_KEY_LENGTH,
+    MAX_PROP_VALUE_LENGTH,
+    MAX_UTM_LENGTH,
+    UTM_KEYS,
+)
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -109,6 +116,15 @@ SCHEMAS: dict[str, Schema] = {
             "referrer": {"type": "string", "maxLength": 2048},
             "domain": {"type": "string", "minLength": 1, "maxLength": 253,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
+            "utm": {
+                "type": "object",
+                "description": "The page's campaign parameters, as the tracker reads them from its query string "
+                "(utm_source, with ref and source as its aliases; utm_medium, utm_campaign, utm_term, utm_content). "
+                "Each key is optional; they go into the visitor.tracked.v1 event (not into v0's).",
+                "additionalProperties": False,
+                "properties": {key: {"type": "string", "minLength": 1, "maxLength": MAX_UTM_LENGTH}
+                               for key in UTM_KEYS},
+            },
         },
     },
     "Event": {
@@ -275,7 +291,9 @@ def pageview_operation() -> Schema:
     return collection_operation(
         "Record a page view.",
         "Sent by the tracker script, cross-origin. The visitor is hashed from the address and "
-        "user agent, which are never stored.",
+        "user agent; with EVENT_VERSION=v1 (the default) the country (from the address, or a trusted proxy's "
+        "CF-IPCountry), the browser, the operating system and the device class (desktop, mobile or tablet; "
+        "names without versions) are derived from them too. Neither the address nor the user agent is stored.",
         "Pageview", "page view", "8 KiB")
 
 
@@ -297,7 +315,8 @@ def preflight() -> Schema:
 def transformer_operation() -> Schema:
     return {
         "summary": "Flowcore delivers an event.",
-        "description": "Enabled by FLOWCORE_TRANSFORMER_SECRET. A redelivered event changes nothing.",
+        "description": "Enabled by FLOWCORE_TRANSFORMER_SECRET. Takes visitor.v0/visitor.tracked.v0 and "
+        "visitor.v0/visitor.tracked.v1 events. A redelivered event changes nothing.",
         "security": [{"transformerSecret": []}],
         "requestBody": {"required": True, "content": {JSON: {"schema": ref("Envelope")}}},
         "responses": {

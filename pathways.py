@@ -248,6 +248,82 @@ VISITOR_TRACKED = Contract(
 )
 
 
+@dataclass(frozen=True)
+class NullableText(Text):
+    """A string field that may also be null (an unknown dimension)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return "must be a string or null" if not isinstance(value, str) else super().problem(value)
+
+
+@dataclass(frozen=True)
+class PartialObj(Obj):
+    """An object field whose keys are each optional; unknown keys are still refused."""
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise ContractError(f"{name} must be an object")
+        unknown = sorted(set(value) - set(self.fields))
+        if unknown:
+            raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
+        for key, item in value.items():
+            spec = self.fields[key]
+            if isinstance(spec, Obj):
+                spec.check(f"{name}.{key}", item)
+            elif (problem := spec.problem(item)) is not None:
+                raise ContractError(f"{name}.{key} {problem}")
+
+
+UTM_KEYS = ("source", "medium", "campaign", "term", "content")
+MAX_UTM_LENGTH = 256
+DEVICE_CLASSES = ("desktop", "mobile", "tablet")
+
+# What is derived from the address and the user agent before both are dropped (names without
+# versions; null when unknown): page views of v1 and custom events carry them.
+DIMENSION_FIELDS: dict[str, Text] = {
+    "country": NullableText(2, 2, re.compile(r"[A-Z]{2}"), "an ISO 3166-1 alpha-2 code such as DK"),
+    "browser": NullableText(1, 64),
+    "os": NullableText(1, 64),
+    "device": NullableText(1, 16, re.compile("|".join(DEVICE_CLASSES)), " or ".join(DEVICE_CLASSES)),
+}
+
+# visitor.tracked.v0 plus what was derived from the address and the user agent before both were
+# dropped, and the page's campaign parameters. Versions of browsers and systems are never kept.
+VISITOR_TRACKED_V1 = Contract(
+    flow_type=VISITOR_TRACKED.flow_type,
+    event_type="visitor.tracked.v1",
+    description="A page view by an anonymous visitor (the v0 fields), with the visitor's country, browser, "
+    "operating system and device class, and the page's utm campaign parameters.",
+    schema=Obj(
+        {
+            **VISITOR_TRACKED.schema.fields,
+            **DIMENSION_FIELDS,
+            "utm": PartialObj({key: Text(1, MAX_UTM_LENGTH) for key in UTM_KEYS}),
+        }
+    ),
+    reader=lambda payload, valid_time, now: read_as_written(_written_v1(), payload, now),
+)
+
+
+def _written_v1() -> Contract:
+    return VISITOR_TRACKED_V1
+
+
+def _written_event() -> Contract:
+    return VISITOR_EVENT
+
+
+def read_as_written(contract: Contract, payload: Any, now: datetime) -> dict[str, Any]:
+    """A delivered event of a type only this collector writes: as strictly as `write` checks
+    it, and with a salt day in the sane window (a row dated outside it would never be forgotten)."""
+    contract.validate(payload)
+    day = date.fromisoformat(payload["sessionContext"]["dailySaltRotation"])
+    sane_day(day, now, "payload.sessionContext.dailySaltRotation")
+    return payload  # type: ignore[no-any-return]
+
+
 # A custom event's limits, defined once: the HTTP endpoint, the OpenAPI document and the docs
 # take them from here.
 MAX_EVENT_NAME_LENGTH = 120
@@ -260,27 +336,24 @@ _VISITOR_FIELDS = {
     name: VISITOR_TRACKED.schema.fields[name]
     for name in ("visitorHash", "domain", "pathname", "referrer", "sessionContext")
 }
-# THE SEAM for the page view dimensions of visitor.tracked.v1 (country, browser, os, device,
-# utm; issue 13): when they land, their field specs go here, and the collector adds their
-# values to the event's payload where it adds them to the page view's. Until then an event
-# carries none. (They must be added before visitor.event.v0 is first released: events already
-# logged without them would break a contract that later requires them.)
-EVENT_DIMENSION_FIELDS: dict[str, Text | Obj | Props] = {}
-
 VISITOR_EVENT = Contract(
     flow_type="visitor.v0",
     event_type="visitor.event.v0",
     description="A custom event (a sign-up, a purchase, an outbound link or download clicked, a page not "
-    "found) by an anonymous visitor: its name, flat properties, and where it happened.",
+    "found) by an anonymous visitor: its name, flat properties, where it happened, and the visitor's "
+    "country, browser, operating system and device class as for a page view (null when unknown).",
     schema=Obj(
         {
             **_VISITOR_FIELDS,
             "name": Text(1, MAX_EVENT_NAME_LENGTH),
             "props": EVENT_PROPS,
-            **EVENT_DIMENSION_FIELDS,
+            **DIMENSION_FIELDS,
         }
     ),
+    reader=lambda payload, valid_time, now: read_as_written(_written_event(), payload, now),
 )
+
+
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -700,10 +773,15 @@ class FlowcoreSink:
     answer halts sending until a restart, keeping every event. Sent events are logged locally
     with the ids the platform gave them."""
 
-    def __init__(self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings) -> None:
+    def __init__(
+        self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings, *, send_v0: bool = False
+    ) -> None:
         self.store = store
         self.session = session
         self.settings = settings
+        # EVENT_VERSION=v0: page views written as v1 before the switch go as v0 too, so a data
+        # core without the v1 event type takes the backlog it refused.
+        self.send_v0 = send_v0
         self.status = SinkStatus()
         self._interrupted = asyncio.Event()
 
@@ -714,6 +792,8 @@ class FlowcoreSink:
         self._interrupted.set()
 
     async def send(self, rows: Sequence[OutboxRow]) -> None:
+        if self.send_v0:
+            rows = [as_v0(row) for row in rows]
         for batch in same_second_batches(rows):
             if not await self._send_until_accepted(batch):
                 return
@@ -760,7 +840,9 @@ class FlowcoreSink:
             raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=True,
                             retry_after=parse_retry_after(retry_after))
         if not 200 <= status < 300:
-            raise SendError(f"HTTP {status}: {platform_message(text)}", retryable=False)
+            message = platform_message(text)
+            raise SendError(f"HTTP {status}: {message}{missing_event_type_hint(batch[0], status, message)}",
+                            retryable=False)
         return _event_ids(text, len(batch))
 
     async def _failed(self, error: SendError) -> None:
@@ -778,6 +860,26 @@ class FlowcoreSink:
             delay = min(self.settings.retry_max, max(delay, error.retry_after))
         logger.warning("sending to Flowcore failed (%s), attempt %d; retrying in %.1f s", error, failures, delay)
         await wait_any(self._interrupted, timeout=delay)
+
+
+def missing_event_type_hint(row: OutboxRow, status: int, message: str) -> str:
+    """What to do when the data core refuses visitor.tracked.v1: most likely it was set up from an
+    older flowcore.yaml, and EVENT_VERSION=v0 is the other way out. The platform answers an unknown event type with
+    404 "EventType not found with name = tenant/dataCore/flowType/eventType"."""
+    if row.event_type != VISITOR_TRACKED_V1.event_type or not (status == 404 or "not found" in message.lower()):
+        return ""
+    return (f"; the data core may not have the event type {row.flow_type}/{row.event_type} yet: apply the new "
+            "flowcore.yaml or set EVENT_VERSION=v0 (`flowcore data-core apply -f flowcore.yaml`), then restart")
+
+
+def as_v0(row: OutboxRow) -> OutboxRow:
+    """A visitor.tracked.v1 row as the visitor.tracked.v0 event it extends: the v0 keys are the
+    v1 payload's first keys, so the same encoder gives the bytes a v0 write would have given."""
+    if row.event_type != VISITOR_TRACKED_V1.event_type:
+        return row
+    payload = json.loads(row.payload)
+    v0 = {key: payload[key] for key in VISITOR_TRACKED.schema.fields}
+    return replace(row, event_type=VISITOR_TRACKED.event_type, payload=COMPACT_JSON.encode(v0))
 
 
 def same_second_batches(rows: Sequence[OutboxRow]) -> Iterator[list[OutboxRow]]:

@@ -27,7 +27,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, Event
+from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
 from store import Migration, Store, get_meta, put_meta, split_sql
 
 logger = logging.getLogger(__name__)
@@ -505,7 +505,7 @@ class ReadModel:
     def _replay_log(self, conn: sqlite3.Connection, from_day: str, progress: Callable[[int, int], None]
                     ) -> tuple[int, int]:
         self._clear(conn, from_day)
-        kind = VISITOR_TRACKED.event_type
+        kind = (VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type)  # in log order, whichever was written
         total, done, replayed, seq = self.store.count_replayable(conn, kind), 0, 0, 0
         progress(done, total)
         while batch := self.store.replayable_events(conn, kind, seq, REBUILD_BATCH):

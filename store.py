@@ -163,10 +163,6 @@ LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathwa
 LAST_PROCESSED_AT = "last_processed_at"
 LOG_KEPT_FROM = "log_kept_from"
 RETENTION_LAST_RUN = "retention_last_run"
-_REPLAYABLE = (
-    "e.event_type = ? AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
-    "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
-)
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
@@ -619,17 +615,18 @@ class Store:
         kept = await self.get_meta(LOG_KEPT_FROM)
         return max(first_day, kept) if kept else first_day
 
-    def count_replayable(self, conn: sqlite3.Connection, event_type: str) -> int:
-        return int(conn.execute(f"SELECT count(*) FROM event_log e WHERE {_REPLAYABLE}", (event_type,)).fetchone()[0])
+    def count_replayable(self, conn: sqlite3.Connection, event_types: Sequence[str]) -> int:
+        sql = f"SELECT count(*) FROM event_log e WHERE {_replayable(event_types)}"
+        return int(conn.execute(sql, tuple(event_types)).fetchone()[0])
 
-    def replayable_events(self, conn: sqlite3.Connection, event_type: str, after_seq: int,
+    def replayable_events(self, conn: sqlite3.Connection, event_types: Sequence[str], after_seq: int,
                           limit: int) -> list[LoggedEvent]:
-        """Logged events of this type that the router processed, dead letters left out: what
+        """Logged events of these types that the router processed, dead letters left out: what
         live processing counted, whether or not the sink's cursor had moved past them."""
         rows = conn.execute(
             "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload FROM event_log e "
-            f"WHERE {_REPLAYABLE} AND seq > ? ORDER BY seq LIMIT ?",
-            (event_type, after_seq, limit),
+            f"WHERE {_replayable(event_types)} AND seq > ? ORDER BY seq LIMIT ?",
+            (*event_types, after_seq, limit),
         ).fetchall()
         return [LoggedEvent(*row) for row in rows]
 
@@ -640,6 +637,14 @@ def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 _DEAD_LETTER_COLUMNS = "event_id, pathway, envelope, error, attempts, failed_at"
 _DEAD_LETTER_ORDER = "ORDER BY failed_at, event_id"
+
+
+def _replayable(event_types: Sequence[str]) -> str:
+    return (
+        f"e.event_type IN ({', '.join('?' * len(event_types))}) "
+        "AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
+        "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
+    )
 
 
 async def read_dead_letters(path: Path) -> list[DeadLetter]:

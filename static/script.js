@@ -13,18 +13,27 @@
     var attr = function (name) { return me.getAttribute("data-" + name); };
     var api = attr("api") || new URL(me.src, l).origin + "/api/pageview";
     var domain = attr("domain") || l.hostname;
-    var skipped = !me.hasAttribute("data-include-localhost") &&
+    var skipped = attr("include-localhost") == null &&
       (/^(localhost|127(\.\d+){3}|\[::1\])$/.test(l.hostname) || l.protocol == "file:");
     // Query strings and fragments carry tokens, e-mail addresses and click ids: never sent.
     var bare = function (url) { return url.replace(/[?#].*/, ""); };
+    // Only the campaign parameters leave the query string (ref and source stand for utm_source),
+    // each cut to the collector's 256 characters without splitting a surrogate pair.
+    var campaign = function (utm, v, q) {
+      q = new URLSearchParams(l.search);
+      ["source", "medium", "campaign", "term", "content"].forEach(function (k) {
+        if (v = q.get("utm_" + k) || k == "source" && (q.get("ref") || q.get(k)))
+          (utm = utm || {})[k] = v.slice(0, 256).replace(/[\ud800-\udbff]$/, "");
+      });
+      return utm;
+    };
     var last = bare(d.referrer), path, waiting = 1;
 
     var ignored = function () {
       try {
         return localStorage.collector_ignore == "true";
       } catch (e) {
-        // Storage is blocked, so no opt-out can have been set in it.
-        return false;
+        // Storage is blocked, so no opt-out can have been set in it: undefined, not ignored.
       }
     };
 
@@ -44,7 +53,8 @@
         var body = JSON.stringify({
           pathname: pathname || l.pathname,
           referrer: referrer == null ? last : referrer,
-          domain: domain
+          domain: domain,
+          utm: campaign()
         });
         path = l.pathname;
         last = bare(l.href);
@@ -66,8 +76,8 @@
     });
     w.addEventListener("popstate", navigated);
     // Restored from the back/forward cache: shown again, but the script does not run again.
-    w.addEventListener("pageshow", function (event) {
-      if (event.persisted) pageview();
+    w.addEventListener("pageshow", function (e) {
+      if (e.persisted) pageview();
     });
 
     // A prerendered page or one opened in a background tab counts once it is first shown.

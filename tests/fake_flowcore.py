@@ -53,7 +53,10 @@ class FakeFlowcore:
     tenant: str = "acme"
     data_core: str = "flow-analytics"
     api_key: str = "fc_0123456789abcdef_s3cr3t"
-    event_types: frozenset[str] = frozenset({"visitor.v0/visitor.tracked.v0"})
+    # as flowcore.yaml declares them; a data core set up from an older copy has only v0
+    event_types: frozenset[str] = frozenset(
+        {"visitor.v0/visitor.tracked.v0", "visitor.v0/visitor.tracked.v1", "visitor.v0/visitor.event.v0"}
+    )
     data_core_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     events: list[dict[str, Any]] = field(default_factory=list)
     ingestions: list[Ingestion] = field(default_factory=list)

@@ -57,6 +57,7 @@ def test_reading_the_settings_touches_no_disk(tmp_path: Path) -> None:
         ("RATE_LIMIT_TABLE_SIZE", "5"),
         ("ALLOWED_DOMAINS", "*.*"),
         ("ALLOWED_ORIGINS", "example.com"),
+        ("EVENT_VERSION", "v2"),
     ],
 )
 def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str) -> None:
@@ -69,6 +70,18 @@ def test_main_stops_with_the_message_on_a_bad_value(tmp_path: Path, monkeypatch,
     monkeypatch.setenv("PORT", "-1")
     assert collector.main([]) == 2
     assert "PORT" in capsys.readouterr().err
+
+
+def test_main_stops_with_the_message_on_an_unreadable_geoip_database(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GEOIP_DATABASE", str(tmp_path / "missing.mmdb"))
+    assert collector.main([]) == 2
+    assert "GEOIP_DATABASE: cannot read" in capsys.readouterr().err
+
+
+def test_the_event_version_is_v1_unless_v0_is_asked_for(tmp_path: Path) -> None:
+    assert load_config({"DATA_DIR": str(tmp_path)}).event_version == "v1"
+    assert load_config({"DATA_DIR": str(tmp_path), "EVENT_VERSION": " V0 "}).event_version == "v0"
 
 
 def test_an_empty_trusted_proxies_trusts_no_one(tmp_path: Path) -> None:

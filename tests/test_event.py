@@ -82,6 +82,8 @@ async def test_an_event_becomes_an_anonymous_visitor_event_in_the_log(start_coll
         "name": "Purchase",
         "props": {"plan": "pro", "amount": 49.5, "seats": 3, "trial": False},
         "sessionContext": {"dailySaltRotation": "2025-06-04"},
+        # derived as for a page view (198.51.100.23 is a documentation address: no country)
+        "country": None, "browser": "Firefox", "os": "Linux", "device": "desktop",
     }
     # Routed and claimed, so a redelivery changes nothing; no page view counted for it.
     assert query(data_dir, "SELECT event_id, pathway FROM pathway_state") == [(event_id, "visitor.v0/visitor.event.v0")]
@@ -241,7 +243,8 @@ def test_the_contract_refuses_what_the_endpoint_refuses(payload_change: dict[str
 
 def event_payload(**changes: Any) -> dict[str, Any]:
     return {"visitorHash": "b" * 64, "domain": "example.com", "pathname": "/", "referrer": "", "name": "Signup",
-            "props": {"plan": "pro"}, "sessionContext": {"dailySaltRotation": "2025-06-04"}, **changes}
+            "props": {"plan": "pro"}, "sessionContext": {"dailySaltRotation": "2025-06-04"}, "country": "DK",
+            "browser": "Firefox", "os": "Linux", "device": "desktop", **changes}
 
 
 def envelope(**payload_changes: Any) -> dict[str, Any]:
@@ -350,7 +353,7 @@ async def test_the_transformer_routes_events_once_and_refuses_a_flood(start_coll
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeFlowcore]:
-    platform = FakeFlowcore(event_types=frozenset({"visitor.v0/visitor.tracked.v0", "visitor.v0/visitor.event.v0"}))
+    platform = FakeFlowcore()
     await platform.start()
     yield platform
     await platform.close()
@@ -370,14 +373,14 @@ async def test_in_flowcore_mode_an_event_goes_to_its_event_type_and_comes_back_o
     await fake.wait_for_events(2)
     paths = sorted(ingestion.path for ingestion in fake.ingestions)
     assert paths == ["/events/acme/flow-analytics/visitor.v0/visitor.event.v0",
-                     "/events/acme/flow-analytics/visitor.v0/visitor.tracked.v0"]
+                     "/events/acme/flow-analytics/visitor.v0/visitor.tracked.v1"]
     [sent] = [event for event in fake.events if event["eventType"] == "visitor.event.v0"]
     assert (sent["payload"]["name"], sent["payload"]["props"]) == ("Signup", {"plan": "pro"})
     url = str(client.make_url("/api/transformer"))
     assert await fake.deliver(url, TRANSFORMER_SECRET) == [(200, "OK"), (200, "OK")]
     assert await fake.deliver(url, TRANSFORMER_SECRET, [sent]) == [(200, "OK")]  # again: nothing changes
     assert sorted(query(data_dir, "SELECT pathway FROM pathway_state")) == [
-        ("visitor.v0/visitor.event.v0",), ("visitor.v0/visitor.tracked.v0",)]
+        ("visitor.v0/visitor.event.v0",), ("visitor.v0/visitor.tracked.v1",)]
     assert query(data_dir, "SELECT pageviews FROM daily_stats") == [(1,)]
 
 
@@ -386,7 +389,7 @@ async def test_a_data_core_without_the_event_type_halts_sending_and_keeps_everyt
 ) -> None:
     """What docs/events.md warns of: flowcore.yaml not applied, so the platform refuses the event
     type. Sending stops, nothing is lost, and /health names the cause."""
-    platform = FakeFlowcore()  # knows visitor.tracked.v0 only
+    platform = FakeFlowcore(event_types=frozenset({"visitor.v0/visitor.tracked.v0", "visitor.v0/visitor.tracked.v1"}))
     await platform.start()
     try:
         client = await start_collector(FLOWCORE_TENANT=platform.tenant, FLOWCORE_API_KEY=platform.api_key,
@@ -404,6 +407,6 @@ async def test_a_data_core_without_the_event_type_halts_sending_and_keeps_everyt
         assert "EventType not found" in health["flowcore"]["last_error"]
         assert platform.events == []
         assert query(data_dir, "SELECT event_type FROM outbox ORDER BY seq") == [("visitor.event.v0",),
-                                                                                 ("visitor.tracked.v0",)]
+                                                                                 ("visitor.tracked.v1",)]
     finally:
         await platform.close()

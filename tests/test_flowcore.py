@@ -61,11 +61,23 @@ def transformer_url(client: TestClient) -> str:
     return str(client.make_url("/api/transformer"))
 
 
+V0_PAYLOAD = {
+    "visitorHash": "1c55fc9a9ddfde364af68ee4bca06a1d416e51ad437aec0f135d8c2d0a879b40",
+    "domain": "example.com",
+    "pathname": "/home",
+    "referrer": "",
+    "sessionContext": {"dailySaltRotation": "2025-06-04"},
+}
+# 198.51.100.23 is a documentation address: no country
+V1_PAYLOAD = {**V0_PAYLOAD, "country": None, "browser": "Firefox", "os": "Linux", "device": "desktop", "utm": {}}
+
+
+@pytest.mark.parametrize("version, payload", [("v1", V1_PAYLOAD), ("v0", V0_PAYLOAD)])
 async def test_the_full_loop_with_the_exact_payload_and_headers(
-    start_collector: Start, fake: FakeFlowcore, data_dir: Path
+    start_collector: Start, fake: FakeFlowcore, data_dir: Path, version: str, payload: dict[str, Any]
 ) -> None:
     clock = FakeClock(utc(2025, 6, 4, 10, 15, 30, 123000))
-    client = await start_collector(clock=clock, **flowcore_env(fake))
+    client = await start_collector(clock=clock, **flowcore_env(fake, EVENT_VERSION=version))
     agent = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0", "X-Forwarded-For": "198.51.100.23"}
     assert await pageview(client, "/home", **agent) == 204
     clock.advance(seconds=2)
@@ -73,20 +85,15 @@ async def test_the_full_loop_with_the_exact_payload_and_headers(
     await fake.wait_for_events(2)
 
     first, second = fake.ingestions
-    assert first.path == "/events/acme/flow-analytics/visitor.v0/visitor.tracked.v0"
+    assert first.path == f"/events/acme/flow-analytics/visitor.v0/visitor.tracked.{version}"
     assert first.headers["Authorization"] == fake.api_key
     assert first.headers["Content-Type"] == "application/json"
     assert first.headers["x-flowcore-metadata-json"] == "e30="
     assert json.loads(base64.b64decode(first.headers["x-flowcore-metadata-json"])) == {}
     assert first.headers["x-flowcore-valid-time"] == "2025-06-04T10:15:30.123Z"
     assert second.headers["x-flowcore-valid-time"] == "2025-06-04T10:15:32.123Z"
-    assert first.body == [{
-        "visitorHash": "1c55fc9a9ddfde364af68ee4bca06a1d416e51ad437aec0f135d8c2d0a879b40",
-        "domain": "example.com",
-        "pathname": "/home",
-        "referrer": "",
-        "sessionContext": {"dailySaltRotation": "2025-06-04"},
-    }]
+    assert first.body == [payload]
+    assert list(first.body[0]) == list(payload)  # the v0 keys first, in the original's order
     await poll(lambda: _backlog_is(client, 0))
     assert query(data_dir, "SELECT event_id FROM event_log ORDER BY seq") == [
         (first.event_ids[0],), (second.event_ids[0],)
@@ -100,7 +107,7 @@ async def test_the_full_loop_with_the_exact_payload_and_headers(
     ]
     body = await health(client)
     assert body["mode"] == "flowcore"
-    assert body["flowcore"]["target"] == fake.url + "/events/acme/flow-analytics/visitor.v0/visitor.tracked.v0"
+    assert body["flowcore"]["target"] == fake.url + f"/events/acme/flow-analytics/visitor.v0/visitor.tracked.{version}"
     assert body["flowcore"]["last_success_at"] is not None
     assert body["flowcore"]["consecutive_failures"] == 0
     assert body["last_processed_at"] is not None
@@ -191,7 +198,41 @@ async def test_an_unknown_data_core_halts_with_the_platform_message(start_collec
     assert await pageview(client, "/") == 204
     await poll(lambda: _halted(client))
     error = (await health(client))["flowcore"]["last_error"]
-    assert error == "HTTP 404: EventType not found with name = acme/no-such-core/visitor.v0/visitor.tracked.v0"
+    assert error.startswith("HTTP 404: EventType not found with name = acme/no-such-core/visitor.v0/visitor.tracked.v1")
+
+
+async def test_a_data_core_without_the_v1_event_type_halts_and_says_what_to_do(
+    start_collector: Start, fake: FakeFlowcore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.event_types = frozenset({"visitor.v0/visitor.tracked.v0"})  # set up from the original's flowcore.yaml
+    client = await start_collector(**flowcore_env(fake))
+    for path in ("/a", "/b", "/c"):
+        assert await pageview(client, path) == 204
+    await poll(lambda: _halted(client))
+    body = await health(client)
+    assert body["status"] == "halted" and body["outbox"] == 3
+    advice = "apply the new flowcore.yaml or set EVENT_VERSION=v0"
+    assert body["flowcore"]["last_error"] == (
+        "HTTP 404: EventType not found with name = acme/flow-analytics/visitor.v0/visitor.tracked.v1; the data "
+        f"core may not have the event type visitor.v0/visitor.tracked.v1 yet: {advice} "
+        "(`flowcore data-core apply -f flowcore.yaml`), then restart"
+    )
+    assert advice in caplog.text
+    assert fake.events == []
+    await client.close()
+
+    # EVENT_VERSION=v0 and a restart: the backlog written as v1 goes as the v0 events it extends
+    client = await start_collector(**flowcore_env(fake, EVENT_VERSION="v0"))
+    assert await pageview(client, "/d") == 204
+    await fake.wait_for_events(4)
+    await poll(lambda: _backlog_is(client, 0))
+    assert [(e["eventType"], e["payload"]["pathname"]) for e in fake.events] == [
+        ("visitor.tracked.v0", path) for path in ("/a", "/b", "/c", "/d")
+    ]
+    assert all(list(e["payload"]) == list(V0_PAYLOAD) for e in fake.events)
+    assert query(data_dir, "SELECT DISTINCT event_type FROM event_log") == [("visitor.tracked.v0",)]
+    assert (await fake.deliver(transformer_url(client), SECRET)) == [(200, "OK")] * 4
+    await poll(lambda: query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(4,)])
 
 
 async def test_a_restart_with_a_backlog_drains_it_and_sends_nothing_twice(
@@ -262,7 +303,7 @@ def test_start_up_logs_the_mode_and_target_never_the_key(tmp_path: Path, caplog)
     config = load_config({"DATA_DIR": str(tmp_path), "FLOWCORE_TENANT": "acme", "FLOWCORE_API_KEY": "fc_abc_SECRETKEY"})
     log_start(config)
     assert "mode flowcore" in caplog.text
-    assert "https://webhook.api.flowcore.io/events/acme/flow-analytics/visitor.v0/visitor.tracked.v0" in caplog.text
+    assert "https://webhook.api.flowcore.io/events/acme/flow-analytics/visitor.v0/visitor.tracked.v1" in caplog.text
     assert "FLOWCORE_TRANSFORMER_SECRET is not set" in caplog.text
     assert "SECRETKEY" not in caplog.text and "SECRETKEY" not in repr(config)
 
@@ -453,3 +494,17 @@ async def test_the_secret_header_can_be_named(start_collector: Start, data_dir: 
     assert response.status == 200
     with pytest.raises(ConfigError, match="FLOWCORE_TRANSFORMER_SECRET_HEADER"):
         load_config({"DATA_DIR": str(data_dir), "FLOWCORE_TRANSFORMER_SECRET_HEADER": "X Secret"})
+
+
+def test_the_event_version_advice_is_for_a_refused_v1_event_only() -> None:
+    from pathways import missing_event_type_hint
+
+    def row(event_type: str) -> OutboxRow:
+        return OutboxRow(1, "visitor.v0", event_type, "{}", "2025-06-04T10:00:00.000Z")
+
+    not_found = "EventType not found with name = acme/flow-analytics/visitor.v0/visitor.tracked.v1"
+    assert "set EVENT_VERSION=v0" in missing_event_type_hint(row("visitor.tracked.v1"), 404, not_found)
+    assert "set EVENT_VERSION=v0" in missing_event_type_hint(row("visitor.tracked.v1"), 400, not_found)
+    assert missing_event_type_hint(row("visitor.tracked.v1"), 401, "Invalid API key") == ""
+    assert missing_event_type_hint(row("visitor.tracked.v0"), 404, not_found) == ""
+    assert missing_event_type_hint(row("visitor.event.v0"), 404, not_found) == ""

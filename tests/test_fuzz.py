@@ -23,7 +23,7 @@ from helpers import drained, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathways import MAX_EVENT_PROPS, VISITOR_EVENT, VISITOR_TRACKED
+from pathways import MAX_EVENT_PROPS, UTM_KEYS, VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1
 
 T = TypeVar("T")
 EXAMPLES = 300
@@ -56,7 +56,9 @@ json_values = st.recursive(
 pageview_shaped = st.fixed_dictionaries(
     {},
     optional={"pathname": odd_text | json_values, "referrer": odd_text | json_values,
-              "domain": odd_text | st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a" * 300])},
+              "domain": odd_text | st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a" * 300]),
+              "utm": json_values | st.dictionaries(st.sampled_from([*UTM_KEYS, "gclid"]) | odd_text,
+                                                   odd_text | json_values, max_size=6)},
 )
 
 
@@ -69,7 +71,9 @@ def encode(value: Any, ascii_only: bool) -> bytes:
 valid_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
 valid_pageviews = st.fixed_dictionaries(
     {"pathname": st.builds(lambda rest: "/" + rest, valid_text), "referrer": valid_text},
-    optional={"domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "xn--bcher-kva.example", "a.b"])},
+    optional={"domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "xn--bcher-kva.example", "a.b"]),
+              "utm": st.dictionaries(st.sampled_from(UTM_KEYS), valid_text.filter(lambda t: 0 < len(t) <= 256),
+                                     max_size=5)},
 )
 json_bodies = st.builds(encode, weighted((2, json_values | pageview_shaped), (3, valid_pageviews)), st.booleans())
 bodies = weighted((6, json_bodies), (1, st.binary(max_size=2000)), (1, st.just(b" " * 9000)))
@@ -91,6 +95,7 @@ hostile_headers = st.fixed_dictionaries(
                                      header_text),
         "X-Real-IP": addresses,
         "CF-Connecting-IP": addresses,
+        "CF-IPCountry": st.sampled_from(["DK", "XX", "T1", "dk", "EU", ""]) | header_text,
         "Origin": st.sampled_from(["null", "https://example.com", "file://", "https://[::1]:99", "http://a b"])
         | header_text,
         "Referer": header_text,
@@ -135,7 +140,7 @@ def assert_sane(status: int, body: bytes) -> None:
         assert b"Traceback" not in body
 
 
-CONTRACTS = {contract.event_type: contract for contract in (VISITOR_TRACKED, VISITOR_EVENT)}
+CONTRACTS = {c.event_type: c for c in (VISITOR_TRACKED, VISITOR_TRACKED_V1, VISITOR_EVENT)}
 
 
 async def database_is_consistent(data_dir: Path) -> None:
@@ -281,7 +286,8 @@ valid_event_envelopes = st.builds(
         "eventId": str(uuid.uuid4()), "flowType": "visitor.v0", "eventType": "visitor.event.v0",
         "validTime": "2025-06-04T10:15:30.123Z",
         "payload": {"visitorHash": hash_, "domain": "example.com", "pathname": event["pathname"], "referrer": "",
-                    "name": event["name"], "props": props, "sessionContext": {"dailySaltRotation": "2025-06-04"}},
+                    "name": event["name"], "props": props, "sessionContext": {"dailySaltRotation": "2025-06-04"},
+                    "country": None, "browser": "Firefox", "os": None, "device": "mobile"},
     },
     st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
     valid_events,

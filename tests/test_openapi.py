@@ -17,14 +17,15 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from collector import __version__, create_app
-from openapi import document
+from openapi import SCHEMAS, document
 
 TRANSFORMER_SECRET = "transformer-secret-for-tests"
 TOKEN = "a-stats-token-of-enough-length"
 PAGEVIEW = {"pathname": "/a", "referrer": "", "domain": "example.com"}
 EVENT = {"name": "Signup", "pathname": "/a", "domain": "example.com", "props": {"plan": "pro", "seats": 2}}
 EVENT_PAYLOAD = {"visitorHash": "c" * 64, "domain": "example.com", "pathname": "/", "referrer": "", "name": "Signup",
-                 "props": {}, "sessionContext": {"dailySaltRotation": "2025-06-04"}}
+                 "props": {}, "sessionContext": {"dailySaltRotation": "2025-06-04"}, "country": None, "browser": None,
+                 "os": None, "device": None}
 EVENT_ENVELOPE = {"eventId": "8e0b2a4c-5f1d-4c8e-9a3b-2d7f6e1c0b9a", "flowType": "visitor.v0",
                   "eventType": "visitor.event.v0", "validTime": "2025-06-04T10:15:30.123Z", "payload": EVENT_PAYLOAD}
 BASE = "urn:openapi"
@@ -112,6 +113,8 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
         ("GET", "/dashboard", 200, {}),
         ("GET", "/openapi.json", 200, {}),
         ("POST", "/api/pageview", 204, {"json": PAGEVIEW}),
+        ("POST", "/api/pageview", 204, {"json": {**PAGEVIEW, "utm": {"source": "news", "campaign": "spring"}}}),
+        ("POST", "/api/pageview", 400, {"json": {**PAGEVIEW, "utm": {"gclid": "x"}}}),
         ("POST", "/api/pageview", 400, {"data": b"{nope", "headers": json_type}),
         ("POST", "/api/pageview", 413, {"data": b" " * 9000, "headers": json_type}),
         ("POST", "/api/pageview", 415, {"data": b"{}", "headers": {"Content-Type": "application/xml"}}),
@@ -208,3 +211,11 @@ def test_every_error_in_the_document_has_the_one_error_shape() -> None:
             continue
         if answer["content"]["application/json"]["schema"] != {"$ref": "#/components/schemas/Error"}:
             assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+
+
+def test_the_pageview_schema_names_the_utm_keys_and_bounds_the_collector_takes() -> None:
+    from pathways import MAX_UTM_LENGTH, UTM_KEYS
+
+    utm = SCHEMAS["Pageview"]["properties"]["utm"]
+    assert tuple(utm["properties"]) == UTM_KEYS and utm["additionalProperties"] is False
+    assert {(p["minLength"], p["maxLength"]) for p in utm["properties"].values()} == {(1, MAX_UTM_LENGTH)}

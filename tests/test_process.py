@@ -134,6 +134,12 @@ async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running, tm
 IPV4 = "198.51.100.231"
 IPV6 = "2001:db8:feed:beef::77"
 AGENT = "PrivacyProbe/7.3 (Distinctive; Agent-4471)"
+# The v1 dimensions read these (RIPE NCC's addresses, registered in NL) while they are in memory;
+# the browser's version is distinctive, so a version kept anywhere would be found.
+KNOWN_IPV4 = "193.0.6.139"
+KNOWN_IPV6 = "2001:67c:2e8:22::c100:68b"
+KNOWN_AGENT = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+               "CriOS/131.0.6778.4471 Mobile/15E148 Safari/604.1")
 
 
 @pytest.mark.parametrize("mode", ["seed", "ephemeral"])
@@ -155,14 +161,37 @@ async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running,
             headers = {**headers, "User-Agent": AGENT, "Content-Type": "text/plain"}
             async with session.request(method, url, data=body, headers=headers) as response:
                 assert response.status < 500
+        utm = b'"utm": {"source": "news", "campaign": "spring"}'
+        dimensioned: list[tuple[dict[str, str], bytes]] = [
+            ({"X-Forwarded-For": KNOWN_IPV4}, b'{"pathname": "/v1", "referrer": "", "domain": "x.com", ' + utm + b"}"),
+            ({"X-Real-IP": KNOWN_IPV6}, b'{"pathname": "/v1b", "referrer": "", "domain": "example.com"}'),
+            ({"X-Forwarded-For": KNOWN_IPV4, "CF-IPCountry": "SE"},
+             b'{"pathname": "/v1c", "referrer": "", ' + utm + b"}"),
+            ({"X-Forwarded-For": KNOWN_IPV6}, b'{"pathname": "/v1d", "referrer": "", "utm": {"source": 1}}'),
+        ]
+        for headers, body in dimensioned:
+            headers = {**headers, "User-Agent": KNOWN_AGENT, "Content-Type": "text/plain", "Origin": "https://example.com"}
+            async with session.post(url, data=body, headers=headers) as response:
+                assert response.status < 500
     await collector.poll_health(lambda body: body["backlog"] == 0 and body["last_processed_at"] is not None)
     assert collector.stop(signal.SIGTERM) == 0
+    # the new code path ran: the dimensions are in the events, the address and user agent are not
+    events = [json.loads(payload) for (payload,) in query(tmp_path / "data", "SELECT payload FROM event_log")]
+    dimensions = [(e["pathname"], e["country"], e["browser"], e["os"], e["device"], e["utm"]) for e in events
+                  if e["pathname"].startswith("/v1")]
+    assert sorted(dimensions) == [
+        ("/v1", "NL", "Chrome", "iOS", "mobile", {"source": "news", "campaign": "spring"}),
+        ("/v1b", "NL", "Chrome", "iOS", "mobile", {}),
+        ("/v1c", "SE", "Chrome", "iOS", "mobile", {"source": "news", "campaign": "spring"}),
+    ]
 
     log = (tmp_path / "collector.log").read_bytes()
     assert b"POST /api/pageview" in log  # the access log did run
     files = {path: path.read_bytes() for path in (tmp_path / "data").iterdir() if path.is_file()}
     assert any(path.name.endswith(".sqlite3") for path in files)
-    for needle in (IPV4, IPV6, "2001:db8:feed", AGENT, "PrivacyProbe"):
+    needles = (IPV4, IPV6, "2001:db8:feed", AGENT, "PrivacyProbe", KNOWN_IPV4, KNOWN_IPV6, "2001:67c:2e8",
+               KNOWN_AGENT, "6778.4471", "17_4_1", "CriOS", "iPhone OS")
+    for needle in needles:
         for name, content in [("log", log), *((str(path), data) for path, data in files.items())]:
             assert needle.encode() not in content, f"{needle!r} found in {name}"
             assert needle.encode("utf-16-le") not in content, f"{needle!r} (UTF-16) found in {name}"

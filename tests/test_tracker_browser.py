@@ -174,7 +174,9 @@ async def test_load_push_state_and_back_each_send_one_view(setup: MakeSetup, dat
         response = await info.value
         assert response.status == 204
         assert response.headers["access-control-allow-origin"] == s.site("")
-        assert sent.bodies == [{"pathname": "/landing.html", "referrer": NEWS, "domain": "site.test"}]
+        assert sent.bodies == [
+            {"pathname": "/landing.html", "referrer": NEWS, "domain": "site.test", "utm": {"source": "news"}}
+        ]
         await drained(s.collector)
         assert daily_pageviews(data_dir) == 1
 
@@ -183,8 +185,9 @@ async def test_load_push_state_and_back_each_send_one_view(setup: MakeSetup, dat
         await drained(s.collector)
         assert daily_pageviews(data_dir) == 2
 
-        third = await view(page, "history.back()")
-        assert third == {"pathname": "/landing.html", "referrer": pricing, "domain": "site.test"}
+        third = await view(page, "history.back()")  # the landing page's URL again, with its campaign
+        assert third == {"pathname": "/landing.html", "referrer": pricing, "domain": "site.test",
+                         "utm": {"source": "news"}}
         await drained(s.collector)
         assert daily_pageviews(data_dir) == 3
 
@@ -279,6 +282,71 @@ async def test_first_party_paths_behind_a_reverse_proxy(setup: MakeSetup, data_d
     # The proxy is on loopback, in the default TRUSTED_PROXIES, so its X-Forwarded-For is believed.
     day = payload["sessionContext"]["dailySaltRotation"]
     assert payload["visitorHash"] == privacy.visitor_hash(VISITOR_ADDRESS, agent, day, SECRET)
+    assert s.errors.messages == []
+
+
+# -- campaigns ----------------------------------------------------------------------------------------------
+
+SECRETS_IN_THE_QUERY = {"token": "tok-5f1e9c", "email": "someone%40mail.example", "gclid": "gclid-77aa", "q": "private"}
+
+
+def query_string(**parameters: str) -> str:
+    return "?" + "&".join(f"{name}={value}" for name, value in parameters.items())
+
+
+@pytest.mark.parametrize(
+    ("parameters", "utm"),
+    [
+        pytest.param(
+            {"utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "spring+sale",
+             "utm_term": "running%20shoes", "utm_content": "hero-%C3%A6%C3%B8%C3%A5"},
+            {"source": "newsletter", "medium": "email", "campaign": "spring sale", "term": "running shoes",
+             "content": "hero-æøå"},
+            id="all-five",
+        ),
+        pytest.param({"ref": "producthunt"}, {"source": "producthunt"}, id="ref-alias"),
+        pytest.param({"source": "mastodon", "utm_medium": "social"}, {"source": "mastodon", "medium": "social"},
+                     id="source-alias"),
+        pytest.param({"ref": "a", "utm_source": "b", "source": "c"}, {"source": "b"}, id="utm-source-wins"),
+        pytest.param({"ref": "a", "source": "c"}, {"source": "a"}, id="ref-before-source"),
+        pytest.param({"utm_source": "", "utm_campaign": "x"}, {"campaign": "x"}, id="empty-values-left-out"),
+        pytest.param({}, None, id="none"),
+    ],
+)
+async def test_the_campaign_parameters_and_nothing_else_of_the_query_leave_the_page(
+    setup: MakeSetup, data_dir: Path, parameters: dict[str, str], utm: dict[str, str] | None
+) -> None:
+    s = await setup("")
+    requests: list[Request] = []
+    async with s.page() as (page, sent):
+        page.on("request", lambda request: requests.append(request) if is_pageview(request) else None)
+        async with page.expect_response(answered) as info:
+            await page.goto(s.site("/offer") + query_string(**SECRETS_IN_THE_QUERY, **parameters) + "#frag-3c1")
+        assert (await info.value).status == 204
+        [request] = requests
+        on_the_wire = request.url + json.dumps(await request.all_headers()) + (request.post_data or "")
+    expected = {"pathname": "/offer", "referrer": "", "domain": "site.test"} | ({"utm": utm} if utm else {})
+    assert sent.bodies == [expected]
+    for secret in (*SECRETS_IN_THE_QUERY.values(), "someone", "frag-3c1", "token", "gclid"):
+        assert secret not in on_the_wire, f"{secret!r} left the page"
+    await drained(s.collector)
+    [(text,)] = query(data_dir, "SELECT payload FROM event_log")
+    assert json.loads(text)["utm"] == (utm or {})
+    assert s.errors.messages == []
+
+
+async def test_long_campaign_values_are_cut_to_what_the_collector_takes(setup: MakeSetup, data_dir: Path) -> None:
+    s = await setup("")
+    # 255 letters and an emoji (two UTF-16 units): cutting at 256 units would split it, so it goes whole or not
+    long_value = "a" * 255 + "%F0%9F%98%80" + "b" * 50
+    async with s.page() as (page, sent):
+        async with page.expect_response(answered) as info:
+            await page.goto(s.site("/") + query_string(utm_campaign=long_value, utm_term="c" * 300))
+        assert (await info.value).status == 204
+    [body] = sent.bodies
+    assert body["utm"] == {"campaign": "a" * 255, "term": "c" * 256}
+    await drained(s.collector)
+    assert daily_pageviews(data_dir) == 1
     assert s.errors.messages == []
 
 
