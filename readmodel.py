@@ -1,14 +1,20 @@
 """The read model: what the statistics read, built from visitor.tracked events a batch at a time.
 
 Per batch it writes each table once (`executemany`): the raw page view rows, the visitors it had
-not seen, and the rollups per domain and day, hour, page and source. Visits, bounces and unique
-visitors are worked out in memory, from a bounded cache of what each visitor (a derived key)
-has done today; a visitor the cache no longer holds is read back from its raw rows.
+not seen, and the rollups per domain and day, hour, page and source, and per dimension (country,
+browser, system, device, campaign, entry and exit page). Visits, bounces and unique visitors are
+worked out in memory, from a bounded cache of what each visitor (a derived key) has done today; a
+visitor the cache no longer holds is read back from its raw rows.
 
 The raw rows are shaped for filters: every dimension is an integer into one dictionary table
 (`dims`), and the table is clustered by (site, day, time), so a site's period is one range of
 the table itself. A new dimension is a column in `pageview_rows`, a kind in `dims`, a field in
 `View` (and a join in the `pageviews` view that decodes the rows for people and tests).
+
+A visit's own facts live on its first row (the row whose id is the visit's): its page views, its
+duration and its exit page, updated as the visit goes on; every row of a visit carries the visit's
+entry page and campaign. So a filtered query finds everything it counts in the rows it matches
+(stats.py), and a visitor's rows can always be replayed into the same numbers.
 
 Everything here runs on the store's writer thread, inside the router's transaction."""
 
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -43,6 +49,16 @@ UNKNOWN = 0  # the visitor and visit of a raw row written before visitors were l
 
 # The dimensions a raw row carries, as (kind in `dims`, column of `pageview_rows`).
 SITE, PAGE, REFERRER, SOURCE = "site", "page", "referrer", "source"
+# visitor.tracked.v1's (issue 13): what was derived from the address and the user agent, and the
+# page's campaign. UTM is a page view's own parameters as one JSON value (all five); the
+# campaign columns of a row are its visit's: those its first page view came with.
+COUNTRY, BROWSER, OS, DEVICE = "country", "browser", "os", "device"
+UTM, UTM_SOURCE, UTM_MEDIUM, UTM_CAMPAIGN = "utm", "utm_source", "utm_medium", "utm_campaign"
+# Rollup dimensions whose values are pages: where a visit started and where it ended.
+ENTRY_PAGE, EXIT_PAGE = "entry_page", "exit_page"
+# Every dimension of `dimension_stats`, in the order the API lists them.
+DIMENSIONS = (COUNTRY, BROWSER, OS, DEVICE, UTM_SOURCE, UTM_MEDIUM, UTM_CAMPAIGN, ENTRY_PAGE, EXIT_PAGE)
+NOT_KNOWN = ""  # a dimension's value in the rollups when it is unknown (a v0 page view, no campaign)
 
 SCHEMA_0003 = """
 -- Every dimension value once; raw rows refer to it by id.
@@ -77,7 +93,8 @@ CREATE TABLE visitors (
 );
 """
 
-PAGEVIEWS_VIEW = """
+# 0003's decoding view, as released (0005 replaces it with PAGEVIEWS_VIEW).
+PAGEVIEWS_VIEW_0003 = """
 CREATE VIEW pageviews AS
 SELECT r.id, s.value AS domain, r.ts_ms, date(r.day * 86400, 'unixepoch') AS day, p.value AS pathname,
        f.value AS referrer, o.value AS source, r.visitor, r.visit
@@ -95,7 +112,7 @@ def _upgrade_0003(conn: sqlite3.Connection) -> None:
     next_id = _convert_rows(conn)
     for table in ("pageviews", "visitor_state", "visitor_hits", "seen"):
         conn.execute(f"DROP TABLE {table}")
-    conn.execute(PAGEVIEWS_VIEW)
+    conn.execute(PAGEVIEWS_VIEW_0003)
     put_meta(conn, NEXT_ID, str(next_id))
 
 
@@ -145,16 +162,107 @@ def _old_visitors(conn: sqlite3.Connection) -> Iterable[tuple[int, str, list[tup
     return [(key, salt_day, rows) for key, (salt_day, rows) in by_visitor.items()]
 
 
-MIGRATIONS: tuple[Migration, ...] = (("0003_read_model_integer_rows", _upgrade_0003),)
+# 0005 (issue 13): the dimensions of visitor.tracked.v1 in the raw rows, the visit's facts on its
+# first row, and the rollups per dimension.
+ROW_DIMENSIONS = (COUNTRY, BROWSER, OS, DEVICE, UTM, UTM_SOURCE, UTM_MEDIUM, UTM_CAMPAIGN)
+VISIT_COLUMNS = ("entry", "views", "duration_ms", "exit")
+SCHEMA_0005 = """
+-- Per domain, dimension, local day and value: page views, unique visitors, visits and bounces.
+-- Page views and visitors count on the page view's day; a visit and its bounce on the day it
+-- started, under the values of its first page view (entry_page: that page; exit_page: its last
+-- page, whose page views are the visit's). The value is '' when unknown.
+CREATE TABLE dimension_stats (
+    domain TEXT NOT NULL,
+    dimension TEXT NOT NULL,   -- country, browser, os, device, utm_source, utm_medium, utm_campaign,
+                               -- entry_page, exit_page
+    day TEXT NOT NULL,
+    value TEXT NOT NULL,
+    pageviews INTEGER NOT NULL,
+    visitors INTEGER NOT NULL,
+    visits INTEGER NOT NULL,
+    bounces INTEGER NOT NULL,
+    PRIMARY KEY (domain, dimension, day, value)
+) WITHOUT ROWID;
+"""
+# The raw rows decoded, for people and tests: '' where a dimension is unknown.
+PAGEVIEWS_VIEW = """
+CREATE VIEW pageviews AS
+SELECT r.id, s.value AS domain, r.ts_ms, date(r.day * 86400, 'unixepoch') AS day, p.value AS pathname,
+       f.value AS referrer, o.value AS source, r.visitor, r.visit,
+       coalesce(c.value, '') AS country, coalesce(b.value, '') AS browser, coalesce(y.value, '') AS os,
+       coalesce(d.value, '') AS device, coalesce(u.value, '') AS utm, coalesce(us.value, '') AS utm_source,
+       coalesce(um.value, '') AS utm_medium, coalesce(uc.value, '') AS utm_campaign,
+       coalesce(e.value, '') AS entry_page, r.views, r.duration_ms, coalesce(x.value, '') AS exit_page
+FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page
+JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source
+LEFT JOIN dims c ON c.id = r.country LEFT JOIN dims b ON b.id = r.browser LEFT JOIN dims y ON y.id = r.os
+LEFT JOIN dims d ON d.id = r.device LEFT JOIN dims u ON u.id = r.utm LEFT JOIN dims us ON us.id = r.utm_source
+LEFT JOIN dims um ON um.id = r.utm_medium LEFT JOIN dims uc ON uc.id = r.utm_campaign
+LEFT JOIN dims e ON e.id = r.entry LEFT JOIN dims x ON x.id = r.exit
+"""
+
+
+def _upgrade_0005(conn: sqlite3.Connection) -> None:
+    """The new columns (0: unknown), the rollups per dimension, and what the kept rows can say of
+    the days before: their page views knew no country, browser, system, device or campaign, so
+    those count as unknown; entry and exit pages come from the visits of the kept raw rows, as
+    the handler would have counted them, and as unknown for what those rows no longer hold."""
+    for column in (*ROW_DIMENSIONS, *VISIT_COLUMNS):
+        conn.execute(f"ALTER TABLE pageview_rows ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    for statement in split_sql(SCHEMA_0005):
+        conn.execute(statement)
+    conn.execute("DROP VIEW pageviews")
+    conn.execute(PAGEVIEWS_VIEW)
+    for statement in BACKFILL_0005:
+        conn.execute(statement)
+
+
+BACKFILL_0005 = [
+    # A kept visit's facts, from its rows in time order; only visits whose first row is kept.
+    "CREATE TEMP TABLE visit_facts AS SELECT DISTINCT visit, first_value(page) OVER w AS entry, "
+    "last_value(page) OVER w AS exit, count(*) OVER w AS views, max(ts_ms) OVER w - min(ts_ms) OVER w AS duration "
+    "FROM pageview_rows WHERE visit != 0 AND visit IN (SELECT id FROM pageview_rows WHERE id = visit) "
+    "WINDOW w AS (PARTITION BY visit ORDER BY ts_ms, id ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)",
+    "UPDATE pageview_rows AS r SET entry = f.entry, views = iif(r.id = r.visit, f.views, 0), "
+    "duration_ms = iif(r.id = r.visit, f.duration, 0), exit = iif(r.id = r.visit, f.exit, 0) "
+    "FROM visit_facts f WHERE f.visit = r.visit",
+    "DROP TABLE visit_facts",
+    *(f"INSERT INTO dimension_stats SELECT domain, '{name}', day, '', pageviews, visitors, visits, bounces "
+      "FROM daily_stats" for name in (COUNTRY, BROWSER, OS, DEVICE, UTM_SOURCE, UTM_MEDIUM, UTM_CAMPAIGN)),
+    f"INSERT INTO dimension_stats SELECT s.value, '{ENTRY_PAGE}', date(r.day * 86400, 'unixepoch'), p.value, "
+    "count(*), count(DISTINCT r.visitor), sum(r.id = r.visit), sum(r.id = r.visit AND r.views = 1) "
+    "FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.entry WHERE r.entry != 0 "
+    "GROUP BY r.site, r.day, r.entry",
+    f"INSERT INTO dimension_stats SELECT s.value, '{EXIT_PAGE}', date(r.day * 86400, 'unixepoch'), p.value, "
+    "sum(r.views), count(DISTINCT r.visitor), count(*), sum(r.views = 1) "
+    "FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.exit WHERE r.id = r.visit "
+    "AND r.exit != 0 GROUP BY r.site, r.day, r.exit",
+    # What the kept visits do not explain (days whose rows are gone, rows of forgotten visitors).
+    "CREATE TEMP TABLE kept AS SELECT s.value AS domain, date(r.day * 86400, 'unixepoch') AS day, count(*) AS pv, "
+    "count(DISTINCT r.visitor) AS people, sum(r.id = r.visit) AS visits, sum(r.id = r.visit AND r.views = 1) AS "
+    "bounces FROM pageview_rows r JOIN dims s ON s.id = r.site WHERE r.entry != 0 GROUP BY r.site, r.day",
+    *(f"INSERT INTO dimension_stats SELECT d.domain, '{name}', d.day, '', max(d.pageviews - coalesce(k.pv, 0), 0), "
+      "max(d.visitors - coalesce(k.people, 0), 0), max(d.visits - coalesce(k.visits, 0), 0), "
+      "max(d.bounces - coalesce(k.bounces, 0), 0) FROM daily_stats d LEFT JOIN kept k USING (domain, day) "
+      "WHERE d.pageviews > coalesce(k.pv, 0) OR d.visits > coalesce(k.visits, 0)" for name in (ENTRY_PAGE, EXIT_PAGE)),
+    "DROP TABLE kept",
+]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    ("0003_read_model_integer_rows", _upgrade_0003),
+    ("0005_dimensions_and_visit_pages", _upgrade_0005),
+)
 
 
 # -- a page view, a visitor, and what a batch adds up to -------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class View:
     """One page view as the read model counts it: the texts the rollups are keyed by, and the
-    dictionary ids the raw row keeps."""
+    dictionary ids the raw row keeps (0: unknown). `advance` links it to its visit's first view,
+    which holds the visit's facts (page views, duration, exit) and gives every row of the visit
+    its entry page and campaign."""
 
     id: int
     ts_ms: int
@@ -165,14 +273,57 @@ class View:
     pathname: str
     referrer: str
     source: str
+    country: str = NOT_KNOWN
+    browser: str = NOT_KNOWN
+    os: str = NOT_KNOWN
+    device: str = NOT_KNOWN
+    utm: str = NOT_KNOWN  # its own campaign parameters, as one JSON value
+    utm_source: str = NOT_KNOWN  # its own
+    utm_medium: str = NOT_KNOWN
+    utm_campaign: str = NOT_KNOWN
     site: int = 0
     page: int = 0
     ref: int = 0
     src: int = 0
+    country_id: int = 0
+    browser_id: int = 0
+    os_id: int = 0
+    device_id: int = 0
+    utm_id: int = 0
+    utm_source_id: int = 0
+    utm_medium_id: int = 0
+    utm_campaign_id: int = 0
     visit: int = 0
+    first: View | None = None  # the first page view of its visit (itself, for a first one)
+    views: int = 0  # on a visit's first view: the visit's page views, its duration and its exit page
+    duration: int = 0
+    exit: int = 0
+    exit_path: str = NOT_KNOWN
+    written: bool = False  # its row is in the file (or will be, with this batch)
+    stored: tuple[int, ...] = ()  # read back from the file: its visit columns as they were
+
+    def visit_columns(self) -> tuple[int, ...]:
+        """The columns of its row that follow from its visit (the others are its own)."""
+        first = self.first or self
+        return (self.visit, first.utm_source_id, first.utm_medium_id, first.utm_campaign_id, first.page,
+                self.views, self.duration, self.exit)
+
+    def key(self) -> tuple[int, ...]:
+        return (self.site, self.day_number, self.ts_ms, self.id)
 
     def row(self, visitor: int) -> tuple[int, ...]:
-        return (self.site, self.day_number, self.ts_ms, self.id, visitor, self.visit, self.page, self.ref, self.src)
+        return (self.site, self.day_number, self.ts_ms, self.id, visitor, self.page, self.ref, self.src,
+                self.country_id, self.browser_id, self.os_id, self.device_id, self.utm_id, *self.visit_columns())
+
+
+ROW_COLUMNS = ("site", "day", "ts_ms", "id", "visitor", "page", "referrer", "source", "country", "browser", "os",
+               "device", "utm", "visit", "utm_source", "utm_medium", "utm_campaign", "entry", "views",
+               "duration_ms", "exit")
+INSERT_ROW = f"INSERT INTO pageview_rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
+UPDATE_VISIT_COLUMNS = (
+    "UPDATE pageview_rows SET visit = ?, utm_source = ?, utm_medium = ?, utm_campaign = ?, entry = ?, views = ?, "
+    "duration_ms = ?, exit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?"
+)
 
 
 @dataclass(slots=True)
@@ -187,11 +338,17 @@ class Visitor:
     visit: int = 0  # the current visit: its first page view's id, its day, its page views
     visit_day: str = ""
     visit_views: int = 0
-    seen: set[int] = field(default_factory=set)  # (day, page or source id) pairs, for unique visitors
+    first: View | None = None  # the current visit's first page view
+    seen: set[int] = field(default_factory=set)  # (dimension, day, value id), for unique visitors
+    exits: dict[int, int] = field(default_factory=dict)  # (day, exit page) -> its visits ending there
 
 
 PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
 K = TypeVar("K", bound=tuple[str, ...])
+# A sighting's dimension, in the bits above its day and value (pages and sources share 0: their
+# dictionary ids differ, and are never 0).
+SIGHTING_TAGS = {COUNTRY: 1, BROWSER: 2, OS: 3, DEVICE: 4, UTM_SOURCE: 5, UTM_MEDIUM: 6, UTM_CAMPAIGN: 7,
+                 ENTRY_PAGE: 8}
 
 
 def _day_totals() -> list[int]:
@@ -202,19 +359,27 @@ def _view_totals() -> list[int]:
     return [0, 0]
 
 
+def _dimension_totals() -> list[int]:
+    return [0, 0, 0, 0]  # page views, visitors, visits, bounces
+
+
 class Tally:
     """What a batch adds to the rollups: per (domain, day) page views, visitors, visits,
-    bounces and duration; per hour, page and source page views and visitors."""
+    bounces and duration; per hour, page and source page views and visitors; per (domain,
+    dimension, day, value) page views, visitors, visits and bounces. `touched` lists first page
+    views already in the file whose visit went on (their rows' visit columns are written again)."""
 
     def __init__(self) -> None:
         self.days: defaultdict[tuple[str, str], list[int]] = defaultdict(_day_totals)
         self.hours: defaultdict[tuple[str, str], list[int]] = defaultdict(_view_totals)
         self.pages: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
         self.sources: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
+        self.dimensions: defaultdict[tuple[str, str, str, str], list[int]] = defaultdict(_dimension_totals)
+        self.touched: list[View] = []
 
     def add(self, other: Tally, sign: int = 1) -> None:
         for mine, theirs in ((self.days, other.days), (self.hours, other.hours), (self.pages, other.pages),
-                             (self.sources, other.sources)):
+                             (self.sources, other.sources), (self.dimensions, other.dimensions)):
             for key, values in theirs.items():
                 totals = mine[key]  # type: ignore[index]
                 for index, value in enumerate(values):
@@ -242,6 +407,20 @@ class Tally:
                 "visitors = visitors + excluded.visitors",
                 _changed(counts),
             )
+        conn.executemany(
+            "INSERT INTO dimension_stats (domain, dimension, day, value, pageviews, visitors, visits, bounces) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, dimension, day, value) DO UPDATE SET "
+            "pageviews = pageviews + excluded.pageviews, visitors = visitors + excluded.visitors, "
+            "visits = visits + excluded.visits, bounces = bounces + excluded.bounces",
+            _changed(self.dimensions),
+        )
+        # A visit's exit page moves, and a replay takes back what it had counted: a row can come
+        # down to nothing, and then goes, as if it had never been counted.
+        conn.executemany(
+            "DELETE FROM dimension_stats WHERE domain = ? AND dimension = ? AND day = ? AND value = ? "
+            "AND pageviews = 0 AND visitors = 0 AND visits = 0 AND bounces = 0",
+            [key for key, values in self.dimensions.items() if min(values) < 0],
+        )
 
 
 def _changed(counts: Mapping[K, list[int]]) -> list[tuple[str | int, ...]]:
@@ -272,18 +451,105 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         if sighting not in seen:
             seen.add(sighting)
             counts[1] += 1
-    if visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
+    first = visitor.first
+    if first is not None and visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
+        gap = view.ts_ms - visitor.last_ms
         visit = tally.days[(domain, visitor.visit_day)]
-        visit[DURATION] += view.ts_ms - visitor.last_ms
+        visit[DURATION] += gap
         if visitor.visit_views == 1:
             visit[BOUNCES] -= 1
+            for key in _visit_keys(first, visitor.visit_day):
+                tally.dimensions[key][3] -= 1
+        _move_exit(visitor, first, view, tally)
         visitor.visit_views += 1
+        first.views, first.duration = visitor.visit_views, first.duration + gap
+        if first.written:
+            tally.touched.append(first)
+        view.views = view.duration = view.exit = 0
     else:
         totals[VISITS] += 1
         totals[BOUNCES] += 1
         visitor.visit, visitor.visit_day, visitor.visit_views = view.id, day, 1
-    view.visit = visitor.visit
+        first = visitor.first = view
+        view.views, view.duration, view.exit, view.exit_path = 1, 0, view.page, view.pathname
+        for key in _visit_keys(view, day):
+            counts = tally.dimensions[key]
+            counts[2] += 1
+            counts[3] += 1
+        exits = tally.dimensions[(domain, EXIT_PAGE, day, view.pathname)]
+        exits[0] += 1
+        exits[2] += 1
+        exits[3] += 1
+        if _add_exit(visitor, view.day_number << 40 | view.page):
+            exits[1] += 1
+    view.visit, view.first = visitor.visit, first
+    _count_dimensions(visitor, view, first, tally)
     visitor.last_ms, visitor.last_day, visitor.last_hour = view.ts_ms, day, hour
+
+
+def _visit_keys(first: View, day: str) -> tuple[tuple[str, str, str, str], ...]:
+    """The rollup keys a visit counts under, from its first view (its exit page apart)."""
+    domain = first.domain
+    return ((domain, COUNTRY, day, first.country), (domain, BROWSER, day, first.browser), (domain, OS, day, first.os),
+            (domain, DEVICE, day, first.device), (domain, UTM_SOURCE, day, first.utm_source),
+            (domain, UTM_MEDIUM, day, first.utm_medium), (domain, UTM_CAMPAIGN, day, first.utm_campaign),
+            (domain, ENTRY_PAGE, day, first.pathname))
+
+
+def _count_dimensions(visitor: Visitor, view: View, first: View, tally: Tally) -> None:
+    """A page view under its own country, browser, system and device, and its visit's campaign
+    and entry page; a visitor once per day and value."""
+    dimensions, seen, domain, day = tally.dimensions, visitor.seen, view.domain, view.day
+    day_bits = view.day_number << 40
+    for dimension, value, number in (
+        (COUNTRY, view.country, view.country_id), (BROWSER, view.browser, view.browser_id),
+        (OS, view.os, view.os_id), (DEVICE, view.device, view.device_id),
+        (UTM_SOURCE, first.utm_source, first.utm_source_id), (UTM_MEDIUM, first.utm_medium, first.utm_medium_id),
+        (UTM_CAMPAIGN, first.utm_campaign, first.utm_campaign_id), (ENTRY_PAGE, first.pathname, first.page),
+    ):
+        counts = dimensions[(domain, dimension, day, value)]
+        counts[0] += 1
+        sighting = SIGHTING_TAGS[dimension] << 56 | day_bits | number
+        if sighting not in seen:
+            seen.add(sighting)
+            counts[1] += 1
+
+
+def _move_exit(visitor: Visitor, first: View, view: View, tally: Tally) -> None:
+    """The visit goes on at `view`: its exit page, and with it the visit's page views, moves
+    there (on the day the visit started)."""
+    day, before = visitor.visit_day, visitor.visit_views
+    old = tally.dimensions[(first.domain, EXIT_PAGE, day, first.exit_path)]
+    old[0] -= before
+    old[2] -= 1
+    if before == 1:
+        old[3] -= 1
+    new = tally.dimensions[(first.domain, EXIT_PAGE, day, view.pathname)]
+    new[0] += before + 1
+    new[2] += 1
+    day_bits = first.day_number << 40
+    if _drop_exit(visitor, day_bits | first.exit):
+        old[1] -= 1
+    if _add_exit(visitor, day_bits | view.page):
+        new[1] += 1
+    first.exit, first.exit_path = view.page, view.pathname
+
+
+def _add_exit(visitor: Visitor, key: int) -> bool:
+    """One more of the visitor's visits ends at this (day, page); True if the first."""
+    count = visitor.exits.get(key, 0)
+    visitor.exits[key] = count + 1
+    return count == 0
+
+
+def _drop_exit(visitor: Visitor, key: int) -> bool:
+    """One visit fewer ends at this (day, page); True if it was the last."""
+    count = visitor.exits[key] - 1
+    if count:
+        visitor.exits[key] = count
+        return False
+    del visitor.exits[key]
+    return True
 
 
 def replay(visitor: Visitor, views: Iterable[View], tally: Tally) -> Visitor:
@@ -308,18 +574,13 @@ class _Batch:
     tally: Tally = field(default_factory=Tally)
     rows: list[tuple[int, ...]] = field(default_factory=list)
     new_visitors: list[tuple[int, int, str]] = field(default_factory=list)
-    moved: list[tuple[int, ...]] = field(default_factory=list)  # earlier rows whose visit changed
+    moved: list[View] = field(default_factory=list)  # rows in the file whose visit columns changed
 
     def write(self, conn: sqlite3.Connection) -> None:
-        conn.executemany(
-            "INSERT INTO pageview_rows (site, day, ts_ms, id, visitor, visit, page, referrer, source) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            sorted(self.rows),
-        )
+        conn.executemany(INSERT_ROW, sorted(self.rows))
         conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", self.new_visitors)
-        conn.executemany(
-            "UPDATE pageview_rows SET visit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?", self.moved
-        )
+        changed = {view.id: view for view in (*self.moved, *self.tally.touched)}
+        conn.executemany(UPDATE_VISIT_COLUMNS, [(*view.visit_columns(), *view.key()) for view in changed.values()])
         self.tally.write(conn)
 
 
@@ -369,13 +630,22 @@ class ReadModel:
         batch.write(conn)
         put_meta(conn, NEXT_ID, str(self._next_id))
 
-    def _view(self, payload: dict[str, str], ts_ms: int) -> View:
+    def _view(self, payload: dict[str, Any], ts_ms: int) -> View:
+        """A v1 page view with its dimensions; a v0 one (or a v1 one's unknowns) with ''."""
         assert self._next_id is not None
         view_id, self._next_id = self._next_id, self._next_id + 1
         day, hour, day_number = local_day_hour(ts_ms, self.tz)
         domain, referrer = payload["domain"], payload["referrer"]
-        return View(view_id, ts_ms, day, hour, day_number, domain, payload["pathname"], referrer,
-                    referrer_source(referrer, domain))
+        view = View(view_id, ts_ms, day, hour, day_number, domain, payload["pathname"], referrer,
+                    referrer_source(referrer, domain), payload.get("country") or NOT_KNOWN,
+                    payload.get("browser") or NOT_KNOWN, payload.get("os") or NOT_KNOWN,
+                    payload.get("device") or NOT_KNOWN)
+        utm = payload.get("utm")
+        if utm:
+            view.utm = utm_text(utm)
+            view.utm_source, view.utm_medium, view.utm_campaign = (
+                utm.get("source", NOT_KNOWN), utm.get("medium", NOT_KNOWN), utm.get("campaign", NOT_KNOWN))
+        return view
 
     def _advance(self, conn: sqlite3.Connection, visitor: Visitor | None, salt_day: str, views: list[View],
                  key: int, batch: _Batch) -> Visitor:
@@ -388,21 +658,19 @@ class ReadModel:
             earlier: list[View] = []
         elif in_time_order(visitor, views):
             replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
+            _add_rows(batch, visitor.id, views)
             return visitor
         else:
             earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
         if not earlier and in_time_order(visitor, views):
             replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
+            _add_rows(batch, visitor.id, views)
             return visitor
-        stored = {view.id: view.visit for view in earlier}
         batch.tally.add(_replayed(visitor, earlier)[1], sign=-1)
         again, tally = _replayed(visitor, sorted(earlier + views, key=lambda v: (v.ts_ms, v.id)))
         batch.tally.add(tally)
-        batch.moved.extend((view.visit, view.site, view.day_number, view.ts_ms, view.id)
-                           for view in earlier if view.visit != stored[view.id])
-        batch.rows.extend(view.row(visitor.id) for view in views)
+        batch.moved.extend(view for view in earlier if view.visit_columns() != view.stored)
+        _add_rows(batch, visitor.id, views)
         return again
 
     def _remember(self, key: int, visitor: Visitor) -> None:
@@ -423,19 +691,36 @@ class ReadModel:
         return {key: _replayed(Visitor(number, salt_day), rows.get(number, []))[0] for key, number, salt_day in found}
 
     def _rows_of(self, conn: sqlite3.Connection, visitors: list[int]) -> dict[int, list[View]]:
-        """The raw rows of these visitors, as views in time order."""
+        """The raw rows of these visitors, as views in time order, each with its visit columns
+        as stored (a replay that changes them writes them again)."""
         rows = conn.execute(
-            "SELECT r.visitor, r.id, r.ts_ms, r.visit, r.site, r.page, r.referrer, r.source, s.value, p.value, "
-            "f.value, o.value FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page "
-            "JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source "
+            "SELECT r.visitor, r.id, r.ts_ms, r.site, r.page, r.referrer, r.source, s.value, p.value, f.value, "
+            "o.value, r.country, r.browser, r.os, r.device, r.utm, coalesce(c.value, ''), coalesce(b.value, ''), "
+            "coalesce(y.value, ''), coalesce(d.value, ''), coalesce(u.value, ''), r.visit, r.utm_source, "
+            "r.utm_medium, r.utm_campaign, r.entry, r.views, r.duration_ms, r.exit "
+            "FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page "
+            "JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source LEFT JOIN dims c ON c.id = r.country "
+            "LEFT JOIN dims b ON b.id = r.browser LEFT JOIN dims y ON y.id = r.os LEFT JOIN dims d ON d.id = r.device "
+            "LEFT JOIN dims u ON u.id = r.utm "
             "WHERE r.visitor IN (SELECT value FROM json_each(?)) ORDER BY r.visitor, r.ts_ms, r.id",
             (json.dumps(visitors),),
         ).fetchall()
         found: dict[int, list[View]] = defaultdict(list)
-        for visitor, view_id, ts_ms, visit, site, page, ref, src, domain, pathname, referrer, source in rows:
+        for (visitor, view_id, ts_ms, site, page, ref, src, domain, pathname, referrer, source, country_id, browser_id,
+             os_id, device_id, utm_id, country, browser, os, device, utm, *stored) in rows:
             day, hour, day_number = local_day_hour(ts_ms, self.tz)
-            found[visitor].append(View(view_id, ts_ms, day, hour, day_number, domain, pathname, referrer, source,
-                                       site, page, ref, src, visit))
+            view = View(view_id, ts_ms, day, hour, day_number, domain, pathname, referrer, source, country, browser,
+                        os, device, utm, site=site, page=page, ref=ref, src=src, country_id=country_id,
+                        browser_id=browser_id, os_id=os_id, device_id=device_id, utm_id=utm_id, written=True,
+                        stored=tuple(stored))
+            view.visit = stored[0]
+            if utm:
+                parameters = json.loads(utm)
+                view.utm_source, view.utm_medium, view.utm_campaign = (
+                    parameters.get("source", NOT_KNOWN), parameters.get("medium", NOT_KNOWN),
+                    parameters.get("campaign", NOT_KNOWN))
+                self._resolve_campaign(conn, view)
+            found[visitor].append(view)
         return found
 
     def _resolve_dims(self, conn: sqlite3.Connection, views: list[View]) -> None:
@@ -448,6 +733,30 @@ class ReadModel:
             view.page = dims.get((PAGE, view.pathname)) or self._dim(conn, PAGE, view.pathname)
             view.ref = dims.get((REFERRER, view.referrer)) or self._dim(conn, REFERRER, view.referrer)
             view.src = dims.get((SOURCE, view.source)) or self._dim(conn, SOURCE, view.source)
+            if view.country:
+                view.country_id = dims.get((COUNTRY, view.country)) or self._dim(conn, COUNTRY, view.country)
+            if view.browser:
+                view.browser_id = dims.get((BROWSER, view.browser)) or self._dim(conn, BROWSER, view.browser)
+            if view.os:
+                view.os_id = dims.get((OS, view.os)) or self._dim(conn, OS, view.os)
+            if view.device:
+                view.device_id = dims.get((DEVICE, view.device)) or self._dim(conn, DEVICE, view.device)
+            if view.utm:
+                view.utm_id = dims.get((UTM, view.utm)) or self._dim(conn, UTM, view.utm)
+                self._resolve_campaign(conn, view)
+
+    def _resolve_campaign(self, conn: sqlite3.Connection, view: View) -> None:
+        """Dictionary ids for a view's own utm_source, utm_medium and utm_campaign."""
+        dims = self._dims
+        if view.utm_source:
+            view.utm_source_id = dims.get((UTM_SOURCE, view.utm_source)) or self._dim(conn, UTM_SOURCE,
+                                                                                       view.utm_source)
+        if view.utm_medium:
+            view.utm_medium_id = dims.get((UTM_MEDIUM, view.utm_medium)) or self._dim(conn, UTM_MEDIUM,
+                                                                                       view.utm_medium)
+        if view.utm_campaign:
+            view.utm_campaign_id = dims.get((UTM_CAMPAIGN, view.utm_campaign)) or self._dim(conn, UTM_CAMPAIGN,
+                                                                                             view.utm_campaign)
 
     def _dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
         row = conn.execute("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)).fetchone()
@@ -520,7 +829,7 @@ class ReadModel:
         """The aggregates and raw rows of from_day on, and every visitor link (the replay puts
         back those still needed)."""
         self._forget_cached()
-        for table in ("daily_stats", "page_stats", "source_stats"):
+        for table in ("daily_stats", "page_stats", "source_stats", "dimension_stats"):
             conn.execute(f"DELETE FROM {table} WHERE day >= ?", (from_day,))
         conn.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
         conn.execute("DELETE FROM pageview_rows WHERE day >= ?", (day_number(date.fromisoformat(from_day)),))
@@ -528,6 +837,19 @@ class ReadModel:
 
     def _local_day(self, event: Event) -> str:
         return local_day_hour(int(event.valid_time.timestamp() * 1000), self.tz)[0]
+
+
+def _add_rows(batch: _Batch, visitor: int, views: Sequence[View]) -> None:
+    """A visitor's new rows, once its views of this batch are counted (a first view's visit
+    facts are then what this batch leaves them)."""
+    batch.rows.extend(view.row(visitor) for view in views)
+    for view in views:
+        view.written = True
+
+
+def utm_text(utm: Mapping[str, str]) -> str:
+    """A page view's campaign parameters as one dictionary value: JSON, keys in order."""
+    return json.dumps(utm, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _replayed(start: Visitor, views: Iterable[View]) -> tuple[Visitor, Tally]:

@@ -18,22 +18,32 @@ from zoneinfo import ZoneInfo
 import pytest
 from helpers import query, utc
 
-from pathways import VISITOR_TRACKED, Event, Pathways, time_uuid
+from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
 from readmodel import ReadModel
 from store import DB_FILENAME, Store, _Writer
 
-ROLLUPS = ("daily_stats", "hourly_stats", "page_stats", "source_stats")
+ROLLUPS = ("daily_stats", "hourly_stats", "page_stats", "source_stats", "dimension_stats")
+# Every raw row by what it is, not by its ids (which follow the order events came in): its visit's
+# facts included, so a replay that got a visit wrong shows here.
+ROWS = ("SELECT ts_ms, domain, pathname, referrer, source, country, browser, os, device, utm, utm_source, utm_medium, "
+        "utm_campaign, entry_page, views, duration_ms, exit_page, id = visit FROM pageviews ORDER BY " + ", ".join(
+            str(n) for n in range(1, 19)))
 OLD_FILE = Path(__file__).resolve().parent / "fixtures" / "read_model_v1.sql"
 
 
-def view(at: datetime, who: str, path: str = "/", referrer: str = "", event_id: str | None = None) -> Event:
+def view(at: datetime, who: str, path: str = "/", referrer: str = "", event_id: str | None = None,
+         **dimensions: Any) -> Event:
+    """A visitor.tracked.v0 page view; with dimensions (country=, browser=, os=, device=, utm=), a v1 one."""
     payload = {"visitorHash": hashlib.sha256(who.encode()).hexdigest(), "domain": "example.com", "pathname": path,
                "referrer": referrer, "sessionContext": {"dailySaltRotation": at.date().isoformat()}}
-    return Event(event_id or time_uuid(), "visitor.v0", "visitor.tracked.v0", at, payload)
+    if not dimensions:
+        return Event(event_id or time_uuid(), "visitor.v0", "visitor.tracked.v0", at, payload)
+    v1 = {**payload, "country": None, "browser": None, "os": None, "device": None, "utm": {}, **dimensions}
+    return Event(event_id or time_uuid(), "visitor.v0", "visitor.tracked.v1", at, v1)
 
 
-def rollups(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    return {table: query(path, f"SELECT * FROM {table} ORDER BY 1, 2, 3") for table in ROLLUPS}
+def rollups(path: Path, tables: Sequence[str] = ROLLUPS) -> dict[str, list[tuple[Any, ...]]]:
+    return {table: query(path, f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4") for table in tables}
 
 
 Handler = Callable[[sqlite3.Connection, Sequence[Event]], None]
@@ -46,8 +56,9 @@ async def pipeline(path: Path, *, cache_size: int = 1000,
     model = ReadModel(store, cache_size=cache_size)
     await store.open()
     pathways = Pathways(store, retry_delay=0.001)
-    pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, wrap(model.record_pageviews) if wrap else model.record_pageviews)
+    for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):
+        pathways.register(contract)
+        pathways.handle(contract, wrap(model.record_pageviews) if wrap else model.record_pageviews)
     try:
         yield pathways
     finally:
@@ -83,10 +94,10 @@ def old_file(data_dir: Path) -> None:
 async def test_a_file_of_the_previous_version_migrates_forward_exactly(tmp_path: Path) -> None:
     old, fresh = tmp_path / "old", tmp_path / "fresh"
     old_file(old)
-    old_rollups = rollups(old)
+    old_rollups = rollups(old, ROLLUPS[:-1])
     old_rows = query(old, "SELECT id, domain, ts_ms, day, pathname, referrer, source FROM pageviews ORDER BY id")
     async with pipeline(old) as pathways:
-        assert rollups(old) == old_rollups  # nothing counted is lost
+        assert rollups(old, ROLLUPS[:-1]) == old_rollups  # nothing counted is lost
         assert query(old, "SELECT id, domain, ts_ms, day, pathname, referrer, source FROM pageviews ORDER BY id") \
             == old_rows
         # the visitors the old tables remembered keep their rows; the forgotten one's are nobody's
@@ -96,7 +107,15 @@ async def test_a_file_of_the_previous_version_migrates_forward_exactly(tmp_path:
         assert await pathways.process(BEFORE[2]) is not None  # an old event again: acknowledged, not counted
     async with pipeline(fresh) as pathways:
         await pathways.deliver(BEFORE + AFTER)
-    assert rollups(old) == rollups(fresh)
+    migrated, counted = rollups(old), rollups(fresh)
+    # The forgotten visitor's visit (the 1st) is nobody's: its entry and exit page are unknown.
+    forgotten = [("example.com", name, "2025-06-01", "/archive", 1, 1, 1, 1) for name in ("entry_page", "exit_page")]
+    assert [row for row in counted["dimension_stats"] if row[2] == "2025-06-01" and row[3]] == forgotten
+    counted["dimension_stats"] = sorted(
+        [row for row in counted["dimension_stats"] if row not in forgotten]
+        + [(*row[:3], "", *row[4:]) for row in forgotten]
+    )
+    assert migrated == counted
     visits = ("SELECT ts_ms, pathname, dense_rank() OVER (ORDER BY visitor), dense_rank() OVER (ORDER BY visit) "
               "FROM pageviews WHERE day = '2025-06-04' ORDER BY ts_ms, pathname")
     assert query(old, visits) == query(fresh, visits)
@@ -108,17 +127,29 @@ async def test_a_file_of_the_previous_version_migrates_forward_exactly(tmp_path:
 
 
 def day_of_traffic(seed: int, visitors: int = 12, views: int = 120) -> list[Event]:
-    """Views of several visitors over a day, with gaps around the 30-minute visit boundary."""
+    """Views of several visitors over a day, with gaps around the 30-minute visit boundary; most
+    are v1 page views with a country, browser, system and device of their visitor's, and some
+    came with a campaign; a few are v0."""
     import random
 
     rng = random.Random(seed)
     clocks = {f"v{n}": utc(2025, 6, 4, 6) + timedelta(minutes=rng.randrange(600)) for n in range(visitors)}
+    kinds = {who: {"country": rng.choice(["DK", "DE", None]), "browser": rng.choice(["Chrome", "Firefox"]),
+                   "os": rng.choice(["Linux", "iOS", None]), "device": rng.choice(["desktop", "mobile", None])}
+             for who in clocks}
+    campaigns = [{}, {}, {"source": "news", "medium": "email", "campaign": "spring"}, {"campaign": "autumn"}]
     made = []
     for _ in range(views):
         who = rng.choice(sorted(clocks))
-        clocks[who] += timedelta(minutes=rng.choice([0, 1, 5, 29, 30, 31, 90]))
-        made.append(view(clocks[who], who, rng.choice(["/", "/a", "/b", "/c"]),
-                         rng.choice(["", "https://news.example/x", "https://www.example.com/"])))
+        # Never two views of a visitor in one millisecond: which of them came first (and so began
+        # or ended a visit) would depend on the order they arrived in.
+        clocks[who] += timedelta(minutes=rng.choice([0, 1, 5, 29, 30, 31, 90])) or timedelta(seconds=1)
+        path = rng.choice(["/", "/a", "/b", "/c"])
+        referrer = rng.choice(["", "https://news.example/x", "https://www.example.com/"])
+        if rng.random() < 0.1:
+            made.append(view(clocks[who], who, path, referrer))
+        else:
+            made.append(view(clocks[who], who, path, referrer, **kinds[who], utm=rng.choice(campaigns)))
     return sorted(made, key=lambda e: e.valid_time)
 
 
@@ -136,6 +167,7 @@ async def test_a_visitor_the_cache_forgot_is_read_back_from_its_rows(
     async with pipeline(tmp_path / "tiny", cache_size=1) as pathways:
         await deliver_in_batches(pathways, events, 7)
     assert rollups(tmp_path / "tiny") == rollups(tmp_path / "big")
+    assert query(tmp_path / "tiny", ROWS) == query(tmp_path / "big", ROWS)
     assert "failed" not in caplog.text  # each batch went through at once, not one by one after a failure
 
 
@@ -152,6 +184,7 @@ async def test_out_of_order_views_with_a_forgetful_cache_give_the_same_numbers(
     async with pipeline(tmp_path / "shuffled", cache_size=2) as pathways:
         await deliver_in_batches(pathways, shuffled, 5)
     assert rollups(tmp_path / "shuffled") == rollups(tmp_path / "ordered")
+    assert query(tmp_path / "shuffled", ROWS) == query(tmp_path / "ordered", ROWS)
     assert "failed" not in caplog.text
     visits = "SELECT count(DISTINCT visit), count(DISTINCT visitor) FROM pageviews"
     assert query(tmp_path / "shuffled", visits) == query(tmp_path / "ordered", visits)
@@ -177,6 +210,7 @@ async def test_a_batch_that_rolls_back_leaves_nothing_behind_in_memory(tmp_path:
         await deliver_in_batches(pathways, events, 20)
     assert next(failures, None) is None  # it did fail once
     assert rollups(tmp_path / "failing") == rollups(tmp_path / "clean")
+    assert query(tmp_path / "failing", ROWS) == query(tmp_path / "clean", ROWS)
     assert query(tmp_path / "failing", "SELECT count(*), count(DISTINCT id) FROM pageviews") == [(40, 40)]
 
 
