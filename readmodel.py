@@ -299,6 +299,7 @@ class View:
     duration: int = 0
     exit: int = 0
     exit_path: str = NOT_KNOWN
+    combination: tuple[str, ...] = ()  # on a visit's first view: what the visit counts under
     written: bool = False  # its row is in the file (or will be, with this batch)
     stored: tuple[int, ...] = ()  # read back from the file: its visit columns as they were
 
@@ -345,10 +346,11 @@ class Visitor:
 
 PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
 K = TypeVar("K", bound=tuple[str, ...])
-# A sighting's dimension, in the bits above its day and value (pages and sources share 0: their
+COMBINED = (COUNTRY, BROWSER, OS, DEVICE, UTM_SOURCE, UTM_MEDIUM, UTM_CAMPAIGN, ENTRY_PAGE)  # see Tally.combinations
+# A sighting's dimension, in the bits above its day and value (pages and sources have none: their
 # dictionary ids differ, and are never 0).
-SIGHTING_TAGS = {COUNTRY: 1, BROWSER: 2, OS: 3, DEVICE: 4, UTM_SOURCE: 5, UTM_MEDIUM: 6, UTM_CAMPAIGN: 7,
-                 ENTRY_PAGE: 8}
+COUNTRY_TAG, BROWSER_TAG, OS_TAG, DEVICE_TAG, UTM_SOURCE_TAG, UTM_MEDIUM_TAG, UTM_CAMPAIGN_TAG, ENTRY_PAGE_TAG = (
+    tag << 56 for tag in range(1, 9))
 
 
 def _day_totals() -> list[int]:
@@ -357,6 +359,10 @@ def _day_totals() -> list[int]:
 
 def _view_totals() -> list[int]:
     return [0, 0]
+
+
+def _combination_totals() -> list[int]:
+    return [0, 0, 0, 0]  # page views, visits, bounces, visitors first seen that day
 
 
 def _dimension_totals() -> list[int]:
@@ -375,9 +381,25 @@ class Tally:
         self.pages: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
         self.sources: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
         self.dimensions: defaultdict[tuple[str, str, str, str], list[int]] = defaultdict(_dimension_totals)
+        # Page views, visits, bounces and visitors new that day per (domain, day, country, browser,
+        # os, device, utm source, medium, campaign, entry page): one count for a view instead of
+        # eight; `spread` adds them to `dimensions`.
+        self.combinations: defaultdict[tuple[str, ...], list[int]] = defaultdict(_combination_totals)
         self.touched: list[View] = []
 
+    def spread(self) -> None:
+        dimensions = self.dimensions
+        for (domain, day, *values), totals in self.combinations.items():
+            for dimension, value in zip(COMBINED, values, strict=True):
+                counts = dimensions[(domain, dimension, day, value)]
+                counts[0] += totals[0]
+                counts[1] += totals[3]
+                counts[2] += totals[1]
+                counts[3] += totals[2]
+        self.combinations.clear()
+
     def add(self, other: Tally, sign: int = 1) -> None:
+        other.spread()
         for mine, theirs in ((self.days, other.days), (self.hours, other.hours), (self.pages, other.pages),
                              (self.sources, other.sources), (self.dimensions, other.dimensions)):
             for key, values in theirs.items():
@@ -386,6 +408,7 @@ class Tally:
                     totals[index] += sign * value
 
     def write(self, conn: sqlite3.Connection) -> None:
+        self.spread()
         conn.executemany(
             "INSERT INTO daily_stats (domain, day, pageviews, visitors, visits, bounces, duration_ms) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET "
@@ -441,7 +464,8 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
     hourly[0] += 1
     page[0] += 1
     source[0] += 1
-    if day != visitor.last_day:
+    new_day = day != visitor.last_day
+    if new_day:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
@@ -452,67 +476,76 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
             seen.add(sighting)
             counts[1] += 1
     first = visitor.first
+    combinations = tally.combinations
     if first is not None and visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
         gap = view.ts_ms - visitor.last_ms
         visit = tally.days[(domain, visitor.visit_day)]
         visit[DURATION] += gap
         if visitor.visit_views == 1:
             visit[BOUNCES] -= 1
-            for key in _visit_keys(first, visitor.visit_day):
-                tally.dimensions[key][3] -= 1
+            combinations[first.combination][2] -= 1
         _move_exit(visitor, first, view, tally)
         visitor.visit_views += 1
         first.views, first.duration = visitor.visit_views, first.duration + gap
         if first.written:
             tally.touched.append(first)
         view.views = view.duration = view.exit = 0
+        view.visit, view.first = visitor.visit, first
+        if view.day_number == first.day_number and view.country_id == first.country_id \
+                and view.browser_id == first.browser_id and view.os_id == first.os_id \
+                and view.device_id == first.device_id:  # the usual case: nothing new to see
+            combinations[first.combination][0] += 1
+        else:
+            key = _combination(view, first)
+            combinations[key][0] += 1
+            _see_dimensions(visitor, view, first, key, tally, new_day)
     else:
         totals[VISITS] += 1
         totals[BOUNCES] += 1
         visitor.visit, visitor.visit_day, visitor.visit_views = view.id, day, 1
         first = visitor.first = view
         view.views, view.duration, view.exit, view.exit_path = 1, 0, view.page, view.pathname
-        for key in _visit_keys(view, day):
-            counts = tally.dimensions[key]
-            counts[2] += 1
-            counts[3] += 1
+        view.visit, view.first = view.id, view
+        key = view.combination = _combination(view, view)
+        counts = combinations[key]
+        counts[0] += 1
+        counts[1] += 1
+        counts[2] += 1
+        _see_dimensions(visitor, view, view, key, tally, new_day)
         exits = tally.dimensions[(domain, EXIT_PAGE, day, view.pathname)]
         exits[0] += 1
         exits[2] += 1
         exits[3] += 1
         if _add_exit(visitor, view.day_number << 40 | view.page):
             exits[1] += 1
-    view.visit, view.first = visitor.visit, first
-    _count_dimensions(visitor, view, first, tally)
     visitor.last_ms, visitor.last_day, visitor.last_hour = view.ts_ms, day, hour
 
 
-def _visit_keys(first: View, day: str) -> tuple[tuple[str, str, str, str], ...]:
-    """The rollup keys a visit counts under, from its first view (its exit page apart)."""
-    domain = first.domain
-    return ((domain, COUNTRY, day, first.country), (domain, BROWSER, day, first.browser), (domain, OS, day, first.os),
-            (domain, DEVICE, day, first.device), (domain, UTM_SOURCE, day, first.utm_source),
-            (domain, UTM_MEDIUM, day, first.utm_medium), (domain, UTM_CAMPAIGN, day, first.utm_campaign),
-            (domain, ENTRY_PAGE, day, first.pathname))
+def _combination(view: View, first: View) -> tuple[str, ...]:
+    """What a page view counts under besides its page and source: its own country, browser,
+    system and device, its visit's campaign and entry page (see Tally.combinations)."""
+    return (view.domain, view.day, view.country, view.browser, view.os, view.device, first.utm_source,
+            first.utm_medium, first.utm_campaign, first.pathname)
 
 
-def _count_dimensions(visitor: Visitor, view: View, first: View, tally: Tally) -> None:
-    """A page view under its own country, browser, system and device, and its visit's campaign
-    and entry page; a visitor once per day and value."""
-    dimensions, seen, domain, day = tally.dimensions, visitor.seen, view.domain, view.day
-    day_bits = view.day_number << 40
-    for dimension, value, number in (
-        (COUNTRY, view.country, view.country_id), (BROWSER, view.browser, view.browser_id),
-        (OS, view.os, view.os_id), (DEVICE, view.device, view.device_id),
-        (UTM_SOURCE, first.utm_source, first.utm_source_id), (UTM_MEDIUM, first.utm_medium, first.utm_medium_id),
-        (UTM_CAMPAIGN, first.utm_campaign, first.utm_campaign_id), (ENTRY_PAGE, first.pathname, first.page),
-    ):
-        counts = dimensions[(domain, dimension, day, value)]
-        counts[0] += 1
-        sighting = SIGHTING_TAGS[dimension] << 56 | day_bits | number
+def _see_dimensions(visitor: Visitor, view: View, first: View, key: tuple[str, ...], tally: Tally,
+                    new_day: bool) -> None:
+    """A visitor counts once per day and value of each dimension. On its first view of a day
+    every value is new, and counts with the view's combination."""
+    seen, day_bits = visitor.seen, view.day_number << 40
+    sightings = (COUNTRY_TAG | day_bits | view.country_id, BROWSER_TAG | day_bits | view.browser_id,
+                 OS_TAG | day_bits | view.os_id, DEVICE_TAG | day_bits | view.device_id,
+                 UTM_SOURCE_TAG | day_bits | first.utm_source_id, UTM_MEDIUM_TAG | day_bits | first.utm_medium_id,
+                 UTM_CAMPAIGN_TAG | day_bits | first.utm_campaign_id, ENTRY_PAGE_TAG | day_bits | first.page)
+    if new_day:
+        seen.update(sightings)
+        tally.combinations[key][3] += 1
+        return
+    domain, day = view.domain, view.day
+    for dimension, value, sighting in zip(COMBINED, key[2:], sightings, strict=True):
         if sighting not in seen:
             seen.add(sighting)
-            counts[1] += 1
+            tally.dimensions[(domain, dimension, day, value)][1] += 1
 
 
 def _move_exit(visitor: Visitor, first: View, view: View, tally: Tally) -> None:

@@ -1,13 +1,16 @@
 """Benchmark: what the router and the read model cost per event, without HTTP.
 
-Feeds N visitor.tracked.v0 events (default 40,000; about 20,000 distinct visitors over two
+Feeds N visitor.tracked events (default 40,000; about 20,000 distinct visitors over two
 sites, a few out of order) through Pathways.deliver in batches, on a real SQLite file in a
 temporary directory, and prints events per second, the CPU time per event (every thread of
 this process: the event loop and the store's writer) and the bytes written per event
 (`/proc/self/io`: `wchar` is what went to write(2), WAL and checkpoints included, with the
 final checkpoint at close; `write_bytes` what reached the block layer).
 
-    python bench/router_bench.py [--events N] [--batch 500]
+The events are visitor.tracked.v1 by default (a country, browser, system and device per
+visitor, a campaign on one in ten); `--version v0` sends the original's payload.
+
+    python bench/router_bench.py [--events N] [--batch 500] [--version v1|v0]
 """
 
 from __future__ import annotations
@@ -25,24 +28,37 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pathways import VISITOR_TRACKED, Event, Pathways, time_uuid  # noqa: E402
+from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid  # noqa: E402
 from readmodel import ReadModel  # noqa: E402
 from store import DB_FILENAME, Store  # noqa: E402
 
 
-def events(count: int, rng: random.Random) -> list[Event]:
+COUNTRIES = ["US", "DE", "DK", "GB", "FR", "IN", "BR", "JP", None]
+AGENTS = [("Chrome", "Windows", "desktop"), ("Safari", "iOS", "mobile"), ("Chrome", "Android", "mobile"),
+          ("Firefox", "Linux", "desktop"), ("Safari", "macOS", "desktop"), ("Edge", "Windows", "desktop"),
+          ("Samsung Internet", "Android", "tablet")]
+CAMPAIGNS = [{"source": "newsletter", "medium": "email", "campaign": "spring"}, {"source": "mastodon"},
+             {"campaign": "launch", "content": "banner"}]
+
+
+def events(count: int, rng: random.Random, version: str = "v1") -> list[Event]:
     start = datetime(2025, 6, 4, 10, tzinfo=UTC)
     made = []
     for index in range(count):
         at = start + timedelta(milliseconds=index * 20 - (rng.randrange(5000) if index % 100 == 0 else 0))
-        payload = {
-            "visitorHash": hashlib.sha256(str(rng.randrange(count // 2)).encode()).hexdigest(),
+        visitor = rng.randrange(count // 2)
+        payload: dict[str, object] = {
+            "visitorHash": hashlib.sha256(str(visitor).encode()).hexdigest(),
             "domain": rng.choice(["a.example", "b.example"]),
             "pathname": rng.choice(["/", "/a", "/b", "/c/d"]),
             "referrer": rng.choice(["", "https://google.com/"]),
             "sessionContext": {"dailySaltRotation": at.date().isoformat()},
         }
-        made.append(Event(time_uuid(), "visitor.v0", "visitor.tracked.v0", at, payload))
+        if version == "v1":  # a visitor's country and agent stay the same; a campaign is the page's
+            browser, system, device = AGENTS[visitor % len(AGENTS)]
+            payload.update(country=COUNTRIES[visitor % len(COUNTRIES)], browser=browser, os=system, device=device,
+                           utm=rng.choice(CAMPAIGNS) if rng.random() < 0.1 else {})
+        made.append(Event(time_uuid(), "visitor.v0", f"visitor.tracked.{version}", at, payload))
     return made
 
 
@@ -51,15 +67,16 @@ def io_counters() -> dict[str, int]:
     return {name: int(value) for name, value in (line.split(": ") for line in lines)}
 
 
-async def run(count: int, batch: int) -> dict[str, float]:
-    feed = events(count, random.Random(1))
+async def run(count: int, batch: int, version: str = "v1") -> dict[str, float]:
+    feed = events(count, random.Random(1), version)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / DB_FILENAME, ZoneInfo("UTC"))
         read_model = ReadModel(store)
         await store.open()
         pathways = Pathways(store)
-        pathways.register(VISITOR_TRACKED)
-        pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
+        for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):
+            pathways.register(contract)
+            pathways.handle(contract, read_model.record_pageviews)
         io_before, started, cpu = io_counters(), time.perf_counter(), time.process_time()
         for index in range(0, count, batch):
             await pathways.deliver(feed[index : index + batch])
@@ -78,8 +95,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--version", choices=("v1", "v0"), default="v1")
     arguments = parser.parse_args()
-    figures = asyncio.run(run(arguments.events, arguments.batch))
+    figures = asyncio.run(run(arguments.events, arguments.batch, arguments.version))
     print(f"{figures['events_per_s']:,.0f} events/s, {figures['cpu_us_per_event']:.0f} µs CPU per event, "
           f"{figures['wchar_kb_per_event']:.1f} KB written per event (wchar; "
-          f"{figures['write_bytes_kb_per_event']:.1f} KB write_bytes), batches of {arguments.batch}")
+          f"{figures['write_bytes_kb_per_event']:.1f} KB write_bytes), batches of {arguments.batch}, "
+          f"visitor.tracked.{arguments.version}")
