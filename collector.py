@@ -625,10 +625,11 @@ ENDPOINTS = {
     "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
-    "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
+    "custom&from=&to=&limit=&filter=<dimension>:<value> (repeatable). Needs STATS_TOKEN, or a loopback client.",
     "GET /api/sites": "The domains seen, with their first and last day.",
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
-    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
+    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources|countries|browsers|os|"
+    "devices|utm_sources|utm_mediums|utm_campaigns|entry_pages|exit_pages.",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
     "GET /swagger": "Swagger UI over /openapi.json, when the swagger extra is installed.",
@@ -679,7 +680,8 @@ async def test_page(request: web.Request) -> web.FileResponse:
 
 # -- statistics: /api/stats, /api/sites, /api/current-visitors, /api/export, /dashboard --------------------------
 
-STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit"})
+STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit", "filter"})
+REPEATABLE = frozenset({"filter"})  # filter=<dimension>:<value>, as often as needed (AND)
 EXPORT_PARAMETERS = frozenset({"domain", "from", "to", "table"})
 PRIVATE = {"Cache-Control": "no-store"}
 LOOPBACK_ONLY = (
@@ -715,7 +717,7 @@ def query_params(request: web.Request, allowed: frozenset[str]) -> dict[str, str
     if unknown:
         names = ", ".join(repr(name[:32]) for name in unknown[:10])
         raise ApiError(400, f"unknown parameters: {names}; expected {', '.join(sorted(allowed)) or 'none'}")
-    repeated = sorted(name for name in set(request.query) if len(request.query.getall(name)) > 1)
+    repeated = sorted(name for name in set(request.query) - REPEATABLE if len(request.query.getall(name)) > 1)
     if repeated:
         raise ApiError(400, f"parameters given more than once: {', '.join(repeated)}")
     return dict(request.query)
@@ -744,8 +746,10 @@ async def stats_api(request: web.Request) -> web.Response:
     period = params.get("period", stats.DEFAULT_PERIOD)
     span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
     limit = stats.parse_limit(params.get("limit"))
+    filters = stats.parse_filters(request.query.getall("filter", []))
     config, store = request.app[CONFIG], request.app[STORE]
-    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone)
+    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone,
+                                filters=filters)
     return web.json_response(body, headers=PRIVATE)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,7 +25,8 @@ DEFAULT_LIMIT = 10
 MAX_LIMIT = 1000
 MAX_RANGE_DAYS = 3660  # ten years: a longer range is a typo, and its zero-filled series would be huge
 CURRENT_WINDOW_MS = 5 * 60 * 1000
-EXPORT_TABLES = ("daily", "pages", "sources")
+EXPORT_TABLES = ("daily", "pages", "sources", "countries", "browsers", "os", "devices", "utm_sources", "utm_mediums",
+                 "utm_campaigns", "entry_pages", "exit_pages")
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection): quote it.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 VISITORS_LABEL = "Unique visitors (summed over days)"
@@ -225,16 +227,23 @@ async def top(db: aiosqlite.Connection, table: str, domain: str, span: DateRange
     return [{column: row[0], "pageviews": row[1], "visitors": row[2]} for row in rows]
 
 
-async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime) -> int:
-    """Distinct visitors with a page view in the last five minutes, from the raw rows. Their
-    local day is the UTC day of the moment or one either side: three short ranges of the
-    (site, day, ts_ms) key, whatever the time zone."""
+async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime,
+                           filters: Sequence[Filter] = ()) -> int:
+    """Distinct visitors with a page view in the last five minutes (that matches the filters),
+    from the raw rows. Their local day is the UTC day of the moment or one either side: three
+    short ranges of the (site, day, ts_ms) key, whatever the time zone."""
     since = int(now.timestamp() * 1000) - CURRENT_WINDOW_MS
     utc_day = since // 86_400_000
+    predicates = ["r.site = (SELECT id FROM dims WHERE kind = 'site' AND value = ?)"]
+    params_: list[Any] = [domain]
+    for condition in filters:
+        sql, values = condition.dimension.predicate(await dim_id(db, condition.dimension.kind, condition.value))
+        predicates.append(sql)
+        params_.extend(values)
     rows = await db.execute_fetchall(
-        "SELECT count(DISTINCT r.visitor) FROM pageview_rows r JOIN dims s ON s.id = r.site "
-        "WHERE s.kind = 'site' AND s.value = ? AND r.day IN (?, ?, ?) AND r.ts_ms >= ?",
-        (domain, utc_day - 1, utc_day, utc_day + 1, since),
+        "SELECT count(DISTINCT r.visitor) FROM pageview_rows r WHERE " + " AND ".join(predicates)
+        + " AND r.day IN (?, ?, ?) AND r.ts_ms >= ?",
+        (*params_, utc_day - 1, utc_day, utc_day + 1, since),
     )
     return int(next(iter(rows))[0])
 
@@ -263,11 +272,13 @@ async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dic
 
 
 async def overview(
-    db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo
+    db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
+    filters: Sequence[Filter] = (),
 ) -> dict[str, Any]:
-    """The whole answer of /api/stats."""
+    """The whole answer of /api/stats; with filters, its numbers count only the page views and
+    visits that match them all (see `filtered`)."""
     before = span.previous()
-    return {
+    answer = {
         "domain": domain,
         "period": period,
         "from": span.first.isoformat(),
@@ -275,13 +286,309 @@ async def overview(
         "previous": {"from": before.first.isoformat(), "to": before.last.isoformat()},
         "timezone": tz.key,
         "interval": "hour" if span.days == 1 else "day",
+    }
+    if filters:
+        return {**answer, **await filtered(db, domain, span, limit, now, tz, filters),
+                "dropped": await dropped(db, domain, span)}
+    return {
+        **answer,
         "totals": totals_json(await totals(db, domain, span), await totals(db, domain, before)),
         "series": await series(db, domain, span, tz),
         "pages": await top(db, "page_stats", domain, span, limit),
         "sources": await top(db, "source_stats", domain, span, limit),
+        **{name: await breakdown(db, name, domain, span, limit) for name in BREAKDOWNS},
         "current_visitors": await current_visitors(db, domain, now),
         "dropped": await dropped(db, domain, span),
+        "filters": [],
+        "filtered_from": None,
     }
+
+
+# -- breakdowns: countries, browsers, systems, devices, campaigns, entry and exit pages ---------------------
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """A list of /api/stats: its rows' dimension in `dimension_stats` and their key."""
+
+    dimension: str
+    key: str
+
+    @property
+    def entry(self) -> bool:
+        return self.dimension == "entry_page"
+
+    @property
+    def exit(self) -> bool:
+        return self.dimension == "exit_page"
+
+    def row(self, value: str, pageviews: int, visitors: int, visits: int | None, bounces: int | None
+            ) -> dict[str, Any]:
+        """A row as the API shows it: unknown (stored as '') is null; entry pages have their
+        visits and bounce rate, exit pages their visits (exits)."""
+        row: dict[str, Any] = {self.key: value or None, "pageviews": pageviews, "visitors": visitors}
+        if self.entry or self.exit:
+            row["visits"] = visits or 0
+        if self.entry:
+            row["bounce_rate"] = round(100 * (bounces or 0) / visits, 1) if visits else None
+        return row
+
+
+# The lists, by their name in the answer. Each is ordered by visitors, then page views.
+BREAKDOWNS = {
+    "countries": Breakdown("country", "country"),
+    "browsers": Breakdown("browser", "browser"),
+    "os": Breakdown("os", "os"),
+    "devices": Breakdown("device", "device"),
+    "utm_sources": Breakdown("utm_source", "utm_source"),
+    "utm_mediums": Breakdown("utm_medium", "utm_medium"),
+    "utm_campaigns": Breakdown("utm_campaign", "utm_campaign"),
+    "entry_pages": Breakdown("entry_page", "pathname"),
+    "exit_pages": Breakdown("exit_page", "pathname"),
+}
+
+
+async def breakdown(db: aiosqlite.Connection, name: str, domain: str, span: DateRange, limit: int
+                    ) -> list[dict[str, Any]]:
+    """A list from the rollups, for good (the raw rows are not needed)."""
+    kind = BREAKDOWNS[name]
+    rows = await db.execute_fetchall(
+        "SELECT value, sum(pageviews) AS views, sum(visitors) AS people, sum(visits), sum(bounces) "
+        "FROM dimension_stats WHERE domain = ? AND dimension = ? AND day BETWEEN ? AND ? GROUP BY value "
+        "ORDER BY people DESC, views DESC, value LIMIT ?",
+        (domain, kind.dimension, span.first.isoformat(), span.last.isoformat(), limit),
+    )
+    return [kind.row(*row) for row in rows]
+
+
+# -- filters -------------------------------------------------------------------------------------------------
+
+MAX_FILTERS = 20
+MAX_FILTER_VALUE_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class FilterDimension:
+    """What `filter=<name>:<value>` matches: raw page view rows whose `column` holds the value's
+    id in `dims` (under `kind`). Another kind of filter (an event a visitor did that day, say)
+    is another `predicate` over the row `r`: the query needs nothing else."""
+
+    name: str
+    column: str
+    kind: str
+
+    def predicate(self, value_id: int) -> tuple[str, tuple[int, ...]]:
+        return f"r.{self.column} = ?", (value_id,)
+
+
+FILTER_DIMENSIONS = {dimension.name: dimension for dimension in (
+    FilterDimension("page", "page", "page"),
+    FilterDimension("source", "source", "source"),
+    FilterDimension("country", "country", "country"),
+    FilterDimension("browser", "browser", "browser"),
+    FilterDimension("os", "os", "os"),
+    FilterDimension("device", "device", "device"),
+    FilterDimension("utm_source", "utm_source", "utm_source"),
+    FilterDimension("utm_medium", "utm_medium", "utm_medium"),
+    FilterDimension("utm_campaign", "utm_campaign", "utm_campaign"),
+    FilterDimension("entry_page", "entry", "page"),
+)}
+
+
+@dataclass(frozen=True)
+class Filter:
+    dimension: FilterDimension
+    value: str | None  # None: unknown (a page view without a country, a visit without a campaign)
+
+    def json(self) -> dict[str, Any]:
+        return {"dimension": self.dimension.name, "value": self.value}
+
+
+def parse_filters(texts: Sequence[str]) -> list[Filter]:
+    """`filter=<dimension>:<value>`, each given as often as needed; an empty value means unknown."""
+    if len(texts) > MAX_FILTERS:
+        raise StatsParameterError(f"at most {MAX_FILTERS} filters, not {len(texts)}")
+    parsed = []
+    for text in texts:
+        name, colon, value = text.partition(":")
+        if not colon:
+            raise StatsParameterError(f"filter must be <dimension>:<value>, not {text[:64]!r}")
+        if name not in FILTER_DIMENSIONS:
+            raise StatsParameterError(f"filter dimension must be one of {', '.join(FILTER_DIMENSIONS)}, "
+                                      f"not {name[:32]!r}")
+        if len(value) > MAX_FILTER_VALUE_LENGTH:
+            raise StatsParameterError(f"a filter value must be at most {MAX_FILTER_VALUE_LENGTH} characters long")
+        if name == "country":
+            value = value.upper()
+        parsed.append(Filter(FILTER_DIMENSIONS[name], value or None))
+    return parsed
+
+
+NOTHING = -1  # a value no row holds: the filter matches nothing
+
+
+async def dim_id(db: aiosqlite.Connection, kind: str, value: str | None) -> int:
+    """The dictionary id of a value; 0 for unknown, NOTHING for a value never seen."""
+    if value is None:
+        return 0
+    rows = list(await db.execute_fetchall("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)))
+    return int(rows[0][0]) if rows else NOTHING
+
+
+async def raw_rows_from(db: aiosqlite.Connection) -> date | None:
+    """The first local day whose raw page view rows are all kept (None: retention has not run)."""
+    rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'log_kept_from'"))
+    return date.fromisoformat(rows[0][0]) if rows else None
+
+
+@dataclass(frozen=True)
+class RowSet:
+    """The raw rows of a site's days that match every filter, as SQL and its parameters."""
+
+    sql: str
+    params: tuple[Any, ...]
+
+
+async def matching_rows(db: aiosqlite.Connection, domain: str, span: DateRange, filters: Sequence[Filter]
+                        ) -> RowSet:
+    site = await dim_id(db, "site", domain)
+    predicates, params = [], [site, day_number(span.first), day_number(span.last)]
+    for condition in filters:
+        sql, values = condition.dimension.predicate(await dim_id(db, condition.dimension.kind, condition.value))
+        predicates.append(sql)
+        params.extend(values)
+    return RowSet(
+        "SELECT r.day, r.ts_ms, r.visitor, r.id = r.visit AS first, r.views, r.duration_ms, r.exit, r.page, r.source, "
+        "r.country, r.browser, r.os, r.device, r.utm_source, r.utm_medium, r.utm_campaign, r.entry "
+        "FROM pageview_rows r WHERE r.site = ? AND r.day BETWEEN ? AND ? AND " + " AND ".join(predicates),
+        tuple(params),
+    )
+
+
+EPOCH = date(1970, 1, 1)
+
+
+def day_number(day: date) -> int:
+    return (day - EPOCH).days
+
+
+# Per (visitor, day) and what of a page view holds for its whole visit or visitor: the lists of
+# those dimensions group these few rows, not every page view.
+VISITOR_DAYS = ("h AS MATERIALIZED (SELECT day, visitor, country, browser, os, device, utm_source, utm_medium, "
+                "utm_campaign, entry, count(*) AS views FROM m GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)")
+ROW_COLUMNS = {"country": "country", "browser": "browser", "os": "os", "device": "device", "utm_source": "utm_source",
+               "utm_medium": "utm_medium", "utm_campaign": "utm_campaign", "entry_page": "entry"}
+
+
+def _ranked(name: str, grouped: str, limit: int) -> str:
+    """A list's top rows: `grouped` gives (value id, page views, visitors, visits, bounces)."""
+    return (f"SELECT * FROM (SELECT '{name}', coalesce(d.value, ''), g.* FROM ({grouped}) g "
+            f"LEFT JOIN dims d ON d.id = g.value_id ORDER BY g.people DESC, g.views DESC, 2 LIMIT {int(limit)})")
+
+
+def _filtered_sql(rows: str, hourly: Sequence[int], limit: int) -> str:
+    """Everything a filtered answer counts, in one statement: the matching rows once (`m`), then
+    each figure and list from them."""
+    visitors = "count(DISTINCT day << 32 | visitor)"
+    arms = [
+        "SELECT 'day', '', day, sum(views), count(DISTINCT visitor), NULL, NULL FROM h GROUP BY day",
+        "SELECT 'visits', '', NULL, NULL, NULL, count(*), sum(views = 1) FROM m WHERE first",
+        "SELECT 'duration', '', NULL, NULL, NULL, sum(duration_ms), NULL FROM m WHERE first",
+        _ranked("pages", f"SELECT page AS value_id, count(*) AS views, {visitors} AS people, NULL, NULL FROM m "
+                         "GROUP BY page", limit),
+        _ranked("sources", f"SELECT source AS value_id, count(*) AS views, {visitors} AS people, NULL, NULL FROM m "
+                           "GROUP BY source", limit),
+        *(_ranked(name, f"SELECT {ROW_COLUMNS[kind.dimension]} AS value_id, sum(views) AS views, {visitors} AS people, "
+                        "NULL, NULL FROM h GROUP BY 1", limit)
+          for name, kind in BREAKDOWNS.items() if not (kind.entry or kind.exit)),
+        _ranked("entry_pages", f"SELECT g.*, v.visits, v.bounces FROM (SELECT entry AS value_id, sum(views) AS views, "
+                               f"{visitors} AS people FROM h GROUP BY entry) g LEFT JOIN (SELECT entry, count(*) AS "
+                               "visits, sum(views = 1) AS bounces FROM m WHERE first GROUP BY entry) v "
+                               "ON v.entry = g.value_id", limit),
+        _ranked("exit_pages", f"SELECT exit AS value_id, sum(views) AS views, {visitors} AS people, count(*), "
+                              "sum(views = 1) FROM m WHERE first GROUP BY exit", limit),
+    ]
+    if hourly:  # the hours of one day: the bucket of each page view by the hours' first milliseconds
+        bucket = "CASE " + " ".join(f"WHEN ts_ms < {start} THEN {index}" for index, start in enumerate(hourly[1:])) \
+            + f" ELSE {len(hourly) - 1} END"
+        arms.append(f"SELECT 'hour', '', {bucket} AS hour, count(*), count(DISTINCT visitor), NULL, NULL FROM m "
+                    "GROUP BY hour")
+    return f"WITH m AS MATERIALIZED ({rows}), {VISITOR_DAYS} " + " UNION ALL ".join(arms)
+
+
+async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
+                   filters: Sequence[Filter]) -> dict[str, Any]:
+    """The figures and lists of /api/stats counting only the raw page view rows that match every
+    filter: page views, their visitors (per day, as the rollups count them), and the visits whose
+    first page view matches (their page views, bounces, duration and exit page are on that
+    row). Raw rows are kept RAW_RETENTION_DAYS: `filtered_from` says when a period reaches back
+    before them (the days before count nothing)."""
+    rows = await matching_rows(db, domain, span, filters)
+    labels, starts = _hours(span, tz)
+    found = await db.execute_fetchall(_filtered_sql(rows.sql, starts, limit), rows.params)
+    figures: dict[str, list[Sequence[Any]]] = defaultdict(list)
+    for name, value, *numbers in found:
+        figures[name].append((value, *numbers))
+    per_day = {day: (views, people) for _, day, views, people, *_ in figures["day"]}
+    (_, _, _, _, visits, bounces), = figures["visits"]
+    (_, _, _, _, duration, _), = figures["duration"]
+    current = Totals(sum(v for v, _ in per_day.values()), sum(p for _, p in per_day.values()), visits,
+                     bounces or 0, duration or 0)
+    before = await filtered_totals(db, domain, span.previous(), filters)
+    kept_from = await raw_rows_from(db)
+    return {
+        "totals": totals_json(current, before),
+        "series": _filtered_series(span, labels, per_day, figures["hour"]),
+        "pages": [{"pathname": value, "pageviews": views, "visitors": people}
+                  for value, _, views, people, *_ in figures["pages"]],
+        "sources": [{"source": value, "pageviews": views, "visitors": people}
+                    for value, _, views, people, *_ in figures["sources"]],
+        **{name: [kind.row(value, views, people, visits, bounces)
+                  for value, _, views, people, visits, bounces in figures[name]]
+           for name, kind in BREAKDOWNS.items()},
+        "current_visitors": await current_visitors(db, domain, now, filters),
+        "filters": [condition.json() for condition in filters],
+        "filtered_from": kept_from.isoformat() if kept_from and span.first < kept_from else None,
+    }
+
+
+def _hours(span: DateRange, tz: ZoneInfo) -> tuple[list[str], list[int]]:
+    """For a one-day period, its local hours and the first millisecond of each (a repeated hour
+    of a fall-back day is one label, as the rollups count it); nothing otherwise."""
+    if span.days != 1:
+        return [], []
+    labels = local_hours(span.first, tz)
+    starts: list[int] = []
+    moment = datetime.combine(span.first, time(), tzinfo=tz).astimezone(UTC)
+    while (local := moment.astimezone(tz)).date() <= span.first:
+        if local.date() == span.first and (not starts or labels.index(local.strftime("%Y-%m-%dT%H")) == len(starts)):
+            starts.append(int(moment.timestamp() * 1000))
+        moment += timedelta(hours=1)
+    return labels, starts
+
+
+def _filtered_series(span: DateRange, labels: Sequence[str], per_day: dict[int, tuple[int, int]],
+                     per_hour: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    if labels:
+        found = {hour: (views, people) for _, hour, views, people, *_ in per_hour}
+        return [{"time": label, "pageviews": found.get(index, (0, 0))[0], "visitors": found.get(index, (0, 0))[1]}
+                for index, label in enumerate(labels)]
+    return [{"time": day.isoformat(), "pageviews": per_day.get(day_number(day), (0, 0))[0],
+             "visitors": per_day.get(day_number(day), (0, 0))[1]}
+            for day in (span.first + timedelta(days=n) for n in range(span.days))]
+
+
+async def filtered_totals(db: aiosqlite.Connection, domain: str, span: DateRange, filters: Sequence[Filter]
+                          ) -> Totals:
+    """The headline figures alone, for the previous period."""
+    rows = await matching_rows(db, domain, span, filters)
+    found = list(await db.execute_fetchall(
+        f"WITH m AS MATERIALIZED ({rows.sql}) SELECT (SELECT count(*) FROM m), (SELECT coalesce(sum(n), 0) FROM "
+        "(SELECT count(DISTINCT visitor) AS n FROM m GROUP BY day)), count(*), coalesce(sum(views = 1), 0), "
+        "coalesce(sum(duration_ms), 0) FROM m WHERE first",
+        rows.params,
+    ))
+    return Totals(*found[0])
 
 
 async def sites(db: aiosqlite.Connection) -> list[dict[str, Any]]:
@@ -301,6 +608,8 @@ EXPORT_HEADERS = {
     "daily": ("date", "pageviews", "visitors", "visits", "bounces", "visit_duration_ms"),
     "pages": ("date", "pathname", "pageviews", "visitors"),
     "sources": ("date", "source", "pageviews", "visitors"),
+    # dimension_stats, one table per list of /api/stats (an unknown value is empty)
+    **{name: ("date", kind.key, "pageviews", "visitors", "visits", "bounces") for name, kind in BREAKDOWNS.items()},
 }
 
 
@@ -316,6 +625,13 @@ async def export_rows(db: aiosqlite.Connection, table: str, domain: str, span: D
         )
         found = {row[0]: tuple(row) for row in rows}
         return [found.get(day, (day, 0, 0, 0, 0, 0)) for day in span.dates()]
+    if table in BREAKDOWNS:
+        rows = await db.execute_fetchall(
+            "SELECT day, value, pageviews, visitors, visits, bounces FROM dimension_stats WHERE domain = ? AND "
+            "dimension = ? AND day BETWEEN ? AND ? ORDER BY day, pageviews DESC, visitors DESC, value",
+            (domain, BREAKDOWNS[table].dimension, *params[1:]),
+        )
+        return [tuple(row) for row in rows]
     source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
     rows = await db.execute_fetchall(
         f"SELECT day, {column}, pageviews, visitors FROM {source} WHERE domain = ? AND day BETWEEN ? AND ? "

@@ -32,7 +32,6 @@ from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_
 from readmodel import ReadModel  # noqa: E402
 from store import DB_FILENAME, Store  # noqa: E402
 
-
 COUNTRIES = ["US", "DE", "DK", "GB", "FR", "IN", "BR", "JP", None]
 AGENTS = [("Chrome", "Windows", "desktop"), ("Safari", "iOS", "mobile"), ("Chrome", "Android", "mobile"),
           ("Firefox", "Linux", "desktop"), ("Safari", "macOS", "desktop"), ("Edge", "Windows", "desktop"),

@@ -37,7 +37,7 @@ import pytest
 from conftest import Start
 from helpers import FakeClock, utc
 
-from pathways import VISITOR_TRACKED, Event, Pathways, time_uuid
+from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
 from readmodel import ReadModel
 from stats import local_hours, period_range
 from store import DB_FILENAME, Store
@@ -89,8 +89,9 @@ async def seed(data_dir: Path, events: list[Event], tz: str = TZ) -> None:
     await store.open()
     try:
         pathways = Pathways(store)
-        pathways.register(VISITOR_TRACKED)
-        pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
+        for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):
+            pathways.register(contract)
+            pathways.handle(contract, read_model.record_pageviews)
         await pathways.deliver(sorted(events, key=lambda e: e.valid_time))
     finally:
         await store.close()
