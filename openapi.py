@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+import stats
 from pathways import (
     MAX_EVENT_NAME_LENGTH,
     MAX_EVENT_PROPS,
@@ -84,16 +85,39 @@ def figure() -> Schema:
     }
 
 
-def ranked(column: str) -> Schema:
-    return {
+def ranked(column: str, description: str = "", nullable: bool = False, extra: Schema | None = None) -> Schema:
+    """A list of /api/stats: rows of a value with its page views and visitors, by visitors."""
+    properties = {column: {"type": ["string", "null"] if nullable else "string"}, "pageviews": {"type": "integer"},
+                  "visitors": {"type": "integer"}, **(extra or {})}
+    listed: Schema = {
         "type": "array",
-        "items": {
-            "type": "object",
-            "required": [column, "pageviews", "visitors"],
-            "properties": {column: {"type": "string"}, "pageviews": {"type": "integer"},
-                           "visitors": {"type": "integer"}},
-        },
+        "items": {"type": "object", "required": list(properties), "properties": properties},
     }
+    if description:
+        listed["description"] = description
+    return listed
+
+
+UNKNOWN_IS_NULL = " null when unknown (a visitor.tracked.v0 page view, or one whose {what} could not be told)."
+BREAKDOWN_SCHEMAS: dict[str, Schema] = {
+    "countries": ranked("country", "Page views and visitors by the visitor's country (ISO 3166-1 alpha-2);"
+                        + UNKNOWN_IS_NULL.format(what="country"), nullable=True),
+    "browsers": ranked("browser", "By browser (a name, no version);" + UNKNOWN_IS_NULL.format(what="browser"),
+                       nullable=True),
+    "os": ranked("os", "By operating system (a name, no version);" + UNKNOWN_IS_NULL.format(what="system"),
+                 nullable=True),
+    "devices": ranked("device", "By device class: desktop, mobile or tablet;" + UNKNOWN_IS_NULL.format(what="class"),
+                      nullable=True),
+    **{f"utm_{part}s": ranked(f"utm_{part}", f"By the utm_{part} of the visit (its first page view's); null for "
+                              f"visits without one.", nullable=True) for part in ("source", "medium", "campaign")},
+    "entry_pages": ranked("pathname", "By the page a visit began on: its visits, their bounce rate (%, null "
+                          "without visits), and the page views of those visits; null for visits counted before entry "
+                          "pages were kept.", nullable=True, extra={
+                              "visits": {"type": "integer"}, "bounce_rate": {"type": ["number", "null"]}}),
+    "exit_pages": ranked("pathname", "By the page a visit ended on (so far): its visits, and their page views, "
+                         "counted on the day each visit began.", nullable=True,
+                         extra={"visits": {"type": "integer"}}),
+}
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -199,7 +223,7 @@ SCHEMAS: dict[str, Schema] = {
     "Stats": {
         "type": "object",
         "required": ["domain", "period", "from", "to", "previous", "timezone", "interval", "totals", "series",
-                     "pages", "sources", "current_visitors"],
+                     "pages", "sources", *BREAKDOWN_SCHEMAS, "filters", "filtered_from", "current_visitors"],
         "properties": {
             "domain": {"type": "string"},
             "period": {"type": "string"},
@@ -221,6 +245,18 @@ SCHEMAS: dict[str, Schema] = {
             },
             "pages": ranked("pathname"),
             "sources": ranked("source"),
+            **BREAKDOWN_SCHEMAS,
+            "filters": {
+                "type": "array",
+                "description": "The filters applied, as given (an empty value, unknown, is null).",
+                "items": {"type": "object", "required": ["dimension", "value"], "properties": {
+                    "dimension": {"enum": list(stats.FILTER_DIMENSIONS)}, "value": {"type": ["string", "null"]}}},
+            },
+            "filtered_from": {
+                "type": ["string", "null"],
+                "description": "With filters, the numbers come from the raw page view rows, kept RAW_RETENTION_DAYS: "
+                "the first day they cover when the period (or the previous one) reaches back before it; else null.",
+            },
             "current_visitors": {"type": "integer", "minimum": 0},
             "dropped": {
                 "type": "object",
@@ -396,7 +432,15 @@ def paths() -> dict[str, Any]:
             DOMAIN_PARAM, period,
             query("from", "First day, YYYY-MM-DD (custom).", DAY),
             query("to", "Last day, YYYY-MM-DD (custom).", DAY),
-            query("limit", "Rows of pages and sources, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
+            query("limit", "Rows of each list, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
+            {**query("filter", "`<dimension>:<value>`, as often as needed: every number then counts only the page "
+                     "views (and the visits whose first page view) match every filter, from the raw rows "
+                     f"(see filtered_from). Dimensions: {', '.join(stats.FILTER_DIMENSIONS)}. An empty value "
+                     "matches unknown (null in the lists); a value never seen matches nothing. At most "
+                     f"{stats.MAX_FILTERS}, values of at most {stats.MAX_FILTER_VALUE_LENGTH} characters.",
+                     {"type": "array", "maxItems": stats.MAX_FILTERS, "items": {
+                         "type": "string", "pattern": f"^({'|'.join(stats.FILTER_DIMENSIONS)}):"}}),
+             "style": "form", "explode": True},
         ], json_answer("The statistics.", ref("Stats")))},
         "/api/sites": {"get": reader("The domains seen.", [], json_answer("The sites.", ref("Sites")))},
         "/api/current-visitors": {"get": reader("Distinct visitors in the last five minutes.", [DOMAIN_PARAM],
@@ -405,7 +449,10 @@ def paths() -> dict[str, Any]:
             DOMAIN_PARAM,
             {**query("from", "First day, YYYY-MM-DD.", DAY), "required": True},
             {**query("to", "Last day, YYYY-MM-DD.", DAY), "required": True},
-            query("table", "daily (default), pages or sources.", {"enum": ["daily", "pages", "sources"]}),
+            query("table", "daily (default), pages, sources, or a list of /api/stats by day (countries, browsers, "
+                  "os, devices, utm_sources, utm_mediums, utm_campaigns, entry_pages, exit_pages: the value, page "
+                  "views, visitors, visits and bounces; an unknown value is empty).",
+                  {"enum": list(stats.EXPORT_TABLES)}),
         ], {"description": "CSV with a header row.", "content": {"text/csv": {"schema": {"type": "string"}}},
             "headers": {"Content-Disposition": header("attachment; filename=...", True)}})},
         "/openapi.json": {"get": {"summary": "This document.", "responses": {

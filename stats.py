@@ -534,8 +534,12 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
     (_, _, _, _, duration, _), = figures["duration"]
     current = Totals(sum(v for v, _ in per_day.values()), sum(p for _, p in per_day.values()), visits,
                      bounces or 0, duration or 0)
-    before = await filtered_totals(db, domain, span.previous(), filters)
     kept_from = await raw_rows_from(db)
+    previous = span.previous()
+    if kept_from and previous.last < kept_from:  # its raw rows are gone: nothing of it matches
+        before = Totals(0, 0, 0, 0, 0)
+    else:
+        before = await filtered_totals(db, domain, previous, filters)
     return {
         "totals": totals_json(current, before),
         "series": _filtered_series(span, labels, per_day, figures["hour"]),

@@ -136,6 +136,9 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
         ("POST", "/api/transformer", 413, {"data": b" " * 300_000, "headers": secret}),
         ("GET", "/api/stats?domain=example.com", 200, {}),
         ("GET", "/api/stats?domain=example.com&period=forever", 400, {}),
+        ("GET", "/api/stats?domain=example.com&filter=utm_campaign:spring&filter=country:", 200, {}),
+        ("GET", "/api/stats?domain=example.com&period=today&filter=page:/a", 200, {}),
+        ("GET", "/api/stats?domain=example.com&filter=colour:red", 400, {}),
         ("GET", "/api/stats?domain=example.com", 403, {"headers": {"X-Forwarded-For": "198.51.100.7"}}),
         ("GET", "/api/sites", 200, {}),
         ("GET", "/api/sites?x=1", 400, {}),
@@ -143,6 +146,7 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
         ("GET", "/api/current-visitors", 400, {}),
         ("GET", "/api/export?domain=example.com&from=2025-06-01&to=2025-06-04", 200, {}),
         ("GET", "/api/export?domain=example.com&table=nope", 400, {}),
+        ("GET", "/api/export?domain=example.com&from=2025-06-01&to=2025-06-04&table=exit_pages", 200, {}),
         ("GET", "/nowhere", 404, {}),
         ("DELETE", "/health", 405, {}),
     ]
@@ -219,3 +223,15 @@ def test_the_pageview_schema_names_the_utm_keys_and_bounds_the_collector_takes()
     utm = SCHEMAS["Pageview"]["properties"]["utm"]
     assert tuple(utm["properties"]) == UTM_KEYS and utm["additionalProperties"] is False
     assert {(p["minLength"], p["maxLength"]) for p in utm["properties"].values()} == {(1, MAX_UTM_LENGTH)}
+
+
+def test_the_document_names_every_list_and_filter_the_answer_has() -> None:
+    import stats
+
+    schema = SCHEMAS["Stats"]
+    assert set(stats.BREAKDOWNS) <= set(schema["required"])
+    assert {name: listed["items"]["required"][0] for name, listed in schema["properties"].items()
+            if name in stats.BREAKDOWNS} == {name: kind.key for name, kind in stats.BREAKDOWNS.items()}
+    parameters = document(__version__)["paths"]["/api/stats"]["get"]["parameters"]
+    filter_parameter = next(p for p in parameters if p["name"] == "filter")
+    assert all(name in filter_parameter["description"] for name in stats.FILTER_DIMENSIONS)
