@@ -26,8 +26,10 @@ from store import DB_FILENAME, LoggedEvent, Store, iso_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 TZ = "America/New_York"
-AGGREGATES = ("daily_stats", "hourly_stats", "page_stats", "source_stats")
-RAW = "SELECT domain, ts_ms, day, pathname, referrer, source FROM pageviews ORDER BY ts_ms, pathname"
+AGGREGATES = ("daily_stats", "hourly_stats", "page_stats", "source_stats", "dimension_stats")
+RAW = ("SELECT domain, ts_ms, day, pathname, referrer, source, country, browser, os, device, utm, utm_source, "
+       "utm_medium, utm_campaign, entry_page, views, duration_ms, exit_page, id = visit FROM pageviews "
+       "ORDER BY ts_ms, pathname")
 # The links from visitor hashes (their numbers in the raw rows are new after a rebuild), and each
 # raw row with its visitor's and visit's place among the rows: the same after a rebuild.
 HASHES = {
@@ -52,7 +54,7 @@ VIEWS = [
 
 
 def aggregates(data_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
-    model = {table: query(data_dir, f"SELECT * FROM {table} ORDER BY 1, 2, 3") for table in AGGREGATES}
+    model = {table: query(data_dir, f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4") for table in AGGREGATES}
     model["pageviews"] = query(data_dir, RAW)
     return model
 
@@ -61,14 +63,29 @@ def hashes(data_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: query(data_dir, sql) for table, sql in HASHES.items()}
 
 
+# What each visitor's browser says, and the country its CDN says (the loopback proxy is trusted).
+AGENTS = {
+    "198.51.100.1": ("Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0", "DK"),
+    "198.51.100.4": ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                     "Version/17.5 Mobile/15E148 Safari/604.1", "DE"),
+}
+CAMPAIGNS = {(utc(2025, 6, 8, 13, 0), "/"): {"source": "newsletter", "campaign": "june"},
+             (utc(2025, 6, 9, 14, 0), "/"): {"source": "mastodon", "medium": "social"}}
+
+
 async def send_views(start_collector: Start, clock: FakeClock, **env: str) -> None:
+    """The page views over HTTP: two visitors with a known browser and country, two with a
+    campaign; the others with a user agent nobody knows, from nowhere known."""
     client = await start_collector(clock=clock, TIMEZONE=TZ, **env)
     for at, address, path, referrer, domain in VIEWS:
         clock.now = at
+        agent, country = AGENTS.get(address, ("Mozilla/5.0 test", "XX"))
+        body: dict[str, Any] = {"pathname": path, "referrer": referrer, "domain": domain}
+        if (at, path) in CAMPAIGNS:
+            body["utm"] = CAMPAIGNS[(at, path)]
         response = await client.post(
-            "/api/pageview",
-            json={"pathname": path, "referrer": referrer, "domain": domain},
-            headers={"X-Forwarded-For": address, "User-Agent": "Mozilla/5.0 test"},
+            "/api/pageview", json=body,
+            headers={"X-Forwarded-For": address, "User-Agent": agent, "CF-IPCountry": country},
         )
         assert response.status == 204
     await drained(client)
@@ -141,6 +158,10 @@ async def test_rebuild_gives_the_read_model_live_processing_built_and_is_idempot
     await send_views(start_collector, clock)
     live, live_hashes = aggregates(data_dir), hashes(data_dir)
     assert live["daily_stats"][0][:3] == ("b.example", "2025-06-09", 1)
+    counted = {row[1:4] for row in live["dimension_stats"]}  # the dimensions are there to be rebuilt
+    assert {("country", "2025-06-08", "DK"), ("browser", "2025-06-09", "Safari"), ("device", "2025-06-09",
+            "mobile"), ("utm_campaign", "2025-06-08", "june"), ("entry_page", "2025-06-08", "/"),
+            ("exit_page", "2025-06-08", "/blog")} <= counted
     progress: list[tuple[int, int]] = []
 
     summary = await rebuild(data_dir, ZoneInfo(TZ), VIEWS[0][0], lambda done, total: progress.append((done, total)))
