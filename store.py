@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -194,6 +195,18 @@ def iso_ms(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
+def create_private_file(path: Path) -> None:
+    """Create the file with mode 0600, whatever the umask, unless it exists already."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+
+
 class Store:
     """One SQLite file in WAL mode: a single writer connection, a separate reader."""
 
@@ -221,6 +234,7 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(self.path)  # SQLite gives its WAL and SHM files the database's mode
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
         for pragma in (
             "PRAGMA journal_mode = WAL",
