@@ -437,7 +437,7 @@ async def test_the_test_page_buttons_drive_the_real_script(
     client = await start_collector()
     errors = PageErrors()
     context, page = await new_page(site_browser, errors)
-    recorded = "document.getElementById('console').textContent.split('204 recorded').length - 1"
+    recorded = "document.getElementById('console').textContent.split('204 counted').length - 1"
     async with page.expect_response(answered):
         await page.goto(str(client.make_url("/test.html")))
     for button in ("About", "Blog post", "Back", "Send /custom/manual-event"):
