@@ -40,6 +40,7 @@ import privacy
 import stats
 from config import (
     DEFAULTS,
+    IGNORED_SETTINGS,
     MIN_STATS_TOKEN_LENGTH,
     SETTINGS,
     Config,
@@ -48,7 +49,7 @@ from config import (
     load_config,
     with_secret_key,
 )
-from filters import MAX_DOMAIN_LENGTH, FilterSettings, normalize_host
+from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
     DataDirNotWritableError,
@@ -56,6 +57,7 @@ from maintenance import (
     lock_data_dir,
     progress_bar,
     rebuild,
+    retry_dead_letters,
 )
 from pathways import (
     VISITOR_TRACKED,
@@ -72,7 +74,7 @@ from pathways import (
     secret_matches,
     wait_any,
 )
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour
+from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour, read_dead_letters
 
 __version__ = "0.1.0"
 
@@ -448,30 +450,33 @@ def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int
 # -- the transformer endpoint: Flowcore delivers events back to the router ---------------------------------
 
 MAX_ENVELOPE_BYTES = 256 * 1024
+DEAD_LETTER_RETRY_AFTER = 30  # seconds: a failing handler (a full disk, a bug) is seldom fixed sooner
 
 
 async def transformer(request: web.Request) -> web.Response:
     """One Flowcore event envelope (flowType or the legacy aggregator). 200 OK once processed
-    or when it was processed before; 500 when its handler failed, so the sender delivers it again."""
-    secret = request.app[CONFIG].transformer_secret
+    or when it was processed before; 503 with Retry-After when its handler kept failing (the
+    event waits in the dead letters), so the sender delivers it again."""
+    config = request.app[CONFIG]
+    secret = config.transformer_secret
     if not secret:
         raise ApiError(404, "the transformer endpoint is disabled: set FLOWCORE_TRANSFORMER_SECRET to enable it")
-    if not secret_matches(secret, request.headers.get("X-Secret")):
-        raise ApiError(401, "missing or wrong X-Secret header")
+    if not secret_matches(secret, request.headers.get(config.transformer_secret_header)):
+        raise ApiError(401, f"missing or wrong {config.transformer_secret_header} header")
     raw = parse_json(await read_body(request, MAX_ENVELOPE_BYTES))
     try:
         event = parse_envelope(raw)
-        outcome = await request.app[PATHWAYS].process(event)
+        outcome = await request.app[PATHWAYS].receive(event)
     except EnvelopeError as error:
         raise ApiError(400, str(error)) from None
     except UnknownPathwayError as error:
         raise ApiError(404, str(error)) from None
     except ContractError as error:
         raise ApiError(422, str(error)) from None
-    if outcome is Outcome.FAILED:
-        raise ApiError(500, f"the handler of {event.key} failed on event {event.event_id}; deliver it again")
     if outcome is Outcome.DEAD_LETTERED:
-        raise ApiError(500, f"the handler of {event.key} kept failing; event {event.event_id} is in the dead letters")
+        # 503, not 500: the platform's transformers redeliver on 408, 425, 429, 502, 503 and 504 only
+        raise ApiError(503, f"the handler of {event.key} failed on event {event.event_id}; it is kept in the dead "
+                       "letters; deliver it again later", {"Retry-After": str(DEAD_LETTER_RETRY_AFTER)})
     return web.Response(text="OK")
 
 
@@ -492,6 +497,7 @@ ENDPOINTS = {
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
+    "GET /swagger": "Swagger UI over /openapi.json, when the swagger extra is installed.",
     "GET /": "This list.",
 }
 
@@ -584,6 +590,8 @@ def domain_param(params: Mapping[str, str]) -> str:
     text = params.get("domain", "")
     if not text:
         raise ApiError(400, "domain is required, e.g. domain=example.com")
+    if text == NO_SITE:  # received events whose domain was empty or not a hostname
+        return text
     domain = normalize_host(text) if len(text) <= MAX_DOMAIN_LENGTH else None
     if domain is None:
         raise ApiError(400, "domain must be a hostname such as example.com")
@@ -643,6 +651,33 @@ async def export_api(request: web.Request) -> web.Response:
     )
 
 
+SWAGGER_MISSING = ("Swagger UI is not installed here: pip install '.[swagger]' and restart; the OpenAPI document "
+                   "is at /openapi.json")
+ASSET_CACHE_CONTROL = "public, max-age=86400"
+
+
+async def swagger_page(request: web.Request) -> web.FileResponse:
+    # Its Content-Security-Policy (scripts and styles from this origin only) comes from http_defense.
+    if openapi.swagger_ui_dir() is None:
+        raise ApiError(404, SWAGGER_MISSING)
+    return web.FileResponse(STATIC_DIR / "swagger.html", headers={"Cache-Control": "no-cache"})
+
+
+async def swagger_asset(request: web.Request) -> web.FileResponse:
+    asset, directory = request.match_info["asset"], openapi.swagger_ui_dir()
+    if directory is None:
+        raise ApiError(404, SWAGGER_MISSING)
+    if asset == "init.js":
+        path = STATIC_DIR / "swagger-init.js"
+    elif asset in openapi.SWAGGER_ASSETS:
+        path = directory / asset
+    else:
+        raise ApiError(404, f"no such file of Swagger UI: {asset[:64]!r}")
+    kind = "text/css" if asset.endswith(".css") else "text/javascript"  # as documented, whatever mimetypes says
+    headers = {"Cache-Control": ASSET_CACHE_CONTROL, "Content-Type": f"{kind}; charset=utf-8"}
+    return web.FileResponse(path, headers=headers)
+
+
 async def dashboard(request: web.Request) -> web.FileResponse:
     # Its Content-Security-Policy (hashes of its inline script and style) comes from http_defense.
     return web.FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
@@ -681,6 +716,7 @@ def utc_now() -> datetime:
 PAGES = {
     "/dashboard": http_defense.Page(STATIC_DIR / "dashboard.html", "no-referrer"),
     "/test.html": http_defense.Page(STATIC_DIR / "test.html", "strict-origin-when-cross-origin", "'self'"),
+    "/swagger": http_defense.Page(STATIC_DIR / "swagger.html", "no-referrer", "'self'", style_src="'self'"),
 }
 
 
@@ -711,6 +747,8 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/openapi.json", openapi.handler(__version__))
+    app.router.add_get("/swagger", swagger_page)
+    app.router.add_get("/swagger/{asset}", swagger_asset)
     return app
 
 
@@ -721,9 +759,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     await store.open()
-    pathways = Pathways(store, max_attempts=config.handler_max_attempts)
-    pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    pathways = wire_pathways(store, config)
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
     if config.flowcore and session:
@@ -756,6 +792,14 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         logger.info("stopped; the database is closed")
 
 
+def wire_pathways(store: Store, config: Config) -> Pathways:
+    """The contracts and their handlers: for the running collector and `dead-letters --retry`."""
+    pathways = Pathways(store, max_attempts=config.handler_max_attempts, log_received=config.flowcore is not None)
+    pathways.register(VISITOR_TRACKED)
+    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    return pathways
+
+
 async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:
     """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
     ephemeral salt's 48 hours end)."""
@@ -763,7 +807,8 @@ async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyn
         try:
             today = clock().astimezone(UTC).date()
             await store.forget_expired_visitors(today)
-            await enforce_retention(store, config.timezone, config.raw_retention_days, clock())
+            await enforce_retention(store, config.timezone, config.raw_retention_days, clock(),
+                                    local_delivery=config.flowcore is None)
             await store.forget_salts(privacy.previous_day(today.isoformat()))
         except Exception:
             logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
@@ -805,7 +850,10 @@ def log_start(config: Config) -> None:
             logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "
                            "to Flowcore will not come back to build statistics here")
     if config.transformer_secret:
-        logger.info("POST /api/transformer is enabled")
+        logger.info("POST /api/transformer is enabled; it reads the secret from the %s header",
+                    config.transformer_secret_header)
+    for name in config.ignored_settings:
+        logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
     logger.info(
         "privacy mode %s; counting %s; rate limit %s",
         config.privacy_mode,
@@ -870,10 +918,44 @@ def rebuild_command(config: Config) -> int:
     return 0
 
 
+def dead_letters_command(config: Config, retry: bool) -> int:
+    """`collector.py dead-letters`: the events whose handler kept failing (readable while the
+    collector runs). With --retry, after a fix, each runs once more; the collector must be stopped."""
+    path = config.data_dir / DB_FILENAME
+    if not path.exists():
+        print(f"collector dead-letters: there is no database in {config.data_dir}", file=sys.stderr)
+        return 1
+    if not retry:
+        letters = asyncio.run(read_dead_letters(path))
+        for letter in letters:
+            print(f"{letter.event_id}  {letter.pathway}  {letter.attempts} attempts, last at {letter.failed_at}: "
+                  f"{letter.error}")
+        print(f"{len(letters)} dead letters" + (
+            "; after a fix, stop the collector and run `python collector.py dead-letters --retry`" if letters else ""))
+        return 0
+    try:
+        results = asyncio.run(
+            retry_dead_letters(config.data_dir, config.timezone, lambda store: wire_pathways(store, config))
+        )
+    except DataDirBusyError:
+        print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
+              "`python collector.py dead-letters --retry` again", file=sys.stderr)
+        return 1
+    except DataDirNotWritableError as error:
+        print(f"collector dead-letters: {error}", file=sys.stderr)
+        return 1
+    for result in results:
+        outcome = "processed" if result.error is None else f"failed again: {result.error}"
+        print(f"{result.letter.event_id}  {result.letter.pathway}: {outcome}")
+    failed = sum(result.error is not None for result in results)
+    print(f"retried {len(results)} dead letters: {len(results) - failed} processed, {failed} still failing")
+    return 1 if failed else 0
+
+
 # -- the command line ----------------------------------------------------------------------------------------
 
 DOTENV_FILE = ".env"
-SERVE, REBUILD = "serve", "rebuild"
+SERVE, REBUILD, DEAD_LETTERS = "serve", "rebuild", "dead-letters"
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -889,7 +971,10 @@ def command_line() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     commands.add_parser(SERVE, help="collect page views and serve the dashboard (the default)")
     commands.add_parser(REBUILD, help="recompute the statistics from the local event log (stop the collector first)")
-    # Further commands (dead-letters [--retry]) add their parser here and a branch in run_command().
+    dead_letters = commands.add_parser(DEAD_LETTERS, help="list the events whose handler kept failing")
+    dead_letters.add_argument("--retry", action="store_true",
+                              help="run each once more, after a fix (stop the collector first)")
+    # A further command adds its parser here and a branch in run_command().
     return parser
 
 
@@ -913,16 +998,19 @@ def read_dotenv(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     values = {name: value for name, value in dotenv_values(path, interpolate=False).items() if value is not None}
-    unknown = sorted(set(values) - set(DEFAULTS))
+    known = set(DEFAULTS) | set(IGNORED_SETTINGS)  # the original's, which start-up reports as ignored
+    unknown = sorted(set(values) - known)
     if unknown:
         logger.warning("%s: ignoring %s: not a setting (see --help)", path, ", ".join(unknown))
     logger.info("settings read from %s (the environment wins)", path.resolve())
-    return {name: value for name, value in values.items() if name in DEFAULTS}
+    return {name: value for name, value in values.items() if name in known}
 
 
-def run_command(command: str, config: Config) -> int:
-    if command == REBUILD:
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    if args.command == REBUILD:
         return rebuild_command(config)
+    if args.command == DEAD_LETTERS:
+        return dead_letters_command(config, retry=args.retry)
     return serve(config)
 
 
@@ -938,7 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
-    return run_command(args.command or SERVE, config)
+    return run_command(args, config)
 
 
 def serve(config: Config) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -71,7 +72,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "HANDLER_MAX_ATTEMPTS",
         "5",
-        "Attempts a failing event handler gets before the event goes to the dead-letter table.",
+        "Attempts a failing event handler gets before the event goes to the dead-letter table; for an event "
+        "delivered to /api/transformer, quick ones within the request, which then answers 503.",
     ),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
     Setting(
@@ -113,6 +115,11 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Enables POST /api/transformer (in either mode); Flowcore must send it in the X-Secret header.",
     ),
+    Setting(
+        "FLOWCORE_TRANSFORMER_SECRET_HEADER",
+        "X-Secret",
+        "The request header /api/transformer reads the secret from (the original collector's: X-Secret).",
+    ),
     Setting("FLOWCORE_BATCH_SIZE", "100", "Events per request to the Flowcore webhook (1 to 1000)."),
     Setting("FLOWCORE_TIMEOUT_MS", "10000", "How long one request to Flowcore may take before it is retried."),
     Setting("FLOWCORE_RETRY_BASE_MS", "500", "First retry delay after a failed send; it doubles each time."),
@@ -151,6 +158,14 @@ SETTINGS: tuple[Setting, ...] = (
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
+# Settings of the original collector that have no use here: recognised, reported at start-up as
+# ignored (never with their value: a connection string holds a password), and otherwise harmless.
+IGNORED_SETTINGS = {
+    "POSTGRES_CONNECTION_STRING": "the state of processed events (table pathway_state) lives in the SQLite file in "
+    "DATA_DIR, in the same transaction as the statistics it guards, so no Postgres is needed",
+}
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the variable."""
@@ -172,6 +187,8 @@ class Config:
     event_loop: str = "auto"
     flowcore: FlowcoreSettings | None = None
     transformer_secret: str = field(default="", repr=False)
+    transformer_secret_header: str = "X-Secret"
+    ignored_settings: tuple[str, ...] = ()  # IGNORED_SETTINGS that are set
     privacy_mode: str = privacy.SEED
     allowed_domains: DomainAllowList | None = None
     allowed_origins: OriginAllowList = ANY_ORIGIN
@@ -208,6 +225,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         event_loop=_choice("EVENT_LOOP", get("EVENT_LOOP").lower(), ("auto", "asyncio", "uvloop")),
         flowcore=_flowcore(get),
         transformer_secret=get("FLOWCORE_TRANSFORMER_SECRET"),
+        transformer_secret_header=_header_name("FLOWCORE_TRANSFORMER_SECRET_HEADER",
+                                               get("FLOWCORE_TRANSFORMER_SECRET_HEADER")),
+        ignored_settings=tuple(name for name in IGNORED_SETTINGS if environ.get(name, "").strip()),
         stats_token=_stats_token("STATS_TOKEN", get("STATS_TOKEN")),
         raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
         privacy_mode=_choice("PRIVACY_MODE", get("PRIVACY_MODE").lower(), privacy.PRIVACY_MODES),
@@ -277,6 +297,12 @@ def _flowcore(get: Callable[[str], str]) -> FlowcoreSettings | None:
         retry_base=_integer("FLOWCORE_RETRY_BASE_MS", get("FLOWCORE_RETRY_BASE_MS"), 1, 600_000) / 1000,
         retry_max=_integer("FLOWCORE_RETRY_MAX_MS", get("FLOWCORE_RETRY_MAX_MS"), 1, 3_600_000) / 1000,
     )
+
+
+def _header_name(name: str, text: str) -> str:
+    if not HEADER_NAME.fullmatch(text):
+        raise ConfigError(f"{name} must be an HTTP header name such as X-Secret, not {text!r}")
+    return text
 
 
 def _integer(name: str, text: str, low: int, high: int) -> int:

@@ -55,6 +55,9 @@ OTHER_DOMAINS = "*"
 
 MAX_DOMAIN_LENGTH = 253
 HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+# The site of a received event whose domain is empty or not a hostname (the original collector's
+# contract allowed any string). Parentheses and a space: no hostname can ever be spelled so.
+NO_SITE = "(no site)"
 
 
 @lru_cache(maxsize=1024)

@@ -48,6 +48,7 @@ class Page:
     path: Path
     referrer_policy: str
     script_src: str = ""  # sources besides the page's own inline scripts, e.g. "'self'"
+    style_src: str = ""  # sources besides the page's own inline styles
 
 
 def server_options(keepalive_timeout: float) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def page_policy(page: Page) -> str:
     to its own origin, and data: images (the empty favicon); nothing from anywhere else."""
     html = page.path.read_text(encoding="utf-8")
     scripts = " ".join(filter(None, [page.script_src, *inline_hashes(INLINE_SCRIPT, html)])) or "'none'"
-    styles = " ".join(inline_hashes(INLINE_STYLE, html)) or "'none'"
+    styles = " ".join(filter(None, [page.style_src, *inline_hashes(INLINE_STYLE, html)])) or "'none'"
     return (
         f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; img-src data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"

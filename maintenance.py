@@ -1,5 +1,5 @@
-"""Jobs beside serving: the daily retention, the DATA_DIR lock, and `collector.py rebuild`,
-which recomputes the read model from the local event log.
+"""Jobs beside serving: the daily retention, the DATA_DIR lock, `collector.py rebuild`, which
+recomputes the read model from the local event log, and `collector.py dead-letters --retry`.
 
 A module of its own so that collector.py stays the HTTP app and its configuration; the SQL
 these jobs need lives in store.py."""
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, Event
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, local_day_hour
+from pathways import VISITOR_TRACKED, Event, Pathways
+from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, Store, local_day_hour
 
 LOCK_FILENAME = "collector.lock"
 REBUILD_BATCH = 1000
@@ -25,13 +25,15 @@ RETENTION_INTERVAL = timedelta(days=1)
 Progress = Callable[[int, int], None]
 
 
-async def enforce_retention(store: Store, tz: ZoneInfo, keep_days: int, now: datetime) -> None:
+async def enforce_retention(
+    store: Store, tz: ZoneInfo, keep_days: int, now: datetime, *, local_delivery: bool = True
+) -> None:
     """RAW_RETENTION_DAYS, at most once a day; the last run is kept in the store, so restarts
     do not make it run more often (nor skip it)."""
     last = await store.get_meta(RETENTION_LAST_RUN)
     if last is not None and now - datetime.fromisoformat(last) < RETENTION_INTERVAL:
         return
-    await store.apply_retention(now.astimezone(tz).date(), keep_days, now)
+    await store.apply_retention(now.astimezone(tz).date(), keep_days, now, local_delivery=local_delivery)
 
 
 # -- the data directory's lock ------------------------------------------------------------------------
@@ -125,6 +127,29 @@ async def _replay_log(store: Store, progress: Progress) -> RebuildSummary:
             seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
             progress(done, total)
     return RebuildSummary(from_day, replayed, total - replayed)
+
+
+# -- dead letters -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    letter: DeadLetter
+    error: str | None  # None: processed at last, and the dead letter is gone
+
+
+async def retry_dead_letters(data_dir: Path, tz: ZoneInfo, wire: Callable[[Store], Pathways]) -> list[RetryResult]:
+    """Run every dead letter's event once more, oldest first, each in its own transaction, while
+    holding DATA_DIR's lock (so no collector delivers the same event meanwhile)."""
+    descriptor = lock_data_dir(data_dir)
+    store = Store(data_dir / DB_FILENAME, tz)
+    try:
+        await store.open()
+        pathways = wire(store)
+        return [RetryResult(letter, await pathways.retry_dead_letter(letter)) for letter in await store.dead_letters()]
+    finally:
+        await store.close()
+        os.close(descriptor)
 
 
 def _local_day(event: Event, tz: ZoneInfo) -> str:

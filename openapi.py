@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -56,7 +57,9 @@ READER_ERRORS = {
     "503": UNAVAILABLE,
 }
 DOMAIN_PARAM = {
-    "name": "domain", "in": "query", "required": True, "description": "The site, e.g. example.com.",
+    "name": "domain", "in": "query", "required": True,
+    "description": "The site, e.g. example.com; `(no site)` for received events whose domain was empty or not a "
+    "hostname.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 253},
 }
 DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
@@ -252,9 +255,12 @@ def transformer_operation() -> Schema:
             "401": error("X-Secret is missing or wrong."),
             "404": error("The endpoint is disabled, or no pathway handles the event's flow and event type."),
             "413": error("The body is larger than 256 KiB."),
-            "422": error("The payload breaks the event type's contract."),
-            "500": error("The handler failed (deliver the event again), or an unexpected error."),
-            "503": UNAVAILABLE,
+            "422": error("The payload breaks the event type's contract (read as leniently as the original "
+                         "collector wrote it), or its validTime or salt day is before 2000 or after tomorrow."),
+            "500": INTERNAL,
+            "503": error("The handler kept failing: the event is kept in the dead letters; deliver it again "
+                         "after Retry-After seconds. Or the collector is shutting down.",
+                         {"Retry-After": header("Seconds to wait before delivering the event again.")}),
         },
     }
 
@@ -268,11 +274,12 @@ def query(name: str, description: str, schema: Schema) -> Schema:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-def html(summary: str) -> Schema:
+def html(summary: str, errors: dict[str, Schema] | None = None) -> Schema:
     return {"summary": summary, "responses": {
         "200": {"description": "The page; its Content-Security-Policy allows exactly what it needs.",
                 "content": {"text/html": {"schema": {"type": "string"}}},
                 "headers": {"Content-Security-Policy": header("The page's policy.", True)}},
+        **(errors or {}),
         "500": INTERNAL,
     }}
 
@@ -303,6 +310,18 @@ def paths() -> dict[str, Any]:
             "500": INTERNAL}}},
         "/test.html": {"get": html("A test page that sends page views to this collector.")},
         "/dashboard": {"get": html("The statistics dashboard.")},
+        "/swagger": {"get": html("Swagger UI over this document (with the swagger extra installed).",
+                                 {"404": error("Swagger UI is not installed here (pip install '.[swagger]').")})},
+        "/swagger/{asset}": {"get": {
+            "summary": "A file of Swagger UI, or its set-up.",
+            "parameters": [{"name": "asset", "in": "path", "required": True,
+                            "schema": {"enum": [*SWAGGER_ASSETS, "init.js"]}}],
+            "responses": {
+                "200": {"description": "The file.", "content": {"text/javascript": {"schema": {"type": "string"}},
+                                                                 "text/css": {"schema": {"type": "string"}}}},
+                "404": error("No such file, or Swagger UI is not installed here."),
+                "500": INTERNAL,
+            }}},
         "/api/stats": {"get": reader("Statistics of a domain over a period.", [
             DOMAIN_PARAM, period,
             query("from", "First day, YYYY-MM-DD (custom).", DAY),
@@ -381,3 +400,19 @@ def handler(version: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         return web.Response(body=body, content_type=JSON, headers={"Cache-Control": "no-cache"})
 
     return serve_openapi
+
+
+# -- Swagger UI -------------------------------------------------------------------------------------
+
+# The two files of Swagger UI the page at /swagger loads, from the optional `swagger` extra
+# (swagger-ui-bundle-v2); the page and its few lines of set-up are static/swagger*.
+SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
+
+
+def swagger_ui_dir() -> Path | None:
+    """Where the installed Swagger UI's files are, or None without the `swagger` extra."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return Path(str(swagger_ui_bundle.swagger_ui_path))

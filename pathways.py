@@ -14,15 +14,16 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import aiohttp
 import aiosqlite
 
 from config import FlowcoreSettings
-from store import LoggedEvent, OutboxRow, Store, iso_ms
+from filters import NO_SITE, normalize_host
+from store import DeadLetter, LoggedEvent, OutboxRow, Store, StoreClosedError, iso_ms
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,20 @@ class Obj:
                 raise ContractError(f"{name}.{key} {problem}")
 
 
+# How a contract reads a delivered payload: (payload, the event's valid time, now) -> the payload
+# its handler gets, or ContractError.
+PayloadReader = Callable[[Any, datetime, datetime], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Contract:
     flow_type: str
     event_type: str
     description: str
     schema: Obj
+    # Delivered events are read by this, when given: leniently, as whatever wrote them allowed.
+    # Without it they are read as strictly as `write` checks.
+    reader: PayloadReader | None = None
 
     @property
     def key(self) -> str:
@@ -112,6 +121,72 @@ class Contract:
 
     def validate(self, payload: Any) -> None:
         self.schema.check("payload", payload)
+
+    def read(self, payload: Any, valid_time: datetime, now: datetime) -> dict[str, Any]:
+        if self.reader is None:
+            self.validate(payload)
+            return payload  # type: ignore[no-any-return]
+        return self.reader(payload, valid_time, now)
+
+
+# No event of the original collector, nor of this one, is older; and no clock is a day fast.
+# A row dated outside this window would never be forgotten by retention or the hash clean-up.
+EARLIEST_DAY = date(2000, 1, 1)
+SALT_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+ANY_TEXT = Text(0, 10**9)  # any string that can be stored (the only check: no lone surrogate)
+
+
+def sane_day(day: date, now: datetime, name: str) -> None:
+    tomorrow = now.astimezone(UTC).date() + timedelta(days=1)
+    if not EARLIEST_DAY <= day <= tomorrow:
+        raise ContractError(f"{name} {day.isoformat()} is outside {EARLIEST_DAY.isoformat()} to tomorrow")
+
+
+def read_visitor_tracked(payload: Any, valid_time: datetime, now: datetime) -> dict[str, Any]:
+    """A visitor.tracked.v0 payload as the original collector's contract accepted it (zod:
+    visitorHash any 64 characters, domain, pathname and referrer any strings, unknown keys of
+    sessionContext stripped; unknown top-level keys refused), made safe to count: a domain that is
+    empty or not a hostname counts under NO_SITE, and a salt day that is not a date is the UTC day
+    of the event's valid time. Earlier versions of the original wrote no domain: also NO_SITE."""
+    if not isinstance(payload, dict):
+        raise ContractError("payload must be an object")
+    unknown = sorted(set(payload) - set(VISITOR_TRACKED.schema.fields))
+    if unknown:
+        raise ContractError(f"payload has unknown keys: {', '.join(_short(k) for k in unknown)}")
+    texts = {}
+    for name in ("visitorHash", "domain", "pathname", "referrer"):
+        if name not in payload and name != "domain":
+            raise ContractError(f"payload.{name} is required")
+        value = payload.get(name, "")
+        if (problem := ANY_TEXT.problem(value)) is not None:
+            raise ContractError(f"payload.{name} {problem}")
+        texts[name] = value
+    if len(texts["visitorHash"]) != 64:
+        raise ContractError("payload.visitorHash must be 64 characters long")
+    context = payload.get("sessionContext")
+    if not isinstance(context, dict):
+        raise ContractError("payload.sessionContext must be an object")
+    salt_day = context.get("dailySaltRotation")
+    if (problem := ANY_TEXT.problem(salt_day)) is not None or not isinstance(salt_day, str):
+        raise ContractError(f"payload.sessionContext.dailySaltRotation {problem}")
+    return {
+        "visitorHash": texts["visitorHash"],
+        "domain": normalize_host(texts["domain"]) or NO_SITE,
+        "pathname": texts["pathname"],
+        "referrer": texts["referrer"],
+        "sessionContext": {"dailySaltRotation": _salt_day(salt_day, valid_time, now)},
+    }
+
+
+def _salt_day(text: str, valid_time: datetime, now: datetime) -> str:
+    try:
+        day = date.fromisoformat(text) if SALT_DAY.fullmatch(text) else None
+    except ValueError:
+        day = None
+    if day is None:  # not a date: the day the original's salt rotated on is the event's UTC day
+        return valid_time.astimezone(UTC).date().isoformat()
+    sane_day(day, now, "payload.sessionContext.dailySaltRotation")
+    return text
 
 
 VISITOR_TRACKED = Contract(
@@ -129,6 +204,7 @@ VISITOR_TRACKED = Contract(
             ),
         }
     ),
+    reader=read_visitor_tracked,
 )
 
 
@@ -173,6 +249,20 @@ class Event:
             payload=json.loads(logged.payload),
             time_bucket=logged.time_bucket,
         )
+
+
+def _logged_event(event: Event) -> LoggedEvent:
+    """A delivered event as the local event log keeps it (seq is assigned by the store)."""
+    valid_time = iso_ms(event.valid_time)
+    return LoggedEvent(
+        seq=0,
+        event_id=event.event_id,
+        flow_type=event.flow_type,
+        event_type=event.event_type,
+        time_bucket=event.time_bucket or time_bucket(valid_time),
+        valid_time=valid_time,
+        payload=COMPACT_JSON.encode(event.payload),
+    )
 
 
 def parse_time(text: str) -> datetime:
@@ -258,13 +348,22 @@ class Outcome(enum.Enum):
     DEAD_LETTERED = "dead-lettered"
 
 
+# A delivered event's handler gets quick attempts within the request, as the original's pathways
+# did (500, 1000, 1500 ms): linear, RECEIVE_RETRY_DELAY times the attempt, seconds in all.
+RECEIVE_RETRY_DELAY = 0.25
+
+
 class Pathways:
     """The registry of contracts and handlers, the writer, and the router."""
 
-    def __init__(self, store: Store, *, max_attempts: int = 5, retry_delay: float = 0.5) -> None:
+    def __init__(
+        self, store: Store, *, max_attempts: int = 5, retry_delay: float = 0.5, log_received: bool = False
+    ) -> None:
         self.store = store
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
+        # Flowcore mode: delivered events go into the local event log, so `rebuild` has them all.
+        self.log_received = log_received
         self._contracts: dict[str, Contract] = {}
         self._handlers: dict[str, Handler] = {}
 
@@ -306,6 +405,67 @@ class Pathways:
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
         return Outcome.PROCESSED if processed else Outcome.DUPLICATE
+
+    def read(self, event: Event, now: datetime | None = None) -> Event:
+        """A delivered event as its contract reads it (leniently: whatever the original wrote);
+        ContractError for one that cannot be counted, UnknownPathwayError for no pathway."""
+        contract = self.contract_for(event)
+        now = now or datetime.now(UTC)
+        sane_day(event.valid_time.astimezone(UTC).date(), now, "envelope.validTime")
+        return replace(event, payload=contract.read(event.payload, event.valid_time, now))
+
+    async def receive(self, event: Event) -> Outcome:
+        """One event delivered by Flowcore (or the CLI's proxy). Its id and its handler's work are
+        committed in ONE transaction, so a redelivery changes nothing. A failing handler gets
+        max_attempts quick attempts in this request; then the event goes to the dead letters
+        WITHOUT being marked processed: a later delivery runs it again, and a success clears it."""
+        event = self.read(event)
+        error: Exception | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return await self._receive_once(event)
+            except StoreClosedError:
+                raise
+            except Exception as failure:
+                error = failure
+                logger.warning("event %s (%s) failed, attempt %d of %d: %s: %s", event.event_id, event.key,
+                               attempt, self.max_attempts, type(failure).__name__, failure)
+            if attempt < self.max_attempts:
+                await asyncio.sleep(RECEIVE_RETRY_DELAY * attempt)
+        message = f"{type(error).__name__}: {error}"
+        await self.store.dead_letter(event.event_id, event.key, event.envelope(), message, self.max_attempts)
+        logger.error("event %s (%s) is in the dead letters after %d attempts: %s", event.event_id, event.key,
+                     self.max_attempts, message)
+        return Outcome.DEAD_LETTERED
+
+    async def _receive_once(self, event: Event, *, retrying: bool = False) -> Outcome:
+        async with self.store.transaction() as tx:
+            if retrying:  # a dead letter of the local sink was marked processed when it failed
+                await self.store.unclaim(tx, event.event_id)
+            if not await self.store.claim_events(tx, {event.event_id: event.key}):
+                return Outcome.DUPLICATE
+            handler = self._handlers.get(event.key)
+            if handler is not None:
+                await handler(tx, [event])
+            if self.log_received:
+                await self.store.log_received(tx, _logged_event(event))
+            await self.store.clear_dead_letter(tx, event.event_id)
+        return Outcome.PROCESSED
+
+    async def retry_dead_letter(self, letter: DeadLetter) -> str | None:
+        """Run a dead letter's event once more, after a fix: its handler's work, its id and the
+        dead letter's removal in one transaction. None on success, else what failed (the dead
+        letter stays, its error and attempts updated)."""
+        try:
+            event = self.read(parse_envelope(json.loads(letter.envelope)))
+            await self._receive_once(event, retrying=True)
+        except StoreClosedError:
+            raise
+        except Exception as failure:
+            message = f"{type(failure).__name__}: {failure}"
+            await self.store.dead_letter(letter.event_id, letter.pathway, letter.envelope, message, 1)
+            return message
+        return None
 
     async def deliver(self, events: Sequence[Event]) -> None:
         """Process events in order: together in one transaction when they all succeed,
@@ -489,7 +649,7 @@ class FlowcoreSink:
                 await self._failed(error)
                 continue
             sent = [_logged(row, event_id) for row, event_id in zip(batch, event_ids, strict=True)]
-            await self.store.move_to_event_log(sent)
+            await self.store.log_sent(sent)
             self.status.last_success_at = iso_ms(datetime.now(UTC))
             self.status.consecutive_failures = 0
             self.status.events_sent += len(batch)
@@ -574,7 +734,10 @@ def _event_ids(text: str, expected: int) -> list[str]:
         answer = None
     ids = answer.get("eventIds") if isinstance(answer, dict) else None
     if not isinstance(ids, list) or len(ids) != expected or not all(isinstance(i, str) and i for i in ids):
-        raise SendError(f"the answer did not carry {expected} eventIds: {text[:200]!r}", retryable=True)
+        # Not a reason to send again: the platform may have stored the batch, and a resent batch
+        # is stored again under new ids (the official client raises here too, and does not resend).
+        raise SendError(f"a {expected}-event batch was answered without {expected} eventIds, so the platform "
+                        f"may have stored it; not resending it: {text[:200]!r}", retryable=False)
     return ids
 
 

@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
+from filters import NO_SITE
+
 PERIODS = ("today", "yesterday", "7d", "30d", "month", "12mo", "custom")
 DEFAULT_PERIOD = "30d"
 DEFAULT_LIMIT = 10
@@ -294,8 +296,12 @@ async def overview(
 
 
 async def sites(db: aiosqlite.Connection) -> list[dict[str, Any]]:
+    """Every domain with page views, by name; NO_SITE (received events without a usable domain)
+    last, so the dashboard never opens on it."""
     rows = await db.execute_fetchall(
-        "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats GROUP BY domain ORDER BY domain"
+        "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats GROUP BY domain "
+        "ORDER BY domain = ?, domain",
+        (NO_SITE,),
     )
     return [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows]
 
@@ -346,6 +352,6 @@ def _safe_cell(value: Any) -> Any:
 
 def export_filename(domain: str, table: str, span: DateRange) -> str:
     """Safe in a quoted header value: domains are normalised hostnames (letters, digits, '-', '_',
-    '.', or a bracketed IPv6 address, whose colons become '_')."""
-    name = domain.strip("[]").replace(":", "_")
+    '.', or a bracketed IPv6 address, whose colons become '_'), or NO_SITE ("no-site")."""
+    name = "no-site" if domain == NO_SITE else domain.strip("[]").replace(":", "_")
     return f"{name}-{table}-{span.first.isoformat()}-{span.last.isoformat()}.csv"

@@ -190,6 +190,19 @@ class LoggedEvent:
     payload: str
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event whose handler kept failing: kept with its envelope until a delivery or
+    `collector.py dead-letters --retry` processes it."""
+
+    event_id: str
+    pathway: str
+    envelope: str
+    error: str
+    attempts: int
+    failed_at: str
+
+
 def iso_ms(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
@@ -344,6 +357,36 @@ class Store:
         )
         await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
 
+    async def log_sent(self, events: Sequence[LoggedEvent]) -> None:
+        """Events the platform accepted, with its ids, into the event log and off the outbox. One
+        may be there already: the platform can deliver it to /api/transformer before its answer
+        to the sender arrives, and the transformer logs what it receives (log_received)."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                [(e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload)
+                 for e in events],
+            )
+            await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+
+    async def log_received(self, tx: aiosqlite.Connection, event: LoggedEvent) -> None:
+        """Inside the router's transaction: a delivered event into the event log, unless it is
+        there already (one this collector sent). Its seq is taken from the outbox's AUTOINCREMENT
+        sequence, so no outbox row sent later can ever need the same seq."""
+        if await _first_row(tx, "SELECT 1 FROM event_log WHERE event_id = ?", (event.event_id,)):
+            return
+        row = await _first_row(tx, "UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'outbox' RETURNING seq")
+        if row is None:  # nothing was ever appended to the outbox: start its sequence
+            await tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 1)")
+            row = (1,)
+        await tx.execute(
+            "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (int(row[0]), event.event_id, event.flow_type, event.event_type, event.time_bucket, event.valid_time,
+             event.payload),
+        )
+
     async def event_log_after(self, seq: int, limit: int) -> list[LoggedEvent]:
         rows = await self.reader.execute_fetchall(
             "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload "
@@ -473,6 +516,30 @@ class Store:
                 await tx.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
         return attempts
 
+    async def unclaim(self, tx: aiosqlite.Connection, event_id: str) -> None:
+        """Forget that an event was processed, inside a transaction that processes it again."""
+        await tx.execute("DELETE FROM pathway_state WHERE event_id = ?", (event_id,))
+
+    async def dead_letter(self, event_id: str, pathway: str, envelope: str, error: str, attempts: int) -> None:
+        """Keep a failing event in the dead letters, or add to its attempts. It is NOT marked
+        processed: a later delivery runs its handler again."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET error = excluded.error, "
+                "attempts = attempts + excluded.attempts, failed_at = excluded.failed_at",
+                (event_id, pathway, envelope, error, attempts, iso_ms(datetime.now(UTC))),
+            )
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters {_DEAD_LETTER_ORDER}"
+        return [DeadLetter(*row) for row in await self.reader.execute_fetchall(sql)]
+
+    async def clear_dead_letter(self, tx: aiosqlite.Connection, event_id: str) -> None:
+        """Inside the transaction that processed the event at last."""
+        await tx.execute("DELETE FROM dead_letters WHERE event_id = ?", (event_id,))
+        await tx.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
+
     async def health(self, *, local_delivery: bool = True) -> dict[str, Any]:
         """Counts for /health; raises if the database does not answer. With local delivery,
         logged events past the local sink's cursor are still to be processed."""
@@ -569,18 +636,28 @@ class Store:
     # and rebuild recomputes exactly those days; older days keep the aggregates live processing
     # built, which nothing left on disk could recompute.
 
-    async def apply_retention(self, today: date, keep_days: int, now: datetime) -> RetentionResult:
+    async def apply_retention(
+        self, today: date, keep_days: int, now: datetime, *, local_delivery: bool = True
+    ) -> RetentionResult:
         """Delete raw page views and logged events of local days before today - keep_days.
         Logged events the local sink has not delivered yet stay; aggregates stay. Deletes go in
-        small transactions, so page views keep flowing while a large backlog is cut."""
+        small transactions, so page views keep flowing while a large backlog is cut. Without
+        local delivery (Flowcore mode) every logged event was sent or received already, and
+        their ids stay in pathway_state: the platform may deliver an old event again."""
         cutoff = today - timedelta(days=keep_days)
         cutoff_time = iso_ms(datetime.combine(cutoff, time(), tzinfo=self.tz))
-        delivered = int(await self.get_meta(LOCAL_CURSOR) or 0)
+        delivered = int(await self.get_meta(LOCAL_CURSOR) or 0) if local_delivery else None
         pageviews = await self._delete_in_chunks(
             "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE day < ? LIMIT ?)",
             (cutoff.isoformat(),),
         )
-        events = await self._delete_logged_before(delivered, cutoff_time)
+        if delivered is None:
+            events = await self._delete_in_chunks(
+                "DELETE FROM event_log WHERE seq IN (SELECT seq FROM event_log WHERE valid_time < ? LIMIT ?)",
+                (cutoff_time,),
+            )
+        else:
+            events = await self._delete_logged_before(delivered, cutoff_time)
         async with self.transaction() as tx:
             kept = await _first_row(tx, "SELECT value FROM meta WHERE key = ?", (LOG_KEPT_FROM,))
             if kept is None or str(kept[0]) < cutoff.isoformat():
@@ -603,8 +680,7 @@ class Store:
     async def _delete_logged_before(self, delivered: int, cutoff_time: str, chunk: int = 5000) -> int:
         """Logged events before the cutoff that the local sink delivered, with their rows in
         pathway_state: the sink's cursor is past them, so they are never delivered again and
-        their de-duplication rows have no more use. (Events that came from Flowcore are not
-        in the local log, so their rows stay and keep redeliveries harmless.)"""
+        their de-duplication rows have no more use."""
         deleted = 0
         while True:
             async with self.transaction() as tx:
@@ -650,6 +726,18 @@ class Store:
         await tx.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
         for table in ("visitor_state", "visitor_hits", "seen"):
             await tx.execute(f"DELETE FROM {table}")
+
+
+_DEAD_LETTER_COLUMNS = "event_id, pathway, envelope, error, attempts, failed_at"
+_DEAD_LETTER_ORDER = "ORDER BY failed_at, event_id"
+
+
+async def read_dead_letters(path: Path) -> list[DeadLetter]:
+    """The dead letters of a database file, oldest first, through a read-only connection: a
+    running collector may hold the file (and DATA_DIR's lock) meanwhile."""
+    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = await conn.execute_fetchall(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters {_DEAD_LETTER_ORDER}")
+    return [DeadLetter(*row) for row in rows]
 
 
 LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathways.LocalSink.CURSOR)

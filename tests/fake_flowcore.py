@@ -1,12 +1,15 @@
 """A fake Flowcore platform: a real local HTTP server speaking the ingestion webhook protocol of
 shared/flowcore-protocol.md, strict where the platform is strict, and able to fail on demand.
-It also plays Flowcore's delivery side: it POSTs stored events to a transformer endpoint."""
+It also plays Flowcore's delivery side: it POSTs stored events to transformer endpoints, once on
+demand (deliver) or, like a deployed transformer, every stored event in order to each of several
+targets (fan_out_to), redelivering on the statuses the platform's transformers retry."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import itertools
 import json
 import re
 import uuid
@@ -14,10 +17,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientError, ClientSession, web
 
 MAX_EVENT_BYTES = 64 * 1024
 ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,3})?Z")
+# What a deployed transformer redelivers an event on (Flowcore docs, "Developing a transformer");
+# any other non-2xx answer is a failed delivery, which the fake records and moves past.
+REDELIVER_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
+REDELIVER_DELAY = 0.02  # seconds, when the endpoint sends no Retry-After
+
+
+@dataclass
+class DeliveryTarget:
+    """A transformer endpoint that receives every stored event, in order, one request each."""
+
+    url: str
+    secret: str
+    delivered: list[str] = field(default_factory=list)  # event ids answered with a 2xx
+    redeliveries: list[tuple[str, int]] = field(default_factory=list)  # (event id, status) retried
+    failed: list[tuple[str, int, str]] = field(default_factory=list)  # (event id, status, body) given up
 
 
 @dataclass
@@ -45,8 +63,12 @@ class FakeFlowcore:
         self._changed = asyncio.Condition()
         self._failures: list[tuple[int, str | None]] = []
         self._failing: tuple[int, str | None] | None = None
+        self._without_ids = 0
         self._released = asyncio.Event()
         self._released.set()
+        self.targets: list[DeliveryTarget] = []
+        self._target_tasks: list[asyncio.Task[None]] = []
+        self._deliver_first: DeliveryTarget | None = None
         app = web.Application()
         app.router.add_post("/{kind:events?}/{tenant}/{data_core}/{flow_type}/{event_type}", self._ingest)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -61,6 +83,9 @@ class FakeFlowcore:
 
     async def close(self) -> None:
         self._released.set()
+        for task in self._target_tasks:
+            task.cancel()
+        await asyncio.gather(*self._target_tasks, return_exceptions=True)
         await self._runner.cleanup()
 
     @property
@@ -95,6 +120,10 @@ class FakeFlowcore:
         self._failing = None
         self._failures.clear()
 
+    def answer_without_event_ids(self, times: int = 1) -> None:
+        """Store the next batches, but answer 200 without their eventIds (a garbled answer)."""
+        self._without_ids += times
+
     def hang(self) -> None:
         """Requests get no answer until release(); then they are dropped, never stored."""
         self._released.clear()
@@ -105,6 +134,10 @@ class FakeFlowcore:
     async def wait_for_events(self, count: int, timeout: float = 10) -> None:
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: len(self.events) >= count), timeout)
+
+    async def wait_for_delivered(self, target: DeliveryTarget, count: int, timeout: float = 30) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: len(target.delivered) >= count), timeout)
 
     async def wait_for_refusals(self, count: int, timeout: float = 10) -> None:
         async with self._changed:
@@ -159,11 +192,58 @@ class FakeFlowcore:
                 })
             self.ingestions.append(Ingestion(request.path, dict(request.headers), payloads, ids))
             self._changed.notify_all()
+        if self._deliver_first is not None:  # the platform may deliver before the sender has its answer
+            async with ClientSession() as session:
+                for event in self.events[-len(ids):]:
+                    await self._deliver_one(session, self._deliver_first, event)
+        if self._without_ids:
+            self._without_ids -= 1
+            return web.json_response({"success": True, "received": True})
         if match["kind"] == "event":
             return web.json_response({"success": True, "received": True, "eventId": ids[0]})
         return web.json_response({"success": True, "received": True, "eventIds": ids})
 
-    # -- delivery to a transformer endpoint -------------------------------------------------------
+    # -- delivery to transformer endpoints ----------------------------------------------------------
+
+    def fan_out_to(self, url: str, secret: str) -> DeliveryTarget:
+        """Deliver every stored event, past and future, in order, to this endpoint: what one
+        transformer (one per collector) does."""
+        target = DeliveryTarget(url, secret)
+        self.targets.append(target)
+        self._target_tasks.append(asyncio.create_task(self._feed(target), name=f"deliver to {url}"))
+        return target
+
+    def deliver_before_answering(self, url: str, secret: str) -> None:
+        """From now on, deliver each ingested event to this endpoint before answering the sender."""
+        self._deliver_first = DeliveryTarget(url, secret)
+
+    async def _feed(self, target: DeliveryTarget) -> None:
+        async with ClientSession() as session:
+            for index in itertools.count():
+                async with self._changed:
+                    await self._changed.wait_for(lambda: len(self.events) > index)  # noqa: B023 (awaited here)
+                await self._deliver_one(session, target, self.events[index])
+                async with self._changed:
+                    self._changed.notify_all()
+
+    async def _deliver_one(self, session: ClientSession, target: DeliveryTarget, event: dict[str, Any]) -> None:
+        """One event until the endpoint takes it, redelivering on the platform's retry statuses
+        after Retry-After (or a moment); any other refusal is recorded, and the stream moves on."""
+        while True:
+            try:
+                async with session.post(target.url, json=event, headers={"X-Secret": target.secret}) as response:
+                    status, body = response.status, await response.text()
+                    retry_after = response.headers.get("Retry-After")
+            except (OSError, ClientError) as error:  # the endpoint is down or dropped us: try again
+                status, body, retry_after = 503, f"unreachable: {type(error).__name__}", None
+            if 200 <= status < 300:
+                target.delivered.append(event["eventId"])
+                return
+            if status not in REDELIVER_STATUSES:
+                target.failed.append((event["eventId"], status, body))
+                return
+            target.redeliveries.append((event["eventId"], status))
+            await asyncio.sleep(float(retry_after) if retry_after and retry_after.isdigit() else REDELIVER_DELAY)
 
     async def deliver(
         self, url: str, secret: str, events: list[dict[str, Any]] | None = None, *, legacy: bool = False

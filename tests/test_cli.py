@@ -34,10 +34,18 @@ def test_help_lists_the_commands_and_every_setting_with_its_default(capsys: pyte
     out = capsys.readouterr().out
     assert re.search(r"^    serve +collect page views and serve the dashboard \(the default\)$", out, re.M)
     assert re.search(r"^    rebuild +recompute the statistics", out, re.M)
+    assert re.search(r"^    dead-letters +list the events whose handler kept failing", out, re.M)
     for setting in SETTINGS:
         shown = f"  {setting.name}={setting.default}\n" if setting.default else f"  {setting.name} (unset)\n"
         assert shown in out, setting.name
     assert ".env" in out
+
+
+def test_dead_letters_takes_retry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert collector.main(["dead-letters", "--help"]) == 0
+    assert "--retry" in capsys.readouterr().out
+    assert collector.main(["dead-letters", "--again"]) == 2
+    assert "unrecognized arguments: --again" in capsys.readouterr().err
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,7 +57,7 @@ def test_an_unknown_command_is_a_usage_error_naming_the_commands(capsys: pytest.
     assert collector.main(["rebuild-everything"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: ")
-    assert "invalid choice: 'rebuild-everything' (choose from 'serve', 'rebuild')" in err
+    assert "invalid choice: 'rebuild-everything' (choose from 'serve', 'rebuild', 'dead-letters')" in err
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_the_readme_is_a_front_page() -> None:
     """What the product is, the Quick start, the snippet, the first settings, links; the reference
-    is in docs/. (The Flowcore section leaves for docs/flowcore.md with issue 12's branch.)"""
-    flowcore = section(README, "Flowcore mode") if "\n## Flowcore mode\n" in README else ""
-    assert len(README.replace(flowcore, "").encode()) < 7000
+    is in docs/, every page of it linked from here."""
+    assert len(README.encode()) < 7000
     assert [f"docs/{path.name}" for path in DOCS if f"](docs/{path.name})" not in README] == []
 
 
@@ -85,20 +84,12 @@ def links(path: Path) -> list[str]:
     return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
 
 
-def flowcore_still_in_the_readme() -> bool:
-    """docs/flowcore.md comes with issue 12's branch, which moves the README's Flowcore section
-    there; until the two meet, links to it may point ahead. After, they must resolve."""
-    return "\n## Flowcore mode\n" in README and "**Receiving.**" in section(README, "Flowcore mode")
-
-
 @pytest.mark.parametrize("page", [ROOT / "README.md", *DOCS], ids=lambda path: path.name)
 def test_every_link_resolves(page: Path) -> None:
     broken = []
     for target in links(page):
         file_part, _, anchor = target.partition("#")
         destination = (page.parent / file_part).resolve() if file_part else page
-        if destination == ROOT / "docs" / "flowcore.md" and not destination.exists() and flowcore_still_in_the_readme():
-            continue
         if not destination.exists() or (anchor and destination.suffix == ".md" and anchor not in anchors(destination)):
             broken.append(target)
     assert broken == []

@@ -338,25 +338,43 @@ async def test_transformer_processes_once_and_acknowledges_redelivery(start_coll
     assert query(data_dir, "SELECT count(*) FROM pathway_state") == [(2,)]
 
 
-async def test_transformer_answers_500_while_the_handler_fails(start_collector: Start, data_dir: Path) -> None:
-    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET, HANDLER_MAX_ATTEMPTS="2")
+def add_failing_trigger(data_dir: Path) -> None:
+    """A real failure inside the handler's transaction: SQLite refuses page views of /boom."""
+    with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
-    def add_failing_trigger() -> None:  # a real failure inside the handler's transaction
-        with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
-            conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
-                         "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
-    await asyncio.to_thread(add_failing_trigger)  # in a thread: the app's writer shares this event loop
+def drop_failing_trigger(data_dir: Path) -> None:
+    with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
+        conn.execute("DROP TRIGGER boom")
+
+
+async def test_a_failing_handler_is_retried_in_the_request_then_dead_lettered_with_503(
+    start_collector: Start, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET, HANDLER_MAX_ATTEMPTS="3")
+    await asyncio.to_thread(add_failing_trigger, data_dir)  # in a thread: the app's writer shares this loop
     boom = envelope(payload={**envelope()["payload"], "pathname": "/boom"})
-    status, answer = await post_event(client, boom)
-    assert status == 500 and "deliver it again" in answer["error"]
-    status, answer = await post_event(client, boom)
-    assert status == 500 and "dead letters" in answer["error"]
-    assert query(data_dir, "SELECT attempts, error LIKE '%the disk said no%' FROM dead_letters") == [(2, 1)]
-    assert await post_event(client, boom) == (200, "OK")  # redelivered after dead-lettering: acknowledged
-    assert await post_event(client, envelope("another-event")) == (200, "OK")
-    assert query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(1,)]
+    response = await client.post("/api/transformer", json=boom, headers={"X-Secret": SECRET})
+    assert response.status == 503  # one the platform redelivers; it does not redeliver a 500
+    assert response.headers["Retry-After"] == "30"
+    assert "kept in the dead letters" in (await response.json())["error"]
+    assert caplog.text.count("failed, attempt") == 3  # three quick attempts inside the request
+    assert query(data_dir, "SELECT attempts, error LIKE '%the disk said no%' FROM dead_letters") == [(3, 1)]
+    assert query(data_dir, "SELECT count(*) FROM pathway_state") == [(0,)]  # not marked processed
     assert (await health(client))["dead_letters"] == 1
+
+    status, _ = await post_event(client, boom)  # redelivered while still failing
+    assert status == 503
+    assert query(data_dir, "SELECT attempts FROM dead_letters") == [(6,)]
+
+    await asyncio.to_thread(drop_failing_trigger, data_dir)  # the fix
+    assert await post_event(client, boom) == (200, "OK")  # the next delivery succeeds and clears it
+    assert query(data_dir, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert await post_event(client, boom) == (200, "OK")  # and one more changes nothing
+    assert query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(1,)]
+    assert (await health(client))["dead_letters"] == 0
 
 
 async def test_transformer_is_disabled_without_a_secret(start_collector: Start) -> None:
@@ -389,3 +407,48 @@ async def test_redelivery_twice_and_out_of_order_gives_the_live_counts(
     await drained(local)
     assert shuffled == query(local_dir, "SELECT * FROM daily_stats")
 
+
+
+async def test_an_answer_without_event_ids_halts_keeps_the_events_and_is_not_resent(
+    start_collector: Start, fake: FakeFlowcore, data_dir: Path
+) -> None:
+    client = await start_collector(**flowcore_env(fake))
+    fake.answer_without_event_ids()
+    assert await pageview(client, "/garbled") == 204
+    await poll(lambda: _halted(client))
+    body = await health(client)
+    assert body["status"] == "halted"
+    assert "answered without 1 eventIds" in body["flowcore"]["last_error"]
+    assert body["backlog"] == 1 and query(data_dir, "SELECT count(*) FROM outbox") == [(1,)]  # kept
+    assert await pageview(client, "/after") == 204  # page views are still taken, and wait
+    await poll(lambda: _backlog_is(client, 2))
+    assert len(fake.ingestions) == 1  # the platform stored it once; it was not sent again
+
+
+def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from collector import log_start
+
+    caplog.set_level(logging.INFO)
+    dsn = "postgresql://postgres:hunter2-pw@localhost:5433/pathway_db"
+    config = load_config({"DATA_DIR": str(tmp_path), "POSTGRES_CONNECTION_STRING": dsn})
+    log_start(config)
+    [line] = [record.getMessage() for record in caplog.records if "POSTGRES_CONNECTION_STRING" in record.getMessage()]
+    assert line.startswith("POSTGRES_CONNECTION_STRING is set but ignored: ")
+    assert "lives in the SQLite file" in line
+    assert "hunter2" not in caplog.text and "hunter2" not in repr(config)
+    caplog.clear()
+    log_start(load_config({"DATA_DIR": str(tmp_path)}))
+    assert "POSTGRES" not in caplog.text
+
+
+async def test_the_secret_header_can_be_named(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET,
+                                   FLOWCORE_TRANSFORMER_SECRET_HEADER="X-Proxy-Secret")
+    response = await client.post("/api/transformer", json=envelope(), headers={"X-Secret": SECRET})
+    assert response.status == 401 and "X-Proxy-Secret" in (await response.json())["error"]
+    response = await client.post("/api/transformer", json=envelope(), headers={"X-Proxy-Secret": SECRET})
+    assert response.status == 200
+    with pytest.raises(ConfigError, match="FLOWCORE_TRANSFORMER_SECRET_HEADER"):
+        load_config({"DATA_DIR": str(data_dir), "FLOWCORE_TRANSFORMER_SECRET_HEADER": "X Secret"})

@@ -36,3 +36,37 @@ def test_the_local_development_proxy_endpoint() -> None:
     [endpoint] = load("flowcore.local.development.yaml")["development"]["proxyEndpoints"].values()
     assert (endpoint["dataCore"], endpoint["flowType"]) == ("flow-analytics", VISITOR_TRACKED.flow_type)
     assert endpoint["events"] == [VISITOR_TRACKED.event_type]
+
+
+def test_the_local_development_manifest_leaves_the_tenant_to_flowcore_yaml() -> None:
+    """The CLI merges the files it is given, a later one overriding an earlier one: a tenant here
+    would replace the one set in flowcore.yaml."""
+    assert set(load("flowcore.local.development.yaml")) == {"development"}
+
+
+def test_the_scale_out_scenario_has_one_transformer_per_collector_each_with_its_own_endpoint() -> None:
+    manifest = load("flowcore.scale-out.yaml")
+    single = load("flowcore.yaml")
+    assert manifest["tenant"] == single["tenant"] and "dataCore" not in manifest
+    transformers = list(manifest["scenario"]["transformers"].values())
+    assert len(transformers) >= 2
+    endpoints = []
+    [reference] = single["scenario"]["transformers"].values()
+    for transformer in transformers:
+        assert (transformer["dataCore"], transformer["flowType"]) == ("flow-analytics", VISITOR_TRACKED.flow_type)
+        assert transformer["events"] == [VISITOR_TRACKED.event_type]
+        parameters = {p["name"]: p for p in transformer["parameters"]}
+        assert parameters["PROXY_HEADER_SECRET"] == {p["name"]: p for p in reference["parameters"]}[
+            "PROXY_HEADER_SECRET"]
+        assert transformer["blueprint"] == reference["blueprint"]
+        endpoints.append(parameters["PROXY_ENDPOINT"]["value"])
+    assert all(url.endswith("/api/transformer") for url in endpoints)
+    assert len(set(endpoints)) == len(endpoints)  # each collector's own address
+
+
+def test_the_docs_create_the_organisation_secret_that_the_scenarios_name() -> None:
+    [transformer] = load("flowcore.yaml")["scenario"]["transformers"].values()
+    secret = {p["name"]: p for p in transformer["parameters"]}["PROXY_HEADER_SECRET"]["value"]
+    docs = (ROOT / "docs" / "flowcore.md").read_text()
+    assert f"flowcore auth new secret --tenant your-tenant {secret} \\" in docs
+    assert f"flowcore auth new secret --tenant your-tenant {secret} \\" in (ROOT / "flowcore.yaml").read_text()

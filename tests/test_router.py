@@ -166,6 +166,32 @@ async def test_a_handler_that_keeps_failing_ends_in_the_dead_letters_and_later_e
     assert day_row(tmp_path / "a", "2025-06-04")[0] == 3
 
 
+async def test_a_dead_letter_of_local_delivery_is_counted_once_when_retried_after_a_fix(
+    open_pipeline, tmp_path: Path
+) -> None:
+    broken = [True]
+    store_ref: list[Store] = []
+
+    async def fails_until_fixed(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
+        if broken[0] and any(e.payload["pathname"] == "/boom" for e in events):
+            raise RuntimeError("the handler cannot take /boom")
+        await store_ref[0].record_pageviews(tx, events)
+
+    pathways = await open_pipeline(handler=fails_until_fixed, max_attempts=2, retry_delay=0.001)
+    store_ref.append(pathways.store)
+    at = utc(2025, 6, 4, 10)
+    await pathways.deliver([pageview(at), pageview(at + timedelta(minutes=1), "bob", "/boom")])
+    [letter] = await pathways.store.dead_letters()
+    assert "cannot take /boom" in (await pathways.retry_dead_letter(letter) or "")  # still broken: it stays
+    [letter] = await pathways.store.dead_letters()
+    assert letter.attempts == 3
+    broken[0] = False
+    assert await pathways.retry_dead_letter(letter) is None
+    assert await pathways.store.dead_letters() == []
+    assert day_row(tmp_path / "a", "2025-06-04")[0] == 2
+    assert query(tmp_path / "a", "SELECT count(*) FROM pathway_state") == [(2,)]
+
+
 async def test_process_reports_failures_until_the_event_is_dead_lettered(open_pipeline, tmp_path: Path) -> None:
     async def always_fails(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
         await tx.execute("INSERT INTO meta (key, value) VALUES ('half-done', 'x')")
