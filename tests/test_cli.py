@@ -34,7 +34,7 @@ def test_help_lists_the_commands_and_every_setting_with_its_default(capsys: pyte
     out = capsys.readouterr().out
     assert re.search(r"^    serve +collect page views and serve the dashboard \(the default\)$", out, re.M)
     assert re.search(r"^    rebuild +recompute the statistics", out, re.M)
-    assert re.search(r"^    dead-letters +list the events whose handler kept failing", out, re.M)
+    assert re.search(r"^    dead-letters\s+list the events whose handler kept failing", out, re.M)
     for setting in SETTINGS:
         shown = f"  {setting.name}={setting.default}\n" if setting.default else f"  {setting.name} (unset)\n"
         assert shown in out, setting.name
