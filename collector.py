@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiosqlite
 from aiohttp import web
 from dotenv import dotenv_values
 from multidict import MultiMapping
@@ -60,10 +61,14 @@ from maintenance import (
     retry_dead_letters,
 )
 from pathways import (
+    EVENT_PROPS,
+    MAX_EVENT_NAME_LENGTH,
+    VISITOR_EVENT,
     VISITOR_TRACKED,
     ContractError,
     Emitter,
     EnvelopeError,
+    Event,
     FlowcoreSink,
     LocalSink,
     Outcome,
@@ -151,15 +156,17 @@ SCRIPT_CACHE_CONTROL = "public, max-age=86400"
 
 @dataclass(frozen=True)
 class Script:
-    """static/script.js as served: prepared once, in plain and gzip form, with its ETag."""
+    """A tracker script as served: prepared once, in plain and gzip form, with its ETag."""
 
     body: bytes
     gzipped: bytes
     etag: str
 
 
-def load_script(path: Path) -> Script:
-    body = strip_script(path.read_text(encoding="utf-8")).encode("utf-8")
+def load_script(*paths: Path) -> Script:
+    """The files one after the other, as one script: /script.clicks.js is script.js and then
+    script.clicks.js, so a page loads one file whichever it chose."""
+    body = "".join(strip_script(path.read_text(encoding="utf-8")) for path in paths).encode("utf-8")
     return Script(body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:20])
 
 
@@ -216,11 +223,18 @@ def script_handler(script: Script) -> Handler:
     return serve_script
 
 
-# -- the collection endpoint --------------------------------------------------------------------------------
+# -- the collection endpoints: /api/pageview and /api/event ------------------------------------------------
+#
+# Both take the same path: the rate limit (before any work), the content type, the body, then
+# validation (so bad input gets its 4xx whoever sent it), then the filters (a dropped request
+# answers 204 and says why), then the visitor hash and the write. The steps are shared below.
 
-CORS_PATHS = {"/api/pageview"}
+CORS_PATHS = {"/api/pageview", "/api/event"}
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
+EVENT_FIELDS = ("name", "pathname", "domain", "referrer", "props")
 BODY_TYPES = ("application/json", "text/plain")
+# Room for a generous set of properties; the payload's own bound (pathways.MAX_PAYLOAD_BYTES) still holds.
+MAX_EVENT_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,6 +242,15 @@ class PageviewInput:
     pathname: str
     referrer: str
     domain: str
+
+
+@dataclass(frozen=True)
+class EventInput:
+    name: str
+    pathname: str
+    referrer: str
+    domain: str
+    props: dict[str, str | int | float | bool]
 
 
 def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -239,7 +262,7 @@ def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None
         response.headers["Access-Control-Expose-Headers"] = filters.DROPPED_HEADER
 
 
-async def pageview_preflight(request: web.Request) -> web.Response:
+async def collection_preflight(request: web.Request) -> web.Response:
     return web.Response(
         status=204,
         headers={
@@ -251,36 +274,73 @@ async def pageview_preflight(request: web.Request) -> web.Response:
 
 
 async def pageview(request: web.Request) -> web.Response:
-    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed.
-
-    The order: the rate limit (before any work), then validation (so bad input gets its 4xx
-    whoever sent it), then the filters (a dropped page view answers 204 and says why), then
-    the hash and the write."""
+    """Turn a page view into an anonymous visitor.tracked.v0 event; 204 once it is committed."""
     app = request.app
-    config = app[CONFIG]
-    ip = client_ip(request.remote, request.headers, config.trusted_proxies)
-    wait = app[LIMITER].retry_after(ip)
-    if wait is not None:
-        raise ApiError(429, f"too many page views from this address; try again in {wait} s",
-                       {"Retry-After": str(wait)})
-    if request.content_type not in BODY_TYPES:
-        raise ApiError(415, f"Content-Type must be application/json or text/plain, not {request.content_type}")
+    ip = admit(request, "page views")
     fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), request.headers)
     now = app[CLOCK]()
     reason = app[FILTER].drop_reason(fields.domain, request.headers)
     if reason is not None:
-        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), config.timezone)[0], reason)
-        return web.Response(status=204, headers={filters.DROPPED_HEADER: reason})
+        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), app[CONFIG].timezone)[0], reason)
+        return dropped(reason)
     day = privacy.salt_day(now)
     payload = {
-        "visitorHash": await app[HASHER](day, fields.domain, ip, request.headers.get("User-Agent")),
+        "visitorHash": await visitor_hash(request, ip, fields.domain, day),
         "domain": fields.domain,
         "pathname": fields.pathname,
         "referrer": fields.referrer,
         "sessionContext": {"dailySaltRotation": day},
     }
-    await request.app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
+    await app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
     return web.Response(status=204)
+
+
+async def event(request: web.Request) -> web.Response:
+    """Turn a custom event into an anonymous visitor.event.v0 event; 204 once it is committed.
+
+    The page view's rules throughout; a dropped event is not added to the drop counts, which
+    count page views (the statistics compare them with the page views counted)."""
+    app = request.app
+    ip = admit(request, "events")
+    fields = parse_event(await read_body(request, MAX_EVENT_BYTES), request.headers)
+    now = app[CLOCK]()
+    reason = app[FILTER].drop_reason(fields.domain, request.headers)
+    if reason is not None:
+        return dropped(reason)
+    day = privacy.salt_day(now)
+    payload = {
+        "visitorHash": await visitor_hash(request, ip, fields.domain, day),
+        "domain": fields.domain,
+        "pathname": fields.pathname,
+        "referrer": fields.referrer,
+        "name": fields.name,
+        "props": fields.props,
+        "sessionContext": {"dailySaltRotation": day},
+        # The seam for the page view dimensions (pathways.EVENT_DIMENSION_FIELDS): their values
+        # join here, derived as the page view's are.
+    }
+    await app[PATHWAYS].write(VISITOR_EVENT, payload, now)
+    return web.Response(status=204)
+
+
+def admit(request: web.Request, what: str) -> str:
+    """The client's address, once the rate limit (shared by page views and events) and the
+    content type let the request in."""
+    ip = client_ip(request.remote, request.headers, request.app[CONFIG].trusted_proxies)
+    wait = request.app[LIMITER].retry_after(ip)
+    if wait is not None:
+        raise ApiError(429, f"too many {what} from this address; try again in {wait} s", {"Retry-After": str(wait)})
+    if request.content_type not in BODY_TYPES:
+        raise ApiError(415, f"Content-Type must be application/json or text/plain, not {request.content_type}")
+    return ip
+
+
+def dropped(reason: str) -> web.Response:
+    return web.Response(status=204, headers={filters.DROPPED_HEADER: reason})
+
+
+async def visitor_hash(request: web.Request, ip: str, domain: str, day: str) -> str:
+    return await request.app[HASHER](day, domain, ip, request.headers.get("User-Agent"))
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -316,23 +376,45 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "the body's JSON is nested too deeply") from None
 
 
-def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
+def parse_object(body: bytes, fields: Sequence[str]) -> dict[str, Any]:
+    """The body as a JSON object of no other keys than `fields`."""
     data = parse_json(body)
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
-    unknown = sorted(set(data) - set(PAGEVIEW_FIELDS))
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(repr(name[:64]) for name in unknown[:10])
-        raise ApiError(400, f"unknown fields: {names}; expected pathname, referrer and domain")
+        raise ApiError(400, f"unknown fields: {names}; expected {', '.join(fields[:-1])} and {fields[-1]}")
+    return data
+
+
+def parse_pageview(body: bytes, headers: Mapping[str, str]) -> PageviewInput:
+    data = parse_object(body, PAGEVIEW_FIELDS)
     pathname = _text_field(data, "pathname", 1, MAX_PATH_LENGTH)
     referrer = _text_field(data, "referrer", 0, MAX_PATH_LENGTH)
-    if "domain" in data:
-        domain = normalize_host(_text_field(data, "domain", 1, MAX_DOMAIN_LENGTH))
-        if domain is None:
-            raise ApiError(400, "domain must be a hostname such as example.com")
-    else:
-        domain = domain_from_headers(headers)
-    return PageviewInput(pathname, referrer, domain)
+    return PageviewInput(pathname, referrer, body_domain(data, headers))
+
+
+def parse_event(body: bytes, headers: Mapping[str, str]) -> EventInput:
+    data = parse_object(body, EVENT_FIELDS)
+    name = _text_field(data, "name", 1, MAX_EVENT_NAME_LENGTH)
+    pathname = _text_field(data, "pathname", 1, MAX_PATH_LENGTH)
+    referrer = _text_field(data, "referrer", 0, MAX_PATH_LENGTH) if "referrer" in data else ""
+    props = data.get("props", {})
+    problem = EVENT_PROPS.problem(props)
+    if problem is not None:
+        raise ApiError(400, f"props {problem}")
+    return EventInput(name, pathname, referrer, body_domain(data, headers), props)
+
+
+def body_domain(data: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+    """The body's domain, else the host of the Origin or Referer header."""
+    if "domain" not in data:
+        return domain_from_headers(headers)
+    domain = normalize_host(_text_field(data, "domain", 1, MAX_DOMAIN_LENGTH))
+    if domain is None:
+        raise ApiError(400, "domain must be a hostname such as example.com")
+    return domain
 
 
 def _text_field(data: Mapping[str, Any], name: str, low: int, high: int) -> str:
@@ -485,9 +567,13 @@ async def transformer(request: web.Request) -> web.Response:
 ENDPOINTS = {
     "POST /api/pageview": "Record a page view: JSON {pathname, referrer, domain?}, as application/json or text/plain. "
     "204; X-Collector-Dropped says why one was not counted; 429 beyond the rate limit.",
+    "POST /api/event": "Record a custom event: JSON {name, pathname, domain?, referrer?, props?}, by the page view's "
+    "rules; see docs/events.md.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
     "GET /script.js": "The tracker script to put on a site's pages (see docs/tracker.md).",
+    "GET /script.clicks.js": "The tracker script with click tracking: tagged elements, outbound links, downloads "
+    "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
     "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
@@ -694,6 +780,7 @@ def static_dir() -> Path:
 
 
 STATIC_DIR = static_dir()
+CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
@@ -736,8 +823,11 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
+    app.router.add_get("/script.clicks.js", script_handler(load_script(*CLICKS_SCRIPT)))
     app.router.add_post("/api/pageview", pageview)
-    app.router.add_route("OPTIONS", "/api/pageview", pageview_preflight)
+    app.router.add_route("OPTIONS", "/api/pageview", collection_preflight)
+    app.router.add_post("/api/event", event)
+    app.router.add_route("OPTIONS", "/api/event", collection_preflight)
     app.router.add_post("/api/transformer", transformer)
     app.router.add_get("/test.html", test_page)
     app.router.add_get("/api/stats", stats_api)
@@ -797,7 +887,17 @@ def wire_pathways(store: Store, config: Config) -> Pathways:
     pathways = Pathways(store, max_attempts=config.handler_max_attempts, log_received=config.flowcore is not None)
     pathways.register(VISITOR_TRACKED)
     pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    pathways.register(VISITOR_EVENT)
+    pathways.handle(VISITOR_EVENT, events_not_counted_yet)
     return pathways
+
+
+async def events_not_counted_yet(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
+    """PLACEHOLDER handler of visitor.event.v0, until the read model counts custom events
+    (issue 14, points 3 and 4, after the read model moves to readmodel.py): the read model's
+    handler replaces it. The router has claimed each event (pathway_state) in this transaction,
+    so an event is still de-duplicated, and the event log keeps it for `rebuild` to replay
+    into the read model's tables once they exist."""
 
 
 async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:

@@ -147,9 +147,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RATE_LIMIT_PER_SECOND",
         "10",
-        "Page views per second one client address (IPv4, or IPv6 /64) may send on average; 0: no limit.",
+        "Page views and events per second one client address (IPv4, or IPv6 /64) may send on average; 0: no limit.",
     ),
-    Setting("RATE_LIMIT_BURST", "50", "Page views one client address may send at once before the rate applies."),
+    Setting(
+        "RATE_LIMIT_BURST", "50", "Page views and events one client address may send at once before the rate applies."
+    ),
     Setting(
         "RATE_LIMIT_TABLE_SIZE",
         "100000",

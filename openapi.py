@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pathways import MAX_EVENT_NAME_LENGTH, MAX_EVENT_PROPS, MAX_PROP_KEY_LENGTH, MAX_PROP_VALUE_LENGTH
+
 JSON = "application/json"
 Schema = dict[str, Any]
 
@@ -107,6 +109,32 @@ SCHEMAS: dict[str, Schema] = {
             "referrer": {"type": "string", "maxLength": 2048},
             "domain": {"type": "string", "minLength": 1, "maxLength": 253,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "required": ["name", "pathname"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_NAME_LENGTH,
+                     "description": "What happened, e.g. Signup, 404, Outbound Link: Click."},
+            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048, "description": "Where it happened."},
+            "referrer": {"type": "string", "maxLength": 2048, "description": "Empty when absent."},
+            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+                       "description": "A hostname; when absent, the host of Origin, else of Referer."},
+            "props": {
+                "type": "object",
+                "description": f"At most {MAX_EVENT_PROPS} properties; keys of 1 to {MAX_PROP_KEY_LENGTH} "
+                f"characters; values strings of at most {MAX_PROP_VALUE_LENGTH} characters, finite numbers "
+                "(integers within ±(2^53-1)) or booleans; nothing nested.",
+                "maxProperties": MAX_EVENT_PROPS,
+                "propertyNames": {"minLength": 1, "maxLength": MAX_PROP_KEY_LENGTH},
+                "additionalProperties": {"anyOf": [
+                    {"type": "string", "maxLength": MAX_PROP_VALUE_LENGTH},
+                    {"type": "number"},
+                    {"type": "boolean"},
+                ]},
+            },
         },
     },
     "Envelope": {
@@ -216,31 +244,54 @@ BODY_ERRORS = {
 }
 
 
-def pageview_operation() -> Schema:
-    body = {"schema": ref("Pageview")}
+def collection_operation(summary: str, description: str, schema: str, what: str, limit: str) -> Schema:
+    """POST /api/pageview and POST /api/event: the same rules, the same answers."""
+    body = {"schema": ref(schema)}
     return {
-        "summary": "Record a page view.",
-        "description": "Sent by the tracker script, cross-origin. The visitor is hashed from the address and "
-        "user agent, which are never stored.",
+        "summary": summary,
+        "description": description,
         "requestBody": {"required": True, "content": {JSON: body, "text/plain": body}},
         "responses": {
             "204": {
                 "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
                 "headers": {
-                    "X-Collector-Dropped": header("Why the page view was not counted: bot, prefetch, gpc, dnt, "
+                    "X-Collector-Dropped": header(f"Why the {what} was not counted: bot, prefetch, gpc, dnt, "
                                                   "domain, ..."),
                     "Access-Control-Allow-Origin": CORS_ORIGIN,
                 },
             },
             **BODY_ERRORS,
-            "413": error("The body is larger than 8 KiB."),
+            "413": error(f"The body is larger than {limit}."),
             "415": error("Content-Type is neither application/json nor text/plain."),
-            "429": error("This address sent more page views than the rate limit allows.",
+            "429": error("This address sent more page views and events than the rate limit allows.",
                          {"Retry-After": header("Seconds to wait.", True, {"type": "string", "pattern": "^[0-9]+$"})}),
             "500": INTERNAL,
             "503": UNAVAILABLE,
         },
     }
+
+
+def pageview_operation() -> Schema:
+    return collection_operation(
+        "Record a page view.",
+        "Sent by the tracker script, cross-origin. The visitor is hashed from the address and "
+        "user agent, which are never stored.",
+        "Pageview", "page view", "8 KiB")
+
+
+def event_operation() -> Schema:
+    return collection_operation(
+        "Record a custom event (visitor.event.v0).",
+        "Sent by the tracker script (collector.event, data-collector-event, outbound links, file downloads), "
+        "cross-origin, under the page view's rules: hashing, filters, rate limit (shared with page views).",
+        "Event", "event", "16 KiB")
+
+
+def preflight() -> Schema:
+    return {"summary": "CORS preflight.", "responses": {
+        "204": {"description": "The methods and headers allowed.", "headers": {
+            "Access-Control-Allow-Methods": header("POST, OPTIONS", True)}},
+        "500": INTERNAL}}
 
 
 def transformer_operation() -> Schema:
@@ -284,17 +335,21 @@ def html(summary: str, errors: dict[str, Schema] | None = None) -> Schema:
     }}
 
 
+def script(summary: str) -> Schema:
+    return {"summary": summary, "responses": {
+        "200": {"description": "The script (gzip when accepted).",
+                "content": {"application/javascript": {"schema": {"type": "string"}}},
+                "headers": {"ETag": header("Its version.", True)}},
+        "304": {"description": "Not modified (If-None-Match)."},
+        "500": INTERNAL}}
+
+
 def paths() -> dict[str, Any]:
     period = query("period", "The period; custom needs from and to.", {"enum": [
         "today", "yesterday", "7d", "30d", "month", "12mo", "custom"]})
     return {
-        "/api/pageview": {
-            "post": pageview_operation(),
-            "options": {"summary": "CORS preflight.", "responses": {
-                "204": {"description": "The methods and headers allowed.", "headers": {
-                    "Access-Control-Allow-Methods": header("POST, OPTIONS", True)}},
-                "500": INTERNAL}},
-        },
+        "/api/pageview": {"post": pageview_operation(), "options": preflight()},
+        "/api/event": {"post": event_operation(), "options": preflight()},
         "/api/transformer": {"post": transformer_operation()},
         "/health": {"get": {"summary": "Status, mode, version, backlog, dead letters.", "responses": {
             "200": json_answer("The collector works.", ref("Health")),
@@ -302,12 +357,8 @@ def paths() -> dict[str, Any]:
             "500": INTERNAL}}},
         "/": {"get": {"summary": "The service and its endpoints.", "responses": {
             "200": json_answer("Name, version, mode and endpoints.", ref("Index")), "500": INTERNAL}}},
-        "/script.js": {"get": {"summary": "The tracker script.", "responses": {
-            "200": {"description": "The script (gzip when accepted).",
-                    "content": {"application/javascript": {"schema": {"type": "string"}}},
-                    "headers": {"ETag": header("Its version.", True)}},
-            "304": {"description": "Not modified (If-None-Match)."},
-            "500": INTERNAL}}},
+        "/script.js": {"get": script("The tracker script.")},
+        "/script.clicks.js": {"get": script("The tracker script and its click tracking, in one file.")},
         "/test.html": {"get": html("A test page that sends page views to this collector.")},
         "/dashboard": {"get": html("The statistics dashboard.")},
         "/swagger": {"get": html("Swagger UI over this document (with the swagger extra installed).",

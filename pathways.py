@@ -9,6 +9,7 @@ import enum
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -82,7 +83,7 @@ class Text:
 class Obj:
     """An object field: exactly these keys, each checked by its own spec."""
 
-    fields: Mapping[str, Text | Obj]
+    fields: Mapping[str, Text | Obj | Props]
 
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, dict):
@@ -103,6 +104,45 @@ class Obj:
 # How a contract reads a delivered payload: (payload, the event's valid time, now) -> the payload
 # its handler gets, or ContractError.
 PayloadReader = Callable[[Any, datetime, datetime], dict[str, Any]]
+
+
+# JavaScript reads every JSON number as a double: an integer beyond this would arrive changed.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class Props:
+    """A flat object of properties: at most `max_keys` keys (each checked by `key`), whose
+    values are strings (checked by `value`), finite numbers or booleans; nothing nested, no null."""
+
+    max_keys: int
+    key: Text
+    value: Text
+
+    def problem(self, props: Any) -> str | None:
+        if not isinstance(props, dict):
+            return "must be an object"
+        if len(props) > self.max_keys:
+            return f"has {len(props)} keys; at most {self.max_keys} are allowed"
+        for key, value in props.items():
+            problem = self.key.problem(key)
+            if problem is not None:
+                return f"key {_short(str(key))} {problem}"
+            problem = self._value_problem(value)
+            if problem is not None:
+                return f"value of {_short(str(key))} {problem}"
+        return None
+
+    def _value_problem(self, value: Any) -> str | None:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return None if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else f"must be within ±{MAX_SAFE_INTEGER}"
+        if isinstance(value, float):
+            return None if math.isfinite(value) else "must be a finite number"
+        if isinstance(value, str):
+            return self.value.problem(value)
+        return "must be a string, a number or a boolean (nothing nested, no null)"
 
 
 @dataclass(frozen=True)
@@ -205,6 +245,41 @@ VISITOR_TRACKED = Contract(
         }
     ),
     reader=read_visitor_tracked,
+)
+
+
+# A custom event's limits, defined once: the HTTP endpoint, the OpenAPI document and the docs
+# take them from here.
+MAX_EVENT_NAME_LENGTH = 120
+MAX_EVENT_PROPS = 30
+MAX_PROP_KEY_LENGTH = 300
+MAX_PROP_VALUE_LENGTH = 2000
+EVENT_PROPS = Props(MAX_EVENT_PROPS, Text(1, MAX_PROP_KEY_LENGTH), Text(0, MAX_PROP_VALUE_LENGTH))
+# The fields an event shares with a page view, with the page view's own rules.
+_VISITOR_FIELDS = {
+    name: VISITOR_TRACKED.schema.fields[name]
+    for name in ("visitorHash", "domain", "pathname", "referrer", "sessionContext")
+}
+# THE SEAM for the page view dimensions of visitor.tracked.v1 (country, browser, os, device,
+# utm; issue 13): when they land, their field specs go here, and the collector adds their
+# values to the event's payload where it adds them to the page view's. Until then an event
+# carries none. (They must be added before visitor.event.v0 is first released: events already
+# logged without them would break a contract that later requires them.)
+EVENT_DIMENSION_FIELDS: dict[str, Text | Obj | Props] = {}
+
+VISITOR_EVENT = Contract(
+    flow_type="visitor.v0",
+    event_type="visitor.event.v0",
+    description="A custom event (a sign-up, a purchase, an outbound link or download clicked, a page not "
+    "found) by an anonymous visitor: its name, flat properties, and where it happened.",
+    schema=Obj(
+        {
+            **_VISITOR_FIELDS,
+            "name": Text(1, MAX_EVENT_NAME_LENGTH),
+            "props": EVENT_PROPS,
+            **EVENT_DIMENSION_FIELDS,
+        }
+    ),
 )
 
 

@@ -1,4 +1,5 @@
-// The collector's tracker: one anonymous page view per page shown, SPA navigations included.
+// The collector's tracker: one anonymous page view per page shown, SPA navigations included,
+// and collector.event() for custom events (docs/events.md; click tracking is in script.clicks.js).
 // No cookie, no storage, and nothing thrown into the page. docs/tracker.md documents the
 // attributes. Kept readable: the collector strips these line comments and the
 // indentation when it serves the file, and a test holds the gzipped result under 1,000 bytes.
@@ -27,6 +28,17 @@
       }
     };
 
+    // Opted out or local: nothing leaves. A string body goes as text/plain: a simple request, so
+    // no CORS preflight; keepalive: it outlives the page, so a click that navigates is still sent.
+    var send = function (url, body) {
+      if (skipped || ignored()) return;
+      try {
+        fetch(url, { method: "POST", body: body, keepalive: true }).catch(function () {});
+      } catch (e) {
+        navigator.sendBeacon(url, body);
+      }
+    };
+
     var pageview = function (pathname, referrer) {
       try {
         var body = JSON.stringify({
@@ -36,13 +48,7 @@
         });
         path = l.pathname;
         last = bare(l.href);
-        if (skipped || ignored()) return;
-        try {
-          // A string body goes as text/plain: a simple request, so no CORS preflight.
-          fetch(api, { method: "POST", body: body, keepalive: true }).catch(function () {});
-        } catch (e) {
-          navigator.sendBeacon(api, body);
-        }
+        send(api, body);
       } catch (e) {}
     };
 
@@ -75,7 +81,19 @@
     d.addEventListener("prerenderingchange", shown);
     shown();
 
-    w.collector = { pageview: pageview };
+    // Custom events go to the page views' address with "event" as its last segment.
+    var event = function (name, props) {
+      try {
+        send(api.replace(/[^/]*$/, "event"), JSON.stringify({
+          name: name,
+          pathname: l.pathname,
+          domain: domain,
+          props: props || {}
+        }));
+      } catch (e) {}
+    };
+
+    w.collector = { pageview: pageview, event: event };
     // The name that pages written for the original collector call.
     w.trackPageview = pageview;
   } catch (e) {}

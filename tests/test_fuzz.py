@@ -1,5 +1,6 @@
-"""Property-based fuzzing (hypothesis) of POST /api/pageview and POST /api/transformer over real
-HTTP: arbitrary bytes, JSON of every shape, odd and huge Unicode, hostile headers. Never a 5xx,
+"""Property-based fuzzing (hypothesis) of POST /api/pageview, POST /api/event and POST
+/api/transformer over real HTTP: arbitrary bytes, JSON of every shape, odd and huge Unicode,
+hostile headers. Never a 5xx,
 the server keeps answering, and afterwards the database is consistent: SQLite's integrity check
 passes, every stored payload keeps the event contract, and the counts match the accepted requests.
 
@@ -22,7 +23,7 @@ from helpers import drained, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathways import VISITOR_TRACKED
+from pathways import MAX_EVENT_PROPS, VISITOR_EVENT, VISITOR_TRACKED
 
 T = TypeVar("T")
 EXAMPLES = 300
@@ -134,13 +135,16 @@ def assert_sane(status: int, body: bytes) -> None:
         assert b"Traceback" not in body
 
 
+CONTRACTS = {contract.event_type: contract for contract in (VISITOR_TRACKED, VISITOR_EVENT)}
+
+
 async def database_is_consistent(data_dir: Path) -> None:
     [(check,)] = await asyncio.to_thread(query, data_dir, "PRAGMA integrity_check")
     assert check == "ok"
-    sql = "SELECT payload FROM outbox UNION ALL SELECT payload FROM event_log"
+    sql = "SELECT event_type, payload FROM outbox UNION ALL SELECT event_type, payload FROM event_log"
     rows = await asyncio.to_thread(query, data_dir, sql)
-    for (payload,) in rows:
-        VISITOR_TRACKED.validate(json.loads(payload))
+    for event_type, payload in rows:
+        CONTRACTS[event_type].validate(json.loads(payload))
 
 
 # -- the properties -----------------------------------------------------------------------------------------
@@ -171,6 +175,67 @@ async def test_pageview_never_fails_on_hostile_input(start_collector: Start, dat
     assert logged + left == len(accepted)
     [(counted,)] = await asyncio.to_thread(query, data_dir, "SELECT coalesce(sum(pageviews), 0) FROM daily_stats")
     assert counted == len(accepted)
+
+
+# Events: shapes that break every rule of the props, and valid ones with odd but valid text.
+prop_values = st.one_of(odd_text, st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                        json_values)
+props_shaped = st.one_of(
+    st.dictionaries(odd_text, prop_values, max_size=8),
+    st.dictionaries(st.text(max_size=4), st.integers(), min_size=MAX_EVENT_PROPS - 1, max_size=MAX_EVENT_PROPS + 2),
+    json_values,
+)
+event_shaped = st.fixed_dictionaries(
+    {},
+    optional={"name": odd_text | json_values, "pathname": odd_text | json_values, "referrer": odd_text | json_values,
+              "domain": odd_text | st.sampled_from(["example.com", "[::1]", "a" * 300]), "props": props_shaped,
+              "extra": json_values},
+)
+valid_props = st.dictionaries(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+    st.one_of(valid_text, st.integers(-(2**53) + 1, 2**53 - 1), st.floats(allow_nan=False, allow_infinity=False),
+              st.booleans()),
+    max_size=MAX_EVENT_PROPS,
+)
+valid_events = st.fixed_dictionaries(
+    {"name": st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=120),
+     "pathname": st.builds(lambda rest: "/" + rest, valid_text)},
+    optional={"referrer": valid_text, "props": valid_props,
+              "domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a.b"])},
+)
+event_bodies = weighted(
+    (6, st.builds(encode, weighted((2, json_values | event_shaped), (3, valid_events)), st.booleans())),
+    (1, st.binary(max_size=2000)),
+    (1, st.just(b'{"name": "x", "pathname": "/", "props": {"n": NaN, "i": Infinity}}')),
+)
+
+
+async def test_event_never_fails_on_hostile_input(start_collector: Start, data_dir: Path) -> None:
+    client = await start_collector(BODY_TIMEOUT_MS="5000")
+    bridge = Bridge(asyncio.get_running_loop())
+    accepted = []
+
+    @FUZZ
+    @given(body=event_bodies, headers=hostile_headers)
+    def property(body: bytes, headers: dict[str, str]) -> None:
+        status, answer = bridge.run(post(client, "/api/event", body, headers))
+        assert_sane(status, answer)
+        if status == 204:
+            accepted.append(1)
+
+    await in_thread(property)
+    print(f"event fuzz: {len(accepted)} of {EXAMPLES}+ accepted")
+    assert accepted, "no example was a valid event: the fuzzing is not reaching the database"
+    assert (await client.get("/health")).status == 200
+    await drained(client)
+    await database_is_consistent(data_dir)
+    [(logged, left, claimed)] = await asyncio.to_thread(
+        query, data_dir, "SELECT (SELECT count(*) FROM event_log), (SELECT count(*) FROM outbox), "
+        "(SELECT count(*) FROM pathway_state WHERE pathway = 'visitor.v0/visitor.event.v0')"
+    )
+    assert logged + left == len(accepted) == claimed
+    [(counted,)] = await asyncio.to_thread(query, data_dir, "SELECT coalesce(sum(pageviews), 0) FROM daily_stats")
+    assert counted == 0  # an event is not a page view
 
 
 payload_shaped = st.fixed_dictionaries(
@@ -211,9 +276,21 @@ valid_envelopes = st.builds(
     st.builds(lambda rest: "/" + rest, valid_text) | odd_text,
     st.sampled_from(["example.com", "ünïcode.example", "a.b"]) | st.sampled_from(["x.example"]) | odd_text,
 )
+valid_event_envelopes = st.builds(
+    lambda hash_, event, props: {
+        "eventId": str(uuid.uuid4()), "flowType": "visitor.v0", "eventType": "visitor.event.v0",
+        "validTime": "2025-06-04T10:15:30.123Z",
+        "payload": {"visitorHash": hash_, "domain": "example.com", "pathname": event["pathname"], "referrer": "",
+                    "name": event["name"], "props": props, "sessionContext": {"dailySaltRotation": "2025-06-04"}},
+    },
+    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    valid_events,
+    valid_props | props_shaped,
+)
 transformer_bodies = st.one_of(
     st.binary(max_size=2000),
-    st.builds(encode, weighted((2, envelopes | json_values), (3, valid_envelopes)), st.booleans()),
+    st.builds(encode, weighted((2, envelopes | json_values), (3, valid_envelopes), (1, valid_event_envelopes)),
+              st.booleans()),
 )
 
 
@@ -221,6 +298,7 @@ async def test_transformer_never_fails_on_hostile_input(start_collector: Start, 
     client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET, BODY_TIMEOUT_MS="5000")
     bridge = Bridge(asyncio.get_running_loop())
     processed: set[str] = set()
+    pageviews: set[str] = set()
 
     @FUZZ
     @given(body=transformer_bodies, headers=hostile_headers, right_secret=st.integers(0, 9))
@@ -231,17 +309,21 @@ async def test_transformer_never_fails_on_hostile_input(start_collector: Start, 
         assert_sane(status, answer)
         if status == 200:
             assert answer == b"OK"
-            processed.add(json.loads(body)["eventId"])
+            envelope = json.loads(body)
+            processed.add(envelope["eventId"])
+            if envelope["eventType"] == "visitor.tracked.v0":
+                pageviews.add(envelope["eventId"])
 
     await in_thread(property)
     print(f"transformer fuzz: {len(processed)} of {EXAMPLES}+ processed")
     assert processed, "no example was a valid event: the fuzzing is not reaching the handler"
+    assert processed - pageviews, "no custom event was valid: the fuzzing is not reaching the event pathway"
     assert (await client.get("/health")).status == 200
     await database_is_consistent(data_dir)
     [(handled,)] = await asyncio.to_thread(query, data_dir, "SELECT count(*) FROM pathway_state")
     assert handled == len(processed)
     [(counted,)] = await asyncio.to_thread(query, data_dir, "SELECT coalesce(sum(pageviews), 0) FROM daily_stats")
-    assert counted == len(processed)
+    assert counted == len(pageviews)
     for (payload,) in await asyncio.to_thread(query, data_dir, "SELECT domain FROM pageviews"):
         assert isinstance(payload, str)
 
@@ -274,14 +356,18 @@ async def raw_post(client: TestClient, path: str, headers: dict[str, bytes], bod
 async def test_raw_header_bytes_never_cause_a_5xx(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector(FLOWCORE_TRANSFORMER_SECRET=SECRET)
     bridge = Bridge(asyncio.get_running_loop())
-    pageview = b'{"pathname": "/", "referrer": "", "domain": "example.com"}'
+    bodies = {
+        "/api/pageview": b'{"pathname": "/", "referrer": "", "domain": "example.com"}',
+        "/api/event": b'{"name": "Signup", "pathname": "/", "domain": "example.com", "props": {"plan": "pro"}}',
+        "/api/transformer": b'{"pathname": "/", "referrer": "", "domain": "example.com"}',
+    }
 
     @FUZZ
-    @given(path=st.sampled_from(["/api/pageview", "/api/transformer"]),
+    @given(path=st.sampled_from(sorted(bodies)),
            headers=st.dictionaries(st.sampled_from(RAW_HEADERS), header_bytes, max_size=5))
     def property(path: str, headers: dict[str, bytes]) -> None:
         headers = {"Content-Type": b"text/plain", **headers}
-        status, answer = bridge.run(raw_post(client, path, headers, pageview))
+        status, answer = bridge.run(raw_post(client, path, headers, bodies[path]))
         assert_sane(status, answer)
 
     await in_thread(property)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pathways import VISITOR_TRACKED
+from pathways import VISITOR_EVENT, VISITOR_TRACKED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,13 +21,15 @@ def test_the_data_core_flow_type_and_event_type_match_the_contract() -> None:
     assert data_core["name"] == "flow-analytics" and data_core["description"]
     flow_type = data_core["flowTypes"][VISITOR_TRACKED.flow_type]
     assert flow_type["description"]
-    assert flow_type["eventTypes"][VISITOR_TRACKED.event_type]["description"]
+    for contract in (VISITOR_TRACKED, VISITOR_EVENT):
+        assert contract.flow_type == VISITOR_TRACKED.flow_type
+        assert flow_type["eventTypes"][contract.event_type]["description"]
 
 
 def test_the_scenario_proxies_to_proxy_endpoint() -> None:
     [transformer] = load("flowcore.yaml")["scenario"]["transformers"].values()
     assert (transformer["dataCore"], transformer["flowType"]) == ("flow-analytics", VISITOR_TRACKED.flow_type)
-    assert transformer["events"] == [VISITOR_TRACKED.event_type]
+    assert transformer["events"] == [VISITOR_TRACKED.event_type, VISITOR_EVENT.event_type]
     parameters = {p["name"]: p for p in transformer["parameters"]}
     assert parameters["PROXY_ENDPOINT"]["value"].endswith("/api/transformer")
 
@@ -35,7 +37,7 @@ def test_the_scenario_proxies_to_proxy_endpoint() -> None:
 def test_the_local_development_proxy_endpoint() -> None:
     [endpoint] = load("flowcore.local.development.yaml")["development"]["proxyEndpoints"].values()
     assert (endpoint["dataCore"], endpoint["flowType"]) == ("flow-analytics", VISITOR_TRACKED.flow_type)
-    assert endpoint["events"] == [VISITOR_TRACKED.event_type]
+    assert endpoint["events"] == [VISITOR_TRACKED.event_type, VISITOR_EVENT.event_type]
 
 
 def test_the_local_development_manifest_leaves_the_tenant_to_flowcore_yaml() -> None:
@@ -54,7 +56,7 @@ def test_the_scale_out_scenario_has_one_transformer_per_collector_each_with_its_
     [reference] = single["scenario"]["transformers"].values()
     for transformer in transformers:
         assert (transformer["dataCore"], transformer["flowType"]) == ("flow-analytics", VISITOR_TRACKED.flow_type)
-        assert transformer["events"] == [VISITOR_TRACKED.event_type]
+        assert transformer["events"] == [VISITOR_TRACKED.event_type, VISITOR_EVENT.event_type]
         parameters = {p["name"]: p for p in transformer["parameters"]}
         assert parameters["PROXY_HEADER_SECRET"] == {p["name"]: p for p in reference["parameters"]}[
             "PROXY_HEADER_SECRET"]

@@ -22,6 +22,11 @@ from openapi import document
 TRANSFORMER_SECRET = "transformer-secret-for-tests"
 TOKEN = "a-stats-token-of-enough-length"
 PAGEVIEW = {"pathname": "/a", "referrer": "", "domain": "example.com"}
+EVENT = {"name": "Signup", "pathname": "/a", "domain": "example.com", "props": {"plan": "pro", "seats": 2}}
+EVENT_PAYLOAD = {"visitorHash": "c" * 64, "domain": "example.com", "pathname": "/", "referrer": "", "name": "Signup",
+                 "props": {}, "sessionContext": {"dailySaltRotation": "2025-06-04"}}
+EVENT_ENVELOPE = {"eventId": "8e0b2a4c-5f1d-4c8e-9a3b-2d7f6e1c0b9a", "flowType": "visitor.v0",
+                  "eventType": "visitor.event.v0", "validTime": "2025-06-04T10:15:30.123Z", "payload": EVENT_PAYLOAD}
 BASE = "urn:openapi"
 
 
@@ -112,6 +117,14 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
         ("POST", "/api/pageview", 415, {"data": b"{}", "headers": {"Content-Type": "application/xml"}}),
         ("OPTIONS", "/api/pageview", 204, {"headers": {"Origin": "https://example.com",
                                                        "Access-Control-Request-Method": "POST"}}),
+        ("GET", "/script.clicks.js", 200, {}),
+        ("POST", "/api/event", 204, {"json": EVENT}),
+        ("POST", "/api/event", 400, {"json": {**EVENT, "props": {"nested": {"no": 1}}}}),
+        ("POST", "/api/event", 413, {"data": b" " * 17_000, "headers": json_type}),
+        ("POST", "/api/event", 415, {"data": b"{}", "headers": {"Content-Type": "application/xml"}}),
+        ("OPTIONS", "/api/event", 204, {"headers": {"Origin": "https://example.com",
+                                                    "Access-Control-Request-Method": "POST"}}),
+        ("POST", "/api/transformer", 200, {"json": EVENT_ENVELOPE, "headers": secret}),
         ("POST", "/api/transformer", 401, {"json": {}}),
         ("POST", "/api/transformer", 400, {"json": [], "headers": secret}),
         ("POST", "/api/transformer", 404, {"json": envelope(flowType="nobody.v0"), "headers": secret}),

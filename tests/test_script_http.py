@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import pytest
 from conftest import Start
@@ -106,3 +107,43 @@ def test_stripping_keeps_the_code_and_drops_the_comments() -> None:
     assert not any(line.startswith("//") or line != line.strip() for line in stripped.splitlines())
     code = [line.strip() for line in source.splitlines() if line.strip() and not line.strip().startswith("//")]
     assert stripped.splitlines() == code
+
+
+# -- /script.clicks.js: the tracker and its click tracking, in one file ------------------------------------------
+
+CLICKS_SIZE_LIMIT = 1700  # gzipped; not a promise to sites like the base's, a guard against growth
+
+
+async def test_the_clicks_script_is_the_tracker_then_its_click_tracking(start_collector: Start) -> None:
+    client = await start_collector()
+    expected = "".join(strip_script((STATIC_DIR / name).read_text()) for name in ("script.js", "script.clicks.js"))
+    async with client.get("/script.clicks.js", headers={"Accept-Encoding": "identity"}) as plain:
+        assert plain.status == 200
+        assert plain.headers["Content-Type"] == "application/javascript; charset=utf-8"
+        assert plain.headers["Cache-Control"] == "public, max-age=86400"
+        assert await plain.read() == expected.encode()
+        etag = plain.headers["ETag"]
+    async with client.get("/script.clicks.js", headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as packed:
+        assert packed.headers["Content-Encoding"] == "gzip"
+        body = await packed.read()
+        assert gzip.decompress(body) == expected.encode()
+        assert len(body) <= CLICKS_SIZE_LIMIT, f"/script.clicks.js is {len(body)} bytes gzipped"
+        assert packed.headers["ETag"] != etag
+    async with client.get("/script.js") as base:
+        assert base.headers["ETag"] != etag  # another file, another version
+    async with client.get("/script.clicks.js", headers={"Accept-Encoding": "identity", "If-None-Match": etag}) as again:
+        assert again.status == 304
+
+
+def test_the_clicks_script_strips_safely() -> None:
+    source = (STATIC_DIR / "script.clicks.js").read_text()
+    assert "`" not in source and "/*" not in source and "\\\n" not in source
+
+
+def test_the_docs_name_the_default_file_types_of_the_script() -> None:
+    source = (STATIC_DIR / "script.clicks.js").read_text()
+    [listed] = re.findall(r'var FILE_TYPES = "([^"]*)" \+\s*"([^"]*)"', source)
+    in_script = "".join(listed).split(",")
+    docs = (STATIC_DIR.parent / "docs" / "events.md").read_text()
+    [in_docs] = re.findall(r"\*\*The default file types\*\*: `([^`]*)`", docs.replace("\n  ", " "))
+    assert in_docs.split(", ") == in_script
