@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -29,7 +30,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import aiosqlite
 from aiohttp import web
 from dotenv import dotenv_values
 from multidict import MultiMapping
@@ -79,7 +79,8 @@ from pathways import (
     secret_matches,
     wait_any,
 )
-from store import DB_FILENAME, RETENTION_LAST_RUN, Store, StoreClosedError, local_day_hour, read_dead_letters
+from readmodel import ReadModel, local_day_hour
+from store import DB_FILENAME, Store, StoreClosedError, read_dead_letters
 
 __version__ = "0.1.0"
 
@@ -89,6 +90,7 @@ SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
 MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
+LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects. The
 # last field is why a page view was not counted (X-Collector-Dropped), "-" for any other answer.
@@ -570,7 +572,8 @@ ENDPOINTS = {
     "POST /api/event": "Record a custom event: JSON {name, pathname, domain?, referrer?, props?}, by the page view's "
     "rules; see docs/events.md.",
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
-    "GET /health": "Status, mode, version, outbox backlog, dead letters, last processed event.",
+    "GET /health": "Status, mode, version, backlog and the read model's lag in seconds, dead letters, last processed "
+    "event.",
     "GET /script.js": "The tracker script to put on a site's pages (see docs/tracker.md).",
     "GET /script.clicks.js": "The tracker script with click tracking: tagged elements, outbound links, downloads "
     "(docs/events.md).",
@@ -600,7 +603,6 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(5):
             counts = await store.health(local_delivery=config.flowcore is None)
-            retention_last_run = await store.get_meta(RETENTION_LAST_RUN)
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
@@ -608,12 +610,13 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok",
         **about,
         "database": "ok",
-        "backlog": counts["outbox"] + counts["undelivered"],
-        "outbox": counts["outbox"],
-        "dead_letters": counts["dead_letters"],
-        "last_processed_at": counts["last_processed_at"],
-        "group_commit": {"commits": store.outbox_commits, "events": store.outbox_appends},
-        "retention_last_run": retention_last_run,
+        "backlog": counts.backlog,
+        "lag_seconds": counts.lag_seconds(request.app[CLOCK]()),
+        "outbox": counts.outbox,
+        "dead_letters": counts.dead_letters,
+        "last_processed_at": counts.last_processed_at,
+        "group_commit": {"commits": counts.commits, "events": counts.committed_events},
+        "retention_last_run": counts.retention_last_run,
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
@@ -784,6 +787,7 @@ CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
+READ_MODEL = web.AppKey("read_model", ReadModel)
 PATHWAYS = web.AppKey("pathways", Pathways)
 EMITTER = web.AppKey("emitter", Emitter)
 SINK: web.AppKey[Sink] = web.AppKey("sink")
@@ -848,23 +852,25 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
+    read_model = ReadModel(store)
     await store.open()
-    pathways = wire_pathways(store, config)
+    pathways = wire_pathways(store, read_model, config)
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
     if config.flowcore and session:
         sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
     else:
         sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size)
+    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
     app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
+    app[READ_MODEL] = read_model
     salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
     app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
     app[DROPS] = filters.DropCounter(store)
     emitter.start()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(
-        run_maintenance(store, config, app[CLOCK], stop_maintenance), name="maintenance"
+        run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"
     )
     drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
     try:
@@ -882,17 +888,17 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
         logger.info("stopped; the database is closed")
 
 
-def wire_pathways(store: Store, config: Config) -> Pathways:
+def wire_pathways(store: Store, read_model: ReadModel, config: Config) -> Pathways:
     """The contracts and their handlers: for the running collector and `dead-letters --retry`."""
     pathways = Pathways(store, max_attempts=config.handler_max_attempts, log_received=config.flowcore is not None)
     pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+    pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
     pathways.register(VISITOR_EVENT)
     pathways.handle(VISITOR_EVENT, events_not_counted_yet)
     return pathways
 
 
-async def events_not_counted_yet(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
+def events_not_counted_yet(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
     """PLACEHOLDER handler of visitor.event.v0, until the read model counts custom events
     (issue 14, points 3 and 4, after the read model moves to readmodel.py): the read model's
     handler replaces it. The router has claimed each event (pathway_state) in this transaction,
@@ -900,14 +906,15 @@ async def events_not_counted_yet(tx: aiosqlite.Connection, events: Sequence[Even
     into the read model's tables once they exist."""
 
 
-async def run_maintenance(store: Store, config: Config, clock: Clock, stop: asyncio.Event) -> None:
+async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
+                          stop: asyncio.Event) -> None:
     """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
     ephemeral salt's 48 hours end)."""
     while not stop.is_set():
         try:
             today = clock().astimezone(UTC).date()
-            await store.forget_expired_visitors(today)
-            await enforce_retention(store, config.timezone, config.raw_retention_days, clock(),
+            await read_model.forget_expired_visitors(today)
+            await enforce_retention(store, read_model, config.raw_retention_days, clock(),
                                     local_delivery=config.flowcore is None)
             await store.forget_salts(privacy.previous_day(today.isoformat()))
         except Exception:
@@ -1035,7 +1042,8 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         return 0
     try:
         results = asyncio.run(
-            retry_dead_letters(config.data_dir, config.timezone, lambda store: wire_pathways(store, config))
+            retry_dead_letters(config.data_dir, config.timezone,
+                               lambda store: wire_pathways(store, ReadModel(store), config))
         )
     except DataDirBusyError:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "

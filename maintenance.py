@@ -2,38 +2,63 @@
 recomputes the read model from the local event log, and `collector.py dead-letters --retry`.
 
 A module of its own so that collector.py stays the HTTP app and its configuration; the SQL
-these jobs need lives in store.py."""
+these jobs need lives in store.py (the event log) and readmodel.py (the read model)."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, Event, Pathways
-from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, Store, local_day_hour
+from pathways import Pathways
+from readmodel import ReadModel
+from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, Store
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILENAME = "collector.lock"
-REBUILD_BATCH = 1000
 RETENTION_INTERVAL = timedelta(days=1)
 
 Progress = Callable[[int, int], None]
 
 
 async def enforce_retention(
-    store: Store, tz: ZoneInfo, keep_days: int, now: datetime, *, local_delivery: bool = True
+    store: Store, read_model: ReadModel, keep_days: int, now: datetime, *, local_delivery: bool = True
 ) -> None:
     """RAW_RETENTION_DAYS, at most once a day; the last run is kept in the store, so restarts
     do not make it run more often (nor skip it)."""
     last = await store.get_meta(RETENTION_LAST_RUN)
     if last is not None and now - datetime.fromisoformat(last) < RETENTION_INTERVAL:
         return
-    await store.apply_retention(now.astimezone(tz).date(), keep_days, now, local_delivery=local_delivery)
+    await apply_retention(store, read_model, now.astimezone(store.tz).date(), keep_days, now,
+                          local_delivery=local_delivery)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    kept_from: date
+    pageviews_deleted: int
+    events_deleted: int
+
+
+async def apply_retention(store: Store, read_model: ReadModel, today: date, keep_days: int, now: datetime, *,
+                          local_delivery: bool = True) -> RetentionResult:
+    """Delete raw page views and logged events of local days before today - keep_days. Logged
+    events the local sink has not delivered yet stay; aggregates stay."""
+    cutoff = today - timedelta(days=keep_days)
+    pageviews = await read_model.delete_rows_before(cutoff)
+    events = await store.delete_logged_before(store.local_midnight(cutoff.isoformat()),
+                                              local_delivery=local_delivery)
+    await store.record_retention(cutoff.isoformat(), now)
+    if pageviews or events:
+        logger.info("retention: deleted %d raw page views and %d logged events before %s", pageviews, events, cutoff)
+    return RetentionResult(cutoff, pageviews, events)
 
 
 # -- the data directory's lock ------------------------------------------------------------------------
@@ -99,33 +124,22 @@ async def rebuild(data_dir: Path, tz: ZoneInfo, now: datetime, progress: Progres
     full (see Store.rebuild_from_day), in one transaction: a failed rebuild changes nothing."""
     descriptor = lock_data_dir(data_dir)
     store = Store(data_dir / DB_FILENAME, tz)
+    read_model = ReadModel(store)
     try:
         await store.open()
-        summary = await _replay_log(store, progress or (lambda done, total: None))
-        await store.forget_expired_visitors(now.astimezone(UTC).date())
+        summary = await _replay_log(store, read_model, progress or (lambda done, total: None))
+        await read_model.forget_expired_visitors(now.astimezone(UTC).date())
         return summary
     finally:
         await store.close()
         os.close(descriptor)
 
 
-async def _replay_log(store: Store, progress: Progress) -> RebuildSummary:
-    """Every logged page view that live processing counted, in log order, through the same
-    handler; the cursor is the log's seq, so a batch never re-reads what the last one read."""
+async def _replay_log(store: Store, read_model: ReadModel, progress: Progress) -> RebuildSummary:
     from_day = await store.rebuild_from_day()
     if from_day is None:
         return RebuildSummary(None, 0, 0)
-    kind = VISITOR_TRACKED.event_type
-    total, done, replayed, seq = await store.count_replayable(kind), 0, 0, 0
-    progress(done, total)
-    async with store.transaction() as tx:
-        await store.clear_read_model(tx, from_day)
-        while batch := await store.replayable_events(kind, seq, REBUILD_BATCH):
-            events = [event for event in map(Event.from_log, batch) if _local_day(event, store.tz) >= from_day]
-            if events:
-                await store.record_pageviews(tx, events)
-            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
-            progress(done, total)
+    replayed, total = await read_model.rebuild(from_day, progress)
     return RebuildSummary(from_day, replayed, total - replayed)
 
 
@@ -143,17 +157,13 @@ async def retry_dead_letters(data_dir: Path, tz: ZoneInfo, wire: Callable[[Store
     holding DATA_DIR's lock (so no collector delivers the same event meanwhile)."""
     descriptor = lock_data_dir(data_dir)
     store = Store(data_dir / DB_FILENAME, tz)
+    pathways = wire(store)  # before opening: the read model adds its migrations
     try:
         await store.open()
-        pathways = wire(store)
         return [RetryResult(letter, await pathways.retry_dead_letter(letter)) for letter in await store.dead_letters()]
     finally:
         await store.close()
         os.close(descriptor)
-
-
-def _local_day(event: Event, tz: ZoneInfo) -> str:
-    return local_day_hour(int(event.valid_time.timestamp() * 1000), tz)[0]
 
 
 def progress_bar(stream: TextIO, width: int = 32) -> Progress:

@@ -169,6 +169,9 @@ SCHEMAS: dict[str, Schema] = {
             "version": {"type": "string"},
             "database": {"enum": ["ok", "unavailable"]},
             "backlog": {"type": "integer"},
+            "lag_seconds": {"type": "number", "minimum": 0, "description": (
+                "How far the read model is behind: the age of the oldest event accepted and not yet counted "
+                "(local mode) or not yet sent (Flowcore mode).")},
             "outbox": {"type": "integer"},
             "dead_letters": {"type": "integer"},
             "last_processed_at": {"type": ["string", "null"]},

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,11 +21,10 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import aiohttp
-import aiosqlite
 
 from config import FlowcoreSettings
 from filters import NO_SITE, normalize_host
-from store import DeadLetter, LoggedEvent, OutboxRow, Store, StoreClosedError, iso_ms
+from store import LOCAL_CURSOR, DeadLetter, LoggedEvent, OutboxRow, Store, StoreClosedError, iso_ms, put_meta
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +413,9 @@ def time_uuid() -> str:
 # -- registry, write, router -------------------------------------------------------------------------
 
 
-Handler = Callable[[aiosqlite.Connection, Sequence[Event]], Awaitable[None]]
+# A handler runs on the store's writer thread, inside the router's transaction: plain sqlite3,
+# no awaits, so a whole batch is one hop between the event loop and that thread.
+Handler = Callable[[sqlite3.Connection, Sequence[Event]], None]
 
 
 class Outcome(enum.Enum):
@@ -475,8 +477,7 @@ class Pathways:
         redelivered event is acknowledged and changes nothing."""
         self.contract_for(event).validate(event.payload)
         try:
-            async with self.store.transaction() as tx:
-                processed = await self.process_batch(tx, [event])
+            processed = await self.store.write(lambda conn: self.process_batch(conn, [event]))
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
         return Outcome.PROCESSED if processed else Outcome.DUPLICATE
@@ -514,18 +515,20 @@ class Pathways:
         return Outcome.DEAD_LETTERED
 
     async def _receive_once(self, event: Event, *, retrying: bool = False) -> Outcome:
-        async with self.store.transaction() as tx:
+        def work(conn: sqlite3.Connection) -> Outcome:
             if retrying:  # a dead letter of the local sink was marked processed when it failed
-                await self.store.unclaim(tx, event.event_id)
-            if not await self.store.claim_events(tx, {event.event_id: event.key}):
+                self.store.unclaim(conn, event.event_id)
+            if not self.store.claim_events(conn, {event.event_id: event.key}):
                 return Outcome.DUPLICATE
             handler = self._handlers.get(event.key)
             if handler is not None:
-                await handler(tx, [event])
+                handler(conn, [event])
             if self.log_received:
-                await self.store.log_received(tx, _logged_event(event))
-            await self.store.clear_dead_letter(tx, event.event_id)
-        return Outcome.PROCESSED
+                self.store.log_received(conn, _logged_event(event))
+            self.store.clear_dead_letter(conn, event.event_id)
+            return Outcome.PROCESSED
+
+        return await self.store.write(work)
 
     async def retry_dead_letter(self, letter: DeadLetter) -> str | None:
         """Run a dead letter's event once more, after a fix: its handler's work, its id and the
@@ -553,15 +556,15 @@ class Pathways:
                 await self._process_with_retries(event)
 
     async def _process_together(self, events: Sequence[Event]) -> None:
-        async with self.store.transaction() as tx:
-            await self.process_batch(tx, events)
+        await self.store.write(lambda conn: self.process_batch(conn, events))
 
-    async def process_batch(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> int:
-        """Route events inside the caller's transaction and return how many were new (the
-        others were processed before); any failure is raised, for the caller to roll back."""
+    def process_batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> int:
+        """Route events inside the caller's transaction (on the store's writer thread) and return
+        how many were new (the others were processed before); any failure is raised, for the
+        caller to roll back."""
         for event in events:
             self.contract_for(event).validate(event.payload)
-        new = await self.store.claim_events(tx, {e.event_id: e.key for e in events})
+        new = self.store.claim_events(conn, {e.event_id: e.key for e in events})
         by_key: dict[str, list[Event]] = {}
         for event in events:
             if event.event_id in new:
@@ -570,7 +573,7 @@ class Pathways:
         for key, batch in by_key.items():
             handler = self._handlers.get(key)
             if handler is not None:
-                await handler(tx, batch)
+                handler(conn, batch)
         return sum(len(batch) for batch in by_key.values())
 
     async def _process_with_retries(self, event: Event) -> Outcome:
@@ -617,7 +620,7 @@ class LocalSink:
     log, then hands the events to the router. A cursor in `meta` remembers what was delivered,
     so events logged but not yet processed (a crash, a failed delivery) are caught up."""
 
-    CURSOR = "local_delivered_seq"
+    CURSOR = LOCAL_CURSOR
 
     def __init__(self, store: Store, pathways: Pathways) -> None:
         self.store = store
@@ -646,15 +649,17 @@ class LocalSink:
         ]
         if not self._lagging:
             try:  # the usual case: log, route and move the cursor in ONE transaction
-                async with self.store.transaction() as tx:
-                    await self.store.log_events(tx, logged)
-                    await self.pathways.process_batch(tx, [Event.from_log(item) for item in logged])
-                    await self.store.put_meta(tx, self.CURSOR, str(logged[-1].seq))
+                await self.store.write(lambda conn: self._log_and_route(conn, logged))
                 return
             except Exception as error:
                 logger.warning("a batch of %d events failed (%s); taking them one by one", len(logged), error)
         await self.store.move_to_event_log(logged)
         await self.recover()
+
+    def _log_and_route(self, conn: sqlite3.Connection, logged: Sequence[LoggedEvent]) -> None:
+        self.store.log_events(conn, logged)
+        self.pathways.process_batch(conn, [Event.from_log(item) for item in logged])
+        put_meta(conn, self.CURSOR, str(logged[-1].seq))
 
     async def _deliver(self, logged: Sequence[LoggedEvent]) -> None:
         self._lagging = True
@@ -845,12 +850,15 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class Emitter:
-    """Drains the outbox in order, in batches, to the sink, until stopped."""
+    """Drains the outbox in order, in batches, to the sink, until stopped. While page views wait
+    for their commit, it takes `busy_batch_size` at a time: the local sink's transaction then
+    holds the writer only briefly, and the page views' commits come between its steps."""
 
-    def __init__(self, store: Store, sink: Sink, batch_size: int = 100) -> None:
+    def __init__(self, store: Store, sink: Sink, batch_size: int = 100, busy_batch_size: int | None = None) -> None:
         self.store = store
         self.sink = sink
         self.batch_size = batch_size
+        self.busy_batch_size = busy_batch_size or batch_size
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = False
@@ -884,7 +892,8 @@ class Emitter:
                 recovered = await self._attempt(self.sink.recover())
                 continue
             self.store.outbox_changed.clear()  # before reading, so no commit's wake-up is missed
-            rows = await self.store.pending_outbox(self.batch_size)
+            busy = self.store.ingest_waiting()
+            rows = await self.store.pending_outbox(self.busy_batch_size if busy else self.batch_size)
             if not rows:
                 await self._set_idle(True)
                 await wait_any(self.store.outbox_changed, self._stopped)

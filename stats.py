@@ -226,11 +226,15 @@ async def top(db: aiosqlite.Connection, table: str, domain: str, span: DateRange
 
 
 async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime) -> int:
-    """Distinct visitors with a page view in the last five minutes (visitor_state has one row
-    per domain and visitor hash, so counting rows counts visitors)."""
+    """Distinct visitors with a page view in the last five minutes, from the raw rows. Their
+    local day is the UTC day of the moment or one either side: three short ranges of the
+    (site, day, ts_ms) key, whatever the time zone."""
     since = int(now.timestamp() * 1000) - CURRENT_WINDOW_MS
+    utc_day = since // 86_400_000
     rows = await db.execute_fetchall(
-        "SELECT count(*) FROM visitor_state WHERE domain = ? AND last_ms >= ?", (domain, since)
+        "SELECT count(DISTINCT r.visitor) FROM pageview_rows r JOIN dims s ON s.id = r.site "
+        "WHERE s.kind = 'site' AND s.value = ? AND r.day IN (?, ?, ?) AND r.ts_ms >= ?",
+        (domain, utc_day - 1, utc_day, utc_day + 1, since),
     )
     return int(next(iter(rows))[0])
 

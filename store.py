@@ -1,37 +1,35 @@
-"""The SQLite file: schema and migrations, the single writer with group commit, the outbox,
-the local event log, pathway state, and the read model built from page view events."""
+"""The SQLite file: connections and migrations, the single writer with its group commit, the
+outbox, the local event log, pathway state and dead letters, meta, salts and drop counts.
+
+The read model's tables live in the same file, but readmodel.py owns them (their schema comes
+in through `add_migrations`); nothing here knows what a page view is."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import json
 import logging
 import os
-from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager, suppress
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
+from datetime import UTC, datetime, time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-if TYPE_CHECKING:
-    from pathways import Event
-
 logger = logging.getLogger(__name__)
 
 DB_FILENAME = "collector.sqlite3"
-VISIT_GAP_MS = 30 * 60 * 1000
-INGEST_PRIORITY_WAIT = 0.1  # seconds a read model transaction yields to waiting page views
-DIRECT = "(direct)"
-UNKNOWN_SOURCE = "(unknown)"
+BUSY_TIMEOUT_MS = 5000
 
+# 0001 and 0002 are history: they also created the read model's first tables, which
+# readmodel.py's migrations take on from there. A migration never changes once released.
 SCHEMA_0001 = """
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a sent row's seq is never reused
@@ -114,10 +112,6 @@ CREATE TABLE pageviews (
 );
 CREATE INDEX pageviews_domain_ts ON pageviews (domain, ts_ms);
 
--- What is derived from visitor hashes lives only in these three tables, and only until the
--- end of the UTC day after the one their salt belongs to (forget_expired_visitors). Keys are
--- 64 bits of BLAKE2b over the domain, the hash (and for `seen`, what was seen): small keys
--- keep the inserts fast, and the hashes themselves are not kept.
 CREATE TABLE visitor_state (
     visitor_key INTEGER PRIMARY KEY,
     domain TEXT NOT NULL,
@@ -126,7 +120,7 @@ CREATE TABLE visitor_state (
     visit_start_ms INTEGER NOT NULL,
     visit_pageviews INTEGER NOT NULL
 );
-CREATE INDEX visitor_state_domain_last ON visitor_state (domain, last_ms);  -- current visitors
+CREATE INDEX visitor_state_domain_last ON visitor_state (domain, last_ms);
 CREATE TABLE visitor_hits (
     visitor_key INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
@@ -134,7 +128,7 @@ CREATE TABLE visitor_hits (
 );
 CREATE INDEX visitor_hits_visitor ON visitor_hits (visitor_key, ts_ms);
 CREATE TABLE seen (
-    seen_key INTEGER PRIMARY KEY,   -- a visitor seen on a page, or coming from a source, on a day
+    seen_key INTEGER PRIMARY KEY,
     salt_day TEXT NOT NULL
 );
 """
@@ -158,10 +152,25 @@ CREATE TABLE salts (
 );
 """
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (
+Step = str | Callable[[sqlite3.Connection], None]  # an SQL script, or a function for what SQL cannot say
+Migration = tuple[str, Step]
+
+MIGRATIONS: tuple[Migration, ...] = (
     ("0001_initial", SCHEMA_0001),
     ("0002_dropped_pageviews_and_salts", SCHEMA_0002),
 )
+
+LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathways.LocalSink.CURSOR)
+LAST_PROCESSED_AT = "last_processed_at"
+LOG_KEPT_FROM = "log_kept_from"
+RETENTION_LAST_RUN = "retention_last_run"
+_REPLAYABLE = (
+    "e.event_type = ? AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
+    "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
+)
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], T]
 
 
 class StoreClosedError(RuntimeError):
@@ -203,6 +212,30 @@ class DeadLetter:
     failed_at: str
 
 
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What the store reports about itself on /health."""
+
+    outbox: int  # events committed and not yet through the sink
+    undelivered: int  # logged events the local sink has not delivered to the router yet
+    dead_letters: int
+    last_processed_at: str | None
+    oldest_waiting_at: str | None  # when the oldest event of the backlog was collected
+    retention_last_run: str | None
+    commits: int  # group commit at work: how many commits served how many page views
+    committed_events: int
+
+    @property
+    def backlog(self) -> int:
+        return self.outbox + self.undelivered
+
+    def lag_seconds(self, now: datetime) -> float:
+        """How far the read model is behind: the age of the oldest event it has not seen."""
+        if self.oldest_waiting_at is None:
+            return 0.0
+        return round(max(0.0, (now - datetime.fromisoformat(self.oldest_waiting_at)).total_seconds()), 3)
+
+
 def iso_ms(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
@@ -221,64 +254,70 @@ def create_private_file(path: Path) -> None:
 
 
 class Store:
-    """One SQLite file in WAL mode: a single writer connection, a separate reader."""
+    """One SQLite file in WAL mode: a single writer on its own thread, a separate reader."""
 
-    def __init__(
-        self,
-        path: Path,
-        tz: ZoneInfo,
-        *,
-        commit_max_events: int = 512,
-        commit_delay: float = 0.001,
-    ) -> None:
+    def __init__(self, path: Path, tz: ZoneInfo, *, commit_max_events: int = 512) -> None:
         self.path = path
         self.tz = tz
         self.outbox_changed = asyncio.Event()
-        self._write_lock = asyncio.Lock()
-        self._durable = False
-        self._ingest_idle = asyncio.Event()  # set while no page view waits for its commit
-        self._ingest_idle.set()
-        self._writer: aiosqlite.Connection | None = None
+        self._writer = _Writer()
         self._reader: aiosqlite.Connection | None = None
-        self._group = _GroupCommit(self, commit_max_events, commit_delay)
+        self._group = _GroupCommit(self._writer, self._transaction, commit_max_events, self._committed)
+        self._migrations: list[Migration] = list(MIGRATIONS)
+        self._rollback_hooks: list[Callable[[], None]] = []
+        self._durable = False
         self._salts_in_wal = False  # a deleted salt may still be in the WAL's older frames
         self.outbox_commits = 0  # how many commits served how many appends: group commit at work
         self.outbox_appends = 0
 
+    def add_migrations(self, migrations: Sequence[Migration]) -> None:
+        """Another owner's schema steps (the read model's), applied after the store's own."""
+        if self._reader is not None:
+            raise RuntimeError("migrations must be added before the store is opened")
+        known = {name for name, _ in self._migrations}
+        for name, _ in migrations:
+            if name in known:
+                raise ValueError(f"migration {name} is registered twice")
+        self._migrations.extend(migrations)
+
+    def add_rollback_hook(self, hook: Callable[[], None]) -> None:
+        """Called on the writer's thread after any transaction rolls back: whoever keeps state
+        beside the file (the read model's caches) forgets what the rollback undid."""
+        self._rollback_hooks.append(hook)
+
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         create_private_file(self.path)  # SQLite gives its WAL and SHM files the database's mode
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        self._writer.start()
+        await self._writer.call(self._connect)
+        await self._run(self._migrate)
+        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+        await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in (
             "PRAGMA journal_mode = WAL",
             "PRAGMA synchronous = NORMAL",
-            "PRAGMA busy_timeout = 5000",
+            f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
             "PRAGMA cache_size = -16000",  # 16 MB: the read model's hot pages stay in memory
             # Deleted rows are zeroed in their page where that costs no extra I/O: a deleted
             # ephemeral salt must not linger in the file (forget_salts also truncates the WAL).
             "PRAGMA secure_delete = FAST",
         ):
-            await self._writer.execute(pragma)
-        await self._migrate()
-        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
-        await self._reader.execute("PRAGMA busy_timeout = 5000")
-        self._group.start()
+            conn.execute(pragma)
+        self._writer.conn = conn
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections. Safe to call twice."""
-        await self._group.stop()
-        if self._writer is not None:
-            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
-
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise StoreClosedError("the store is not open")
-        return self._writer
+        if self._writer.conn is not None:
+            await self._group.drain()
+            await self._run(_close_writer)
+            self._writer.conn = None
+        self._writer.stop()
+        if self._reader is not None:
+            await self._reader.close()
+        self._reader = None
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -286,55 +325,56 @@ class Store:
             raise StoreClosedError("the store is not open")
         return self._reader
 
-    @asynccontextmanager
-    async def transaction(self, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
-        """One write unit: the lock, because aiosqlite serializes statements, not transactions;
-        IMMEDIATE, so the write lock is taken up front instead of failing at the first write.
+    def ingest_waiting(self) -> bool:
+        """Whether page views are waiting for their commit (the read model then takes small steps)."""
+        return self._group.waiting()
 
+    async def write(self, work: Work[T], *, durable: bool = False) -> T:
+        """Run `work(conn)` as one transaction on the writer's thread: one hop for the whole of it.
+
+        IMMEDIATE, so the write lock is taken up front instead of failing at the first write.
         A durable transaction survives a power cut (synchronous=FULL: the WAL is fsynced at
         commit); the others survive a crash of the process, and a power cut can only lose a
         suffix of them, which redelivery redoes: in WAL order, a durable commit syncs them too."""
-        if not durable and not self._ingest_idle.is_set():
-            # Page views waiting for their commit go first; the read model catches up after,
-            # and never waits more than INGEST_PRIORITY_WAIT for its turn.
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._ingest_idle.wait(), INGEST_PRIORITY_WAIT)
-        async with self._write_lock:
-            conn = self.writer
-            if durable != self._durable:
-                await conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+        return await self._run(lambda conn: self._transaction(conn, work, durable))
 
-    async def _migrate(self) -> None:
-        await self.writer.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        applied = {row[0] for row in await self.writer.execute_fetchall("SELECT name FROM schema_migrations")}
-        for name, script in MIGRATIONS:
-            if name in applied:
-                continue
-            async with self.transaction() as tx:
-                for statement in _split_sql(script):
-                    await tx.execute(statement)
-                await tx.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (name, iso_ms(datetime.now(UTC))),
-                )
-            logger.info("applied migration %s", name)
+    async def _run(self, work: Work[T]) -> T:
+        """work(conn) on the writer's thread, outside any transaction."""
+        return await self._writer.call(lambda: work(self._writer.connection()))
 
-    # -- outbox -----------------------------------------------------------------------------
+    def _transaction(self, conn: sqlite3.Connection, work: Work[T], durable: bool) -> T:
+        if durable != self._durable:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for hook in self._rollback_hooks:
+                hook()
+            raise
+        return result
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        for name, step in self._migrations:
+            applied = self._transaction(conn, functools.partial(_apply, name=name, step=step), False)
+            if applied:
+                logger.info("applied migration %s", name)
+
+    # -- outbox and event log ---------------------------------------------------------------------
 
     async def append_outbox(self, flow_type: str, event_type: str, payload: str, collected_at: str) -> None:
         """Return once the event is committed, sharing the commit with concurrent callers."""
         await self._group.append((flow_type, event_type, payload, collected_at))
+
+    def _committed(self, events: int) -> None:
+        self.outbox_commits += 1
+        self.outbox_appends += events
+        self.outbox_changed.set()
 
     async def pending_outbox(self, limit: int) -> list[OutboxRow]:
         rows = await self.reader.execute_fetchall(
@@ -345,42 +385,44 @@ class Store:
 
     async def move_to_event_log(self, events: Sequence[LoggedEvent]) -> None:
         """Record sent events with their ids and take them off the outbox, atomically."""
-        async with self.transaction() as tx:
-            await self.log_events(tx, events)
+        await self.write(lambda conn: self.log_events(conn, events))
 
-    async def log_events(self, tx: aiosqlite.Connection, events: Sequence[LoggedEvent]) -> None:
+    def log_events(self, conn: sqlite3.Connection, events: Sequence[LoggedEvent]) -> None:
         """The same inside the caller's transaction."""
-        await tx.executemany(
+        conn.executemany(
             "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload) for e in events],
         )
-        await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
 
     async def log_sent(self, events: Sequence[LoggedEvent]) -> None:
         """Events the platform accepted, with its ids, into the event log and off the outbox. One
         may be there already: the platform can deliver it to /api/transformer before its answer
         to the sender arrives, and the transformer logs what it receives (log_received)."""
-        async with self.transaction() as tx:
-            await tx.executemany(
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
                 [(e.seq, e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload)
                  for e in events],
             )
-            await tx.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
 
-    async def log_received(self, tx: aiosqlite.Connection, event: LoggedEvent) -> None:
+        await self.write(work)
+
+    def log_received(self, conn: sqlite3.Connection, event: LoggedEvent) -> None:
         """Inside the router's transaction: a delivered event into the event log, unless it is
         there already (one this collector sent). Its seq is taken from the outbox's AUTOINCREMENT
         sequence, so no outbox row sent later can ever need the same seq."""
-        if await _first_row(tx, "SELECT 1 FROM event_log WHERE event_id = ?", (event.event_id,)):
+        if conn.execute("SELECT 1 FROM event_log WHERE event_id = ?", (event.event_id,)).fetchone():
             return
-        row = await _first_row(tx, "UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'outbox' RETURNING seq")
+        row = conn.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'outbox' RETURNING seq").fetchone()
         if row is None:  # nothing was ever appended to the outbox: start its sequence
-            await tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 1)")
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 1)")
             row = (1,)
-        await tx.execute(
+        conn.execute(
             "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (int(row[0]), event.event_id, event.flow_type, event.event_type, event.time_bucket, event.valid_time,
@@ -395,304 +437,191 @@ class Store:
         )
         return [LoggedEvent(*row) for row in rows]
 
-    # -- drop counts and ephemeral salts ----------------------------------------------------------
+    # -- drop counts and ephemeral salts ------------------------------------------------------------
 
     async def add_dropped(self, rows: Sequence[tuple[str, str, str, int]]) -> None:
         """Add (domain, day, reason, count) rows to the drop counts, in one transaction."""
-        async with self.transaction() as tx:
-            await tx.executemany(
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT INTO dropped_pageviews (domain, day, reason, count) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (domain, day, reason) DO UPDATE SET count = count + excluded.count",
                 rows,
             )
 
+        await self.write(work)
+
     async def salt_for_day(self, day: str, candidate: bytes, keep_from: str) -> bytes:
         """The day's salt: `candidate` if no collector on this file made one first, else theirs
         (INSERT OR IGNORE, then read back, in one IMMEDIATE transaction, so all agree). Salts of
         days before keep_from are deleted in the same transaction."""
-        async with self.transaction() as tx:
-            deleted = await tx.execute("DELETE FROM salts WHERE day < ?", (keep_from,))
-            if deleted.rowcount > 0:
+
+        def work(conn: sqlite3.Connection) -> bytes:
+            if conn.execute("DELETE FROM salts WHERE day < ?", (keep_from,)).rowcount > 0:
                 self._salts_in_wal = True  # the next forget_salts truncates the WAL
-            await tx.execute(
+            conn.execute(
                 "INSERT OR IGNORE INTO salts (day, salt, created_at) VALUES (?, ?, ?)",
                 (day, candidate, iso_ms(datetime.now(UTC))),
             )
-            row = await _first_row(tx, "SELECT salt FROM salts WHERE day = ?", (day,))
-        assert row is not None, "the salt was inserted or already there"
-        return bytes(row[0])
+            return bytes(conn.execute("SELECT salt FROM salts WHERE day = ?", (day,)).fetchone()[0])
+
+        return await self.write(work)
 
     async def forget_salts(self, keep_from: str) -> int:
         """Delete the salts of days before keep_from, zeroing their bytes in the page, then
         truncate the WAL, whose older frames still hold them. Returns the salts deleted."""
-        async with self._write_lock:
-            conn = self.writer
-            await conn.execute("PRAGMA secure_delete = ON")
-            try:
-                await conn.execute("BEGIN IMMEDIATE")
-                cursor = await conn.execute("DELETE FROM salts WHERE day < ?", (keep_from,))
-                await conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-                raise
-            finally:
-                await conn.execute("PRAGMA secure_delete = FAST")
-            deleted = cursor.rowcount
-            if deleted > 0 or self._salts_in_wal:
-                self._salts_in_wal = not await self._truncate_wal(conn)
-        return deleted
+        return await self._run(lambda conn: self._forget_salts(conn, keep_from))
 
-    async def _truncate_wal(self, conn: aiosqlite.Connection) -> bool:
-        """Checkpoint everything and truncate the WAL, without waiting for readers (the write
-        lock is held, and page views wait for it): False when a reader was in the way."""
-        await conn.execute("PRAGMA busy_timeout = 0")
+    def _forget_salts(self, conn: sqlite3.Connection, keep_from: str) -> int:
+        conn.execute("PRAGMA secure_delete = ON")
         try:
-            row = await _first_row(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            deleted = self._transaction(
+                conn, lambda c: c.execute("DELETE FROM salts WHERE day < ?", (keep_from,)).rowcount, False
+            )
         finally:
-            await conn.execute("PRAGMA busy_timeout = 5000")
-        if row is not None and row[0]:
-            logger.warning("the WAL could not be truncated after deleting old salts (a reader was busy); "
-                           "the next maintenance run tries again")
-            return False
-        return True
+            conn.execute("PRAGMA secure_delete = FAST")
+        if deleted > 0 or self._salts_in_wal:
+            self._salts_in_wal = not _truncate_wal(conn)
+        return int(deleted)
 
-    async def salt_days(self) -> list[str]:
-        rows = await self.reader.execute_fetchall("SELECT day FROM salts ORDER BY day")
-        return [row[0] for row in rows]
+    # -- meta ---------------------------------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
         row = await _first_row(self.reader, "SELECT value FROM meta WHERE key = ?", (key,))
         return str(row[0]) if row else None
 
     async def set_meta(self, key: str, value: str) -> None:
-        async with self.transaction() as tx:
-            await _put_meta(tx, key, value)
+        await self.write(lambda conn: put_meta(conn, key, value))
 
-    async def put_meta(self, tx: aiosqlite.Connection, key: str, value: str) -> None:
-        await _put_meta(tx, key, value)
+    # -- pathway state ------------------------------------------------------------------------------
 
-    # -- pathway state ------------------------------------------------------------------------
-
-    async def claim_events(self, tx: aiosqlite.Connection, pathways_by_id: dict[str, str]) -> set[str]:
+    def claim_events(self, conn: sqlite3.Connection, pathways_by_id: dict[str, str]) -> set[str]:
         """Mark events processed inside the caller's transaction; return the ids that were new."""
         now = iso_ms(datetime.now(UTC))
-        rows = await tx.execute_fetchall(
+        rows = conn.execute(
             "INSERT OR IGNORE INTO pathway_state (event_id, pathway, processed_at) "
             "SELECT value ->> 0, value ->> 1, ? FROM json_each(?) RETURNING event_id",
             (now, json.dumps(list(pathways_by_id.items()))),
-        )
+        ).fetchall()
         if rows:
-            await _put_meta(tx, "last_processed_at", now)
+            put_meta(conn, LAST_PROCESSED_AT, now)
         return {row[0] for row in rows}
-
-    async def is_processed(self, event_id: str) -> bool:
-        rows = await self.reader.execute_fetchall("SELECT 1 FROM pathway_state WHERE event_id = ?", (event_id,))
-        return bool(rows)
 
     async def record_failure(self, event_id: str, pathway: str, envelope: str, error: str, max_attempts: int) -> int:
         """Count a failed attempt; at max_attempts move the event to the dead letters and mark it
         processed, so redeliveries are acknowledged. Returns the attempts so far."""
         now = iso_ms(datetime.now(UTC))
-        async with self.transaction() as tx:
-            row = await _first_row(
-                tx,
+
+        def work(conn: sqlite3.Connection) -> int:
+            attempts = int(conn.execute(
                 "INSERT INTO pathway_failures (event_id, attempts, last_error, updated_at) VALUES (?, 1, ?, ?) "
                 "ON CONFLICT (event_id) DO UPDATE SET attempts = attempts + 1, "
                 "last_error = excluded.last_error, updated_at = excluded.updated_at RETURNING attempts",
                 (event_id, error, now),
-            )
-            attempts = int(row[0]) if row else 1
+            ).fetchone()[0])
             if attempts >= max_attempts:
-                await tx.execute(
+                conn.execute(
                     "INSERT OR REPLACE INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (event_id, pathway, envelope, error, attempts, now),
                 )
-                await tx.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO pathway_state (event_id, pathway, processed_at) VALUES (?, ?, ?)",
                     (event_id, pathway, now),
                 )
-                await tx.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
-        return attempts
+                conn.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
+            return attempts
 
-    async def unclaim(self, tx: aiosqlite.Connection, event_id: str) -> None:
+        return await self.write(work)
+
+    def unclaim(self, conn: sqlite3.Connection, event_id: str) -> None:
         """Forget that an event was processed, inside a transaction that processes it again."""
-        await tx.execute("DELETE FROM pathway_state WHERE event_id = ?", (event_id,))
+        conn.execute("DELETE FROM pathway_state WHERE event_id = ?", (event_id,))
 
     async def dead_letter(self, event_id: str, pathway: str, envelope: str, error: str, attempts: int) -> None:
         """Keep a failing event in the dead letters, or add to its attempts. It is NOT marked
         processed: a later delivery runs its handler again."""
-        async with self.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET error = excluded.error, "
-                "attempts = attempts + excluded.attempts, failed_at = excluded.failed_at",
-                (event_id, pathway, envelope, error, attempts, iso_ms(datetime.now(UTC))),
-            )
+        await self.write(lambda conn: conn.execute(
+            "INSERT INTO dead_letters (event_id, pathway, envelope, error, attempts, failed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET error = excluded.error, "
+            "attempts = attempts + excluded.attempts, failed_at = excluded.failed_at",
+            (event_id, pathway, envelope, error, attempts, iso_ms(datetime.now(UTC))),
+        ))
 
     async def dead_letters(self) -> list[DeadLetter]:
         sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters {_DEAD_LETTER_ORDER}"
         return [DeadLetter(*row) for row in await self.reader.execute_fetchall(sql)]
 
-    async def clear_dead_letter(self, tx: aiosqlite.Connection, event_id: str) -> None:
+    def clear_dead_letter(self, conn: sqlite3.Connection, event_id: str) -> None:
         """Inside the transaction that processed the event at last."""
-        await tx.execute("DELETE FROM dead_letters WHERE event_id = ?", (event_id,))
-        await tx.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
+        conn.execute("DELETE FROM dead_letters WHERE event_id = ?", (event_id,))
+        conn.execute("DELETE FROM pathway_failures WHERE event_id = ?", (event_id,))
 
-    async def health(self, *, local_delivery: bool = True) -> dict[str, Any]:
+    async def health(self, *, local_delivery: bool = True) -> StoreHealth:
         """Counts for /health; raises if the database does not answer. With local delivery,
         logged events past the local sink's cursor are still to be processed."""
-        cursor = await self.get_meta("local_delivered_seq") if local_delivery else None
+        cursor = await self.get_meta(LOCAL_CURSOR) if local_delivery else None
         delivered = int(cursor or 0) if local_delivery else 2**62
         row = await _first_row(
             self.reader,
-            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM event_log WHERE seq > ?), "
-            "(SELECT count(*) FROM dead_letters), (SELECT value FROM meta WHERE key = 'last_processed_at')",
-            (delivered,),
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM event_log WHERE seq > ?1), "
+            "(SELECT count(*) FROM dead_letters), (SELECT value FROM meta WHERE key = ?2), "
+            "coalesce((SELECT valid_time FROM event_log WHERE seq > ?1 ORDER BY seq LIMIT 1), "
+            "(SELECT collected_at FROM outbox ORDER BY seq LIMIT 1)), "
+            "(SELECT value FROM meta WHERE key = ?3)",
+            (delivered, LAST_PROCESSED_AT, RETENTION_LAST_RUN),
         )
-        outbox, undelivered, dead, last = row or (0, 0, 0, None)
-        return {"outbox": outbox, "undelivered": undelivered, "dead_letters": dead, "last_processed_at": last}
+        outbox, undelivered, dead, last, oldest, retention = row or (0, 0, 0, None, None, None)
+        return StoreHealth(outbox, undelivered, dead, last, oldest, retention, self.outbox_commits,
+                           self.outbox_appends)
 
-    # -- read model ---------------------------------------------------------------------------
+    # -- the event log's retention, and what rebuild reads -----------------------------------------
+    #
+    # Retention deletes logged events by whole local days, and records the first day it kept
+    # (LOG_KEPT_FROM). So the kept log covers every day from then on in full, and rebuild
+    # recomputes exactly those days; older days keep the aggregates live processing built,
+    # which nothing left on disk could recompute.
 
-    async def record_pageviews(self, tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
-        """The visitor.tracked.v0 handler: raw rows and rollups, inside the router's transaction."""
-        views = [PageView.from_event(event, self.tz) for event in events]
-        rollup = _Rollup()
-        for view in views:
-            rollup.count_view(view)
-        await _count_new_visitors(tx, views, rollup)
-        states = await _load_visitor_states(tx, {v.visitor_key for v in views})
-        by_visitor: dict[int, list[PageView]] = defaultdict(list)
-        for view in views:
-            by_visitor[view.visitor_key].append(view)
-        new_states = {}
-        for key, visitor_views in by_visitor.items():
-            new_states[key] = await self._advance_visitor(tx, states.get(key), visitor_views, rollup)
-        await rollup.write(tx)
-        await tx.executemany(
-            "INSERT INTO pageviews (domain, ts_ms, day, pathname, referrer, source) VALUES (?, ?, ?, ?, ?, ?)",
-            [(v.domain, v.ts_ms, v.day, v.pathname, v.referrer, v.source) for v in views],
-        )
-        await tx.executemany(
-            "INSERT INTO visitor_hits (visitor_key, ts_ms, salt_day) VALUES (?, ?, ?)",
-            [(v.visitor_key, v.ts_ms, v.salt_day) for v in views],
-        )
-        await tx.executemany(
-            "INSERT INTO visitor_state (visitor_key, domain, salt_day, last_ms, visit_start_ms, visit_pageviews) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (visitor_key) DO UPDATE SET last_ms = excluded.last_ms, "
-            "visit_start_ms = excluded.visit_start_ms, visit_pageviews = excluded.visit_pageviews",
-            [
-                (key, by_visitor[key][0].domain, s.salt_day, s.last_ms, s.visit_start_ms, s.visit_pageviews)
-                for key, s in new_states.items()
-            ],
-        )
+    async def delete_logged_before(self, cutoff: datetime, *, local_delivery: bool = True, chunk: int = 5000) -> int:
+        """Logged events collected before the cutoff, in small transactions so page views keep
+        flowing while a large backlog is cut. With local delivery, only those the local sink
+        delivered, with their rows in pathway_state: the sink's cursor is past them, so they are
+        never delivered again and their de-duplication rows have no more use. Without it
+        (Flowcore mode) every logged event was sent or received already, and their ids stay in
+        pathway_state: the platform may deliver an old event again."""
+        delivered = int(await self.get_meta(LOCAL_CURSOR) or 0) if local_delivery else 2**62
+        cutoff_time = iso_ms(cutoff)
 
-    async def _advance_visitor(
-        self,
-        tx: aiosqlite.Connection,
-        state: VisitorState | None,
-        views: list[PageView],
-        rollup: _Rollup,
-    ) -> VisitorState:
-        """Fold a visitor's new page views into its visits. In order (the usual case) this is
-        O(1) per view; a view older than the last one replays the visitor's whole day."""
-        times = [v.ts_ms for v in views]
-        last = state.last_ms if state else None
-        if all((last is None or t >= last) and (i == 0 or t >= times[i - 1]) for i, t in enumerate(times)):
-            for view in views:
-                state = advance_visit(state, view.domain, view.ts_ms, view.salt_day, self.tz, rollup.tally)
-            assert state is not None
-            return state
-        first = views[0]
-        rows = await tx.execute_fetchall(
-            "SELECT ts_ms FROM visitor_hits WHERE visitor_key = ? ORDER BY ts_ms", (first.visitor_key,)
-        )
-        before = [int(row[0]) for row in rows]
-        after = sorted(before + times)
-        _, old = replay_visits(first.domain, before, first.salt_day, self.tz)
-        new_state, new = replay_visits(first.domain, after, first.salt_day, self.tz)
-        rollup.tally.add(new)
-        rollup.tally.add(old, sign=-1)
-        return new_state
+        def work(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq, event_id FROM event_log WHERE seq <= ? AND valid_time < ? LIMIT ?",
+                (delivered, cutoff_time, chunk),
+            ).fetchall()
+            if local_delivery:
+                conn.executemany("DELETE FROM pathway_state WHERE event_id = ?", [(row[1],) for row in rows])
+            conn.executemany("DELETE FROM event_log WHERE seq = ?", [(row[0],) for row in rows])
+            return len(rows)
 
-    async def forget_expired_visitors(self, today_utc: date) -> int:
-        """Delete visitor hashes whose salt day ended more than a day ago; aggregates stay."""
-        cutoff = (today_utc - timedelta(days=1)).isoformat()
         deleted = 0
-        async with self.transaction() as tx:
-            for table in ("visitor_state", "visitor_hits", "seen"):
-                cursor = await tx.execute(f"DELETE FROM {table} WHERE salt_day < ?", (cutoff,))
-                deleted += cursor.rowcount
-        if deleted:
-            logger.info("forgot %d visitor hash rows from before %s", deleted, cutoff)
+        while (count := await self.write(work)) > 0:
+            deleted += count
+            if count < chunk:
+                break
         return deleted
 
-    # -- retention and rebuild ------------------------------------------------------------------
-    #
-    # Retention deletes raw page views and logged events by whole local days, and records the
-    # first day it kept (LOG_KEPT_FROM). So the kept log covers every day from then on in full,
-    # and rebuild recomputes exactly those days; older days keep the aggregates live processing
-    # built, which nothing left on disk could recompute.
+    async def record_retention(self, kept_from: str, now: datetime) -> None:
+        """The first local day the kept log covers in full, and when retention last ran."""
 
-    async def apply_retention(
-        self, today: date, keep_days: int, now: datetime, *, local_delivery: bool = True
-    ) -> RetentionResult:
-        """Delete raw page views and logged events of local days before today - keep_days.
-        Logged events the local sink has not delivered yet stay; aggregates stay. Deletes go in
-        small transactions, so page views keep flowing while a large backlog is cut. Without
-        local delivery (Flowcore mode) every logged event was sent or received already, and
-        their ids stay in pathway_state: the platform may deliver an old event again."""
-        cutoff = today - timedelta(days=keep_days)
-        cutoff_time = iso_ms(datetime.combine(cutoff, time(), tzinfo=self.tz))
-        delivered = int(await self.get_meta(LOCAL_CURSOR) or 0) if local_delivery else None
-        pageviews = await self._delete_in_chunks(
-            "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE day < ? LIMIT ?)",
-            (cutoff.isoformat(),),
-        )
-        if delivered is None:
-            events = await self._delete_in_chunks(
-                "DELETE FROM event_log WHERE seq IN (SELECT seq FROM event_log WHERE valid_time < ? LIMIT ?)",
-                (cutoff_time,),
-            )
-        else:
-            events = await self._delete_logged_before(delivered, cutoff_time)
-        async with self.transaction() as tx:
-            kept = await _first_row(tx, "SELECT value FROM meta WHERE key = ?", (LOG_KEPT_FROM,))
-            if kept is None or str(kept[0]) < cutoff.isoformat():
-                await _put_meta(tx, LOG_KEPT_FROM, cutoff.isoformat())
-            await _put_meta(tx, RETENTION_LAST_RUN, iso_ms(now))
-        if pageviews or events:
-            logger.info("retention: deleted %d raw page views and %d logged events before %s", pageviews,
-                        events, cutoff)
-        return RetentionResult(cutoff, pageviews, events)
+        def work(conn: sqlite3.Connection) -> None:
+            kept = conn.execute("SELECT value FROM meta WHERE key = ?", (LOG_KEPT_FROM,)).fetchone()
+            if kept is None or str(kept[0]) < kept_from:
+                put_meta(conn, LOG_KEPT_FROM, kept_from)
+            put_meta(conn, RETENTION_LAST_RUN, iso_ms(now))
 
-    async def _delete_in_chunks(self, sql: str, params: tuple[Any, ...], chunk: int = 5000) -> int:
-        deleted = 0
-        while True:
-            async with self.transaction() as tx:
-                cursor = await tx.execute(sql, (*params, chunk))
-            deleted += cursor.rowcount
-            if cursor.rowcount < chunk:
-                return deleted
+        await self.write(work)
 
-    async def _delete_logged_before(self, delivered: int, cutoff_time: str, chunk: int = 5000) -> int:
-        """Logged events before the cutoff that the local sink delivered, with their rows in
-        pathway_state: the sink's cursor is past them, so they are never delivered again and
-        their de-duplication rows have no more use."""
-        deleted = 0
-        while True:
-            async with self.transaction() as tx:
-                rows = list(await tx.execute_fetchall(
-                    "SELECT seq, event_id FROM event_log WHERE seq <= ? AND valid_time < ? LIMIT ?",
-                    (delivered, cutoff_time, chunk),
-                ))
-                await tx.executemany("DELETE FROM pathway_state WHERE event_id = ?", [(row[1],) for row in rows])
-                await tx.executemany("DELETE FROM event_log WHERE seq = ?", [(row[0],) for row in rows])
-            deleted += len(rows)
-            if len(rows) < chunk:
-                return deleted
+    def local_midnight(self, day: str) -> datetime:
+        return datetime.combine(datetime.fromisoformat(day).date(), time(), tzinfo=self.tz)
 
     async def rebuild_from_day(self) -> str | None:
         """The first local day the kept event log covers in full: the day retention kept from,
@@ -704,28 +633,23 @@ class Store:
         kept = await self.get_meta(LOG_KEPT_FROM)
         return max(first_day, kept) if kept else first_day
 
-    async def count_replayable(self, event_type: str) -> int:
-        row = await _first_row(self.reader, f"SELECT count(*) FROM event_log e WHERE {_REPLAYABLE}", (event_type,))
-        return int(row[0]) if row else 0
+    def count_replayable(self, conn: sqlite3.Connection, event_type: str) -> int:
+        return int(conn.execute(f"SELECT count(*) FROM event_log e WHERE {_REPLAYABLE}", (event_type,)).fetchone()[0])
 
-    async def replayable_events(self, event_type: str, after_seq: int, limit: int) -> list[LoggedEvent]:
+    def replayable_events(self, conn: sqlite3.Connection, event_type: str, after_seq: int,
+                          limit: int) -> list[LoggedEvent]:
         """Logged events of this type that the router processed, dead letters left out: what
         live processing counted, whether or not the sink's cursor had moved past them."""
-        rows = await self.reader.execute_fetchall(
+        rows = conn.execute(
             "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload FROM event_log e "
             f"WHERE {_REPLAYABLE} AND seq > ? ORDER BY seq LIMIT ?",
             (event_type, after_seq, limit),
-        )
+        ).fetchall()
         return [LoggedEvent(*row) for row in rows]
 
-    async def clear_read_model(self, tx: aiosqlite.Connection, from_day: str) -> None:
-        """Inside the rebuild's transaction: drop the aggregates and raw rows of from_day on,
-        and every visitor hash (the replay puts back those still needed)."""
-        for table in ("daily_stats", "page_stats", "source_stats", "pageviews"):
-            await tx.execute(f"DELETE FROM {table} WHERE day >= ?", (from_day,))
-        await tx.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
-        for table in ("visitor_state", "visitor_hits", "seen"):
-            await tx.execute(f"DELETE FROM {table}")
+
+def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
 _DEAD_LETTER_COLUMNS = "event_id, pathway, envelope, error, attempts, failed_at"
@@ -740,310 +664,42 @@ async def read_dead_letters(path: Path) -> list[DeadLetter]:
     return [DeadLetter(*row) for row in rows]
 
 
-LOCAL_CURSOR = "local_delivered_seq"  # the local sink's delivery cursor (pathways.LocalSink.CURSOR)
-LOG_KEPT_FROM = "log_kept_from"
-RETENTION_LAST_RUN = "retention_last_run"
-_REPLAYABLE = (
-    "e.event_type = ? AND EXISTS (SELECT 1 FROM pathway_state p WHERE p.event_id = e.event_id) "
-    "AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = e.event_id)"
-)
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return str(row[0]) if row else None
 
 
-@dataclass(frozen=True, slots=True)
-class RetentionResult:
-    kept_from: date
-    pageviews_deleted: int
-    events_deleted: int
+def _apply(conn: sqlite3.Connection, name: str, step: Step) -> bool:
+    """One migration in the caller's transaction, unless it was applied (by another process, too)."""
+    if conn.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
+        return False
+    if isinstance(step, str):
+        for statement in split_sql(step):
+            conn.execute(statement)
+    else:
+        step(conn)
+    conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, iso_ms(datetime.now(UTC))))
+    return True
 
 
-# -- group commit -----------------------------------------------------------------------------
-
-
-class _GroupCommit:
-    """Collects outbox rows from concurrent requests and commits them in one transaction:
-    when max_events wait, or max_delay after the first one arrived, whichever comes first."""
-
-    def __init__(self, store: Store, max_events: int, max_delay: float) -> None:
-        self._store = store
-        self._max_events = max_events
-        self._max_delay = max_delay
-        self._pending: list[tuple[tuple[str, str, str, str], asyncio.Future[None]]] = []
-        self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-commit")
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._stopping = True
-        self._wakeup.set()
-        await self._task
-        self._task = None
-
-    async def append(self, row: tuple[str, str, str, str]) -> None:
-        if self._task is None or self._stopping:
-            raise StoreClosedError("the store is closing")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((row, future))
-        self._store._ingest_idle.clear()
-        self._wakeup.set()
-        if len(self._pending) >= self._max_events:
-            self._full.set()
-        await future
-
-    async def _run(self) -> None:
-        while not (self._stopping and not self._pending):
-            await self._wakeup.wait()
-            if not self._stopping and len(self._pending) < self._max_events:
-                try:
-                    async with asyncio.timeout(self._max_delay):
-                        await self._full.wait()
-                except TimeoutError:
-                    pass
-            batch, self._pending = self._pending[: self._max_events], self._pending[self._max_events :]
-            if not self._pending:
-                self._wakeup.clear()
-            self._full.clear()
-            if batch:
-                await self._commit(batch)
-            if not self._pending:
-                self._store._ingest_idle.set()
-
-    async def _commit(self, batch: list[tuple[tuple[str, str, str, str], asyncio.Future[None]]]) -> None:
-        try:
-            async with self._store.transaction(durable=True) as tx:  # a 204 promises this survives
-                await tx.executemany(
-                    "INSERT INTO outbox (flow_type, event_type, payload, collected_at) VALUES (?, ?, ?, ?)",
-                    [row for row, _ in batch],
-                )
-        except Exception as error:  # every waiting request learns of the failure; none is lost silently
-            logger.exception("outbox commit of %d events failed", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        self._store.outbox_commits += 1
-        self._store.outbox_appends += len(batch)
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
-        self._store.outbox_changed.set()
-
-
-# -- the read model's arithmetic ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PageView:
-    domain: str
-    visitor_key: int
-    salt_day: str
-    pathname: str
-    referrer: str
-    source: str
-    ts_ms: int
-    day: str
-    hour: str
-
-    @classmethod
-    def from_event(cls, event: Event, tz: ZoneInfo) -> PageView:
-        payload = event.payload
-        ts_ms = int(event.valid_time.timestamp() * 1000)
-        day, hour = local_day_hour(ts_ms, tz)
-        return cls(
-            domain=payload["domain"],
-            visitor_key=key64(payload["domain"], payload["visitorHash"]),
-            salt_day=payload["sessionContext"]["dailySaltRotation"],
-            pathname=payload["pathname"],
-            referrer=payload["referrer"],
-            source=referrer_source(payload["referrer"], payload["domain"]),
-            ts_ms=ts_ms,
-            day=day,
-            hour=hour,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class VisitorState:
-    salt_day: str
-    last_ms: int
-    visit_start_ms: int
-    visit_pageviews: int
-
-
-VISITS, BOUNCES, DURATION, VISITORS = 0, 1, 2, 3
-
-
-class VisitorTally:
-    """What one visitor's page views add to the day and hour totals: visits, bounces and
-    duration per day of the visit's start, and the days and hours the visitor was seen in."""
-
-    def __init__(self) -> None:
-        self.days: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-        self.hours: dict[tuple[str, str], int] = defaultdict(int)
-
-    def add(self, other: VisitorTally, sign: int = 1) -> None:
-        for key, values in other.days.items():
-            totals = self.days[key]
-            for index, value in enumerate(values):
-                totals[index] += sign * value
-        for hour, count in other.hours.items():
-            self.hours[hour] += sign * count
-
-
-def advance_visit(
-    state: VisitorState | None, domain: str, ts_ms: int, salt_day: str, tz: ZoneInfo, tally: VisitorTally
-) -> VisitorState:
-    """One page view, in time order: extend the current visit or start a new one. A visit
-    belongs to the day it started; it ends after 30 minutes without a page view. In time
-    order, a day or an hour unlike the last view's is one the visitor has not been seen in."""
-    day, hour = local_day_hour(ts_ms, tz)
-    last_day, last_hour = local_day_hour(state.last_ms, tz) if state else ("", "")
-    if day != last_day:
-        tally.days[(domain, day)][VISITORS] += 1
-    if hour != last_hour:
-        tally.hours[(domain, hour)] += 1
-    if state is not None and ts_ms - state.last_ms <= VISIT_GAP_MS:
-        visit = tally.days[(domain, local_day_hour(state.visit_start_ms, tz)[0])]
-        visit[DURATION] += ts_ms - state.last_ms
-        if state.visit_pageviews == 1:
-            visit[BOUNCES] -= 1
-        return VisitorState(state.salt_day, ts_ms, state.visit_start_ms, state.visit_pageviews + 1)
-    visit = tally.days[(domain, day)]
-    visit[VISITS] += 1
-    visit[BOUNCES] += 1
-    return VisitorState(salt_day, ts_ms, ts_ms, 1)
-
-
-def replay_visits(domain: str, times: Iterable[int], salt_day: str, tz: ZoneInfo) -> tuple[VisitorState, VisitorTally]:
-    tally = VisitorTally()
-    state: VisitorState | None = None
-    for ts_ms in times:
-        state = advance_visit(state, domain, ts_ms, salt_day, tz, tally)
-    assert state is not None, "a visitor being replayed has at least one page view"
-    return state, tally
-
-
-class _Rollup:
-    """The increments one batch of page views makes to the aggregate tables."""
-
-    def __init__(self) -> None:
-        self.pageviews: dict[tuple[str, str], int] = defaultdict(int)
-        self.tally = VisitorTally()
-        self.hour_views: dict[tuple[str, str], int] = defaultdict(int)
-        self.pages: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-        self.sources: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-
-    def count_view(self, view: PageView) -> None:
-        self.pageviews[(view.domain, view.day)] += 1
-        self.hour_views[(view.domain, view.hour)] += 1
-        self.pages[(view.domain, view.day, view.pathname)][0] += 1
-        self.sources[(view.domain, view.day, view.source)][0] += 1
-
-    def count_new_visitor(self, domain: str, scope: str, period: str, item: str) -> None:
-        counts = self.pages if scope == "page" else self.sources
-        counts[(domain, period, item)][1] += 1
-
-    async def write(self, tx: aiosqlite.Connection) -> None:
-        days = self.tally.days
-        await tx.executemany(
-            "INSERT INTO daily_stats (domain, day, pageviews, visitors, visits, bounces, duration_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET "
-            "pageviews = pageviews + excluded.pageviews, visitors = visitors + excluded.visitors, "
-            "visits = visits + excluded.visits, bounces = bounces + excluded.bounces, "
-            "duration_ms = duration_ms + excluded.duration_ms",
-            [
-                (*key, self.pageviews.get(key, 0), days[key][VISITORS], days[key][VISITS], days[key][BOUNCES],
-                 days[key][DURATION])
-                for key in sorted(set(self.pageviews) | set(days))
-            ],
-        )
-        hours = self.tally.hours
-        await tx.executemany(
-            "INSERT INTO hourly_stats (domain, hour, pageviews, visitors) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (domain, hour) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
-            "visitors = visitors + excluded.visitors",
-            [(*key, self.hour_views.get(key, 0), hours.get(key, 0)) for key in set(self.hour_views) | set(hours)],
-        )
-        for table, column, counts in (("page_stats", "pathname", self.pages), ("source_stats", "source", self.sources)):
-            await tx.executemany(
-                f"INSERT INTO {table} (domain, day, {column}, pageviews, visitors) VALUES (?, ?, ?, ?, ?) "
-                f"ON CONFLICT (domain, day, {column}) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
-                "visitors = visitors + excluded.visitors",
-                [(*key, *values) for key, values in counts.items()],
-            )
-
-
-async def _count_new_visitors(tx: aiosqlite.Connection, views: Sequence[PageView], rollup: _Rollup) -> None:
-    """Unique visitors per page and source (days and hours come from the visitor's timeline):
-    a row in `seen` per first sighting. INSERT OR IGNORE ... RETURNING yields only the keys
-    that were new, in one statement."""
-    sightings: dict[int, tuple[str, str, str, str]] = {}
-    rows = []
-    for v in views:
-        for scope, item in (("page", v.pathname), ("source", v.source)):
-            key = key64(scope, v.day, item, str(v.visitor_key))
-            sightings[key] = (v.domain, scope, v.day, item)
-            rows.append((key, v.salt_day))
-    new_keys = await tx.execute_fetchall(
-        "INSERT OR IGNORE INTO seen (seen_key, salt_day) SELECT value ->> 0, value ->> 1 FROM json_each(?) "
-        "RETURNING seen_key",
-        (json.dumps(rows),),
-    )
-    for (key,) in new_keys:
-        rollup.count_new_visitor(*sightings[key])
-
-
-async def _load_visitor_states(tx: aiosqlite.Connection, keys: set[int]) -> dict[int, VisitorState]:
-    rows = await tx.execute_fetchall(
-        "SELECT visitor_key, salt_day, last_ms, visit_start_ms, visit_pageviews FROM visitor_state "
-        "WHERE visitor_key IN (SELECT value FROM json_each(?))",
-        (json.dumps(sorted(keys)),),
-    )
-    return {row[0]: VisitorState(row[1], row[2], row[3], row[4]) for row in rows}
-
-
-def key64(*parts: str) -> int:
-    """A signed 64-bit key from BLAKE2b over the parts: an SQLite integer primary key. Parts
-    are joined with a separator no valid part contains; surrogatepass keeps any string hashable."""
-    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-@lru_cache(maxsize=4096)
-def _local_minute(minute: int, tz: ZoneInfo) -> tuple[str, str]:
-    moment = datetime.fromtimestamp(minute * 60, tz)
-    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
-
-
-def local_day_hour(ts_ms: int, tz: ZoneInfo) -> tuple[str, str]:
-    """The day and hour in TIMEZONE. Every UTC offset in use is a whole number of minutes,
-    so one cached lookup per minute serves every event in it."""
-    return _local_minute(ts_ms // 60_000, tz)
-
-
-def _bare_host(host: str) -> str:
-    host = host.lower().rstrip(".")
-    return host[4:] if host.startswith("www.") else host
-
-
-@lru_cache(maxsize=4096)
-def referrer_source(referrer: str, domain: str) -> str:
-    """The referrer's host without www.; an empty or same-site referrer is (direct)."""
-    if not referrer:
-        return DIRECT
+def _truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Checkpoint everything and truncate the WAL, without waiting for readers (this runs on
+    the writer's thread, and page views wait for it): False when a reader was in the way."""
+    conn.execute("PRAGMA busy_timeout = 0")
     try:
-        host = urlsplit(referrer if "//" in referrer else "//" + referrer).hostname
-    except ValueError:
-        host = None
-    if not host or any(c.isspace() for c in host):
-        return UNKNOWN_SOURCE
-    host = _bare_host(host)
-    return DIRECT if host == _bare_host(domain) else host
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if busy:
+        logger.warning("the WAL could not be truncated after deleting old salts (a reader was busy); "
+                       "the next maintenance run tries again")
+        return False
+    return True
+
+
+def _close_writer(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
+    conn.close()
 
 
 async def _first_row(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
@@ -1054,11 +710,191 @@ async def _first_row(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ..
     return tuple(next(iter(rows))) if rows else None
 
 
-async def _put_meta(tx: aiosqlite.Connection, key: str, value: str) -> None:
-    await tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-
-def _split_sql(script: str) -> list[str]:
+def split_sql(script: str) -> list[str]:
     """Statements of a migration script; executescript would commit our transaction."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+# -- the writer's thread ------------------------------------------------------------------------------
+
+Job = Callable[[], None]
+
+
+class _Writer:
+    """The one write connection and the thread it lives on. A job is a whole transaction (one
+    hop between the event loop and the thread), so jobs never interleave.
+
+    Page view commits are urgent: they go before any other waiting job, but not twice in a
+    row while another job waits, so under a steady stream of page views the read model still
+    advances, in the small steps it takes while page views wait."""
+
+    def __init__(self) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self._ready = threading.Condition()
+        self._urgent: deque[Job] = deque()
+        self._other: deque[Job] = deque()
+        self._last_was_urgent = False
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the queued jobs finish, then end the thread."""
+        if self._thread is None:
+            return
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        self._thread.join()
+        self._thread = None
+
+    def submit(self, job: Job, *, urgent: bool = False) -> None:
+        with self._ready:
+            if self._thread is None or self._stopping:
+                raise StoreClosedError("the store is closed")
+            (self._urgent if urgent else self._other).append(job)
+            self._ready.notify()
+
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run work() on the writer's thread and return its result (or raise its error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = work()
+            except BaseException as error:  # the caller gets it, whatever it is
+                _call_soon(loop, _fail, future, error)
+            else:
+                _call_soon(loop, _succeed, future, result)
+
+        self.submit(job)
+        return await future
+
+    def connection(self) -> sqlite3.Connection:
+        if self.conn is None:
+            raise StoreClosedError("the store is not open")
+        return self.conn
+
+    def _next(self) -> Job | None:
+        with self._ready:
+            while not (self._urgent or self._other):
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            take_urgent = bool(self._urgent) and not (self._last_was_urgent and self._other)
+            self._last_was_urgent = take_urgent
+            return self._urgent.popleft() if take_urgent else self._other.popleft()
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                job()
+            except BaseException:  # a job reports its own errors; this thread must not die
+                logger.exception("a job on the database writer's thread failed")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _succeed(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+OutboxValues = tuple[str, str, str, str]
+Transaction = Callable[[sqlite3.Connection, Work[None], bool], None]
+
+
+class _GroupCommit:
+    """Commits outbox rows from concurrent requests together. A commit starts as soon as the
+    writer is free and takes every row that arrived until then (at most max_events): while one
+    commit's fsync runs, the next commit's rows gather, and the event loop keeps serving."""
+
+    def __init__(self, writer: _Writer, transaction: Transaction, max_events: int,
+                 committed: Callable[[int], None]) -> None:
+        self._writer = writer
+        self._transaction = transaction
+        self._max_events = max_events
+        self._committed = committed
+        self._lock = threading.Lock()  # the loop appends, the writer's thread takes
+        self._pending: list[tuple[OutboxValues, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def waiting(self) -> bool:
+        return self._scheduled
+
+    async def append(self, row: OutboxValues) -> None:
+        if self._closing:
+            raise StoreClosedError("the store is closing")
+        loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._pending.append((row, future))
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            self._writer.submit(self._commit, urgent=True)
+        await future
+
+    async def drain(self) -> None:
+        """Refuse new rows, and return once every accepted one is committed."""
+        self._closing = True
+        while self._scheduled:
+            await self._writer.call(lambda: None)  # the commits queued before it run first
+
+    def _commit(self) -> None:
+        """On the writer's thread: one durable transaction for the rows waiting now."""
+        with self._lock:
+            batch, self._pending = self._pending[: self._max_events], self._pending[self._max_events :]
+            if self._pending:
+                self._writer.submit(self._commit, urgent=True)
+            else:
+                self._scheduled = False
+        if not batch:
+            return
+        assert self._loop is not None
+        rows = [row for row, _ in batch]
+        try:
+            # durable: a 204 promises this survives a power cut
+            self._transaction(self._writer.connection(), lambda conn: _insert_outbox(conn, rows), True)
+        except Exception as error:  # every waiting request learns of the failure; none is lost silently
+            logger.exception("outbox commit of %d events failed", len(batch))
+            _call_soon(self._loop, _settle_batch, batch, error, self._committed)
+            return
+        _call_soon(self._loop, _settle_batch, batch, None, self._committed)
+
+
+def _insert_outbox(conn: sqlite3.Connection, rows: list[OutboxValues]) -> None:
+    conn.executemany("INSERT INTO outbox (flow_type, event_type, payload, collected_at) VALUES (?, ?, ?, ?)", rows)
+
+
+def _settle_batch(batch: list[tuple[OutboxValues, asyncio.Future[None]]], error: Exception | None,
+                  committed: Callable[[int], None]) -> None:
+    """On the event loop: answer every request of the commit."""
+    for _, future in batch:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    if error is None:
+        committed(len(batch))

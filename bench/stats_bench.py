@@ -1,8 +1,8 @@
 """Benchmark: how fast /api/stats answers over a large read model.
 
 Fills a temporary DATA_DIR with N page views (default 1,000,000) over D days (90) across S
-sites (5), written in bulk: raw rows into `pageviews`, and the read model (daily, hourly, page
-and source rollups, visitor state for current visitors) aggregated from them by SQL. Then it
+sites (5), written in bulk: raw rows into `pageview_rows` (with their dictionary, `dims`), and
+the rollups (daily, hourly, page and source) aggregated from them by SQL. Then it
 starts the real app on a local port and times GET /api/stats over real HTTP.
 
     python bench/stats_bench.py                 # the figure recorded in docs/performance.md
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import random
 import sqlite3
 import statistics
@@ -32,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from collector import create_app  # noqa: E402
 from config import load_config  # noqa: E402
-from store import DB_FILENAME, Store, key64, local_day_hour, referrer_source  # noqa: E402
+from readmodel import ReadModel, local_day_hour, referrer_source  # noqa: E402
+from store import DB_FILENAME, Store  # noqa: E402
 
-TABLES = ("pageviews", "daily_stats", "hourly_stats", "page_stats", "source_stats", "visitor_state")
+TABLES = ("pageview_rows", "dims", "daily_stats", "hourly_stats", "page_stats", "source_stats")
 SITE_WEIGHTS = (0.40, 0.25, 0.15, 0.12, 0.08)
 PAGES_PER_SITE = 500
 REFERRERS = ["", "", "", "https://www.google.com/", "https://news.ycombinator.com/item",
@@ -55,7 +55,7 @@ def generate(views: int, days: int, site_count: int, now: datetime, rng: random.
     rows: list[tuple[object, ...]] = []
     for domain in rng.choices(domains, weights, k=views):
         ts_ms = start_ms + rng.randrange(span_ms)
-        day, hour = local_day_hour(ts_ms, tz)
+        day, hour, _ = local_day_hour(ts_ms, tz)
         page = f"/page/{int(rng.paretovariate(1.2)) % PAGES_PER_SITE}"
         referrer = rng.choice(REFERRERS)
         visitor = rng.randrange(views // 4)  # about four page views per visitor over the period
@@ -64,8 +64,14 @@ def generate(views: int, days: int, site_count: int, now: datetime, rng: random.
 
 
 AGGREGATE_SQL = [
-    "INSERT INTO pageviews (domain, ts_ms, day, pathname, referrer, source) "
-    "SELECT domain, ts_ms, day, pathname, referrer, source FROM raw ORDER BY ts_ms",
+    *(f"INSERT OR IGNORE INTO dims (kind, value) SELECT DISTINCT '{kind}', {column} FROM raw"
+      for kind, column in (("site", "domain"), ("page", "pathname"), ("referrer", "referrer"), ("source", "source"))),
+    # A visitor's page views of the fixture are one visit: its number stands for both.
+    "INSERT INTO pageview_rows (site, day, ts_ms, id, visitor, visit, page, referrer, source) "
+    "SELECT s.id, CAST(julianday(r.day) - 2440587.5 AS INTEGER), r.ts_ms, r.rowid, r.visitor + 1, r.visitor + 1, "
+    "p.id, f.id, o.id FROM raw r JOIN dims s ON s.kind = 'site' AND s.value = r.domain "
+    "JOIN dims p ON p.kind = 'page' AND p.value = r.pathname JOIN dims f ON f.kind = 'referrer' "
+    "AND f.value = r.referrer JOIN dims o ON o.kind = 'source' AND o.value = r.source",
     # Visits, bounces and durations are shaped like real traffic, not replayed visit by visit.
     "INSERT INTO daily_stats SELECT domain, day, count(*), count(DISTINCT visitor), "
     "count(DISTINCT visitor) * 13 / 10, count(DISTINCT visitor) * 6 / 10, count(DISTINCT visitor) * 95000 "
@@ -78,7 +84,7 @@ AGGREGATE_SQL = [
 ]
 
 
-def fill(path: Path, rows: list[tuple[object, ...]], now: datetime) -> None:
+def fill(path: Path, rows: list[tuple[object, ...]]) -> None:
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -86,31 +92,15 @@ def fill(path: Path, rows: list[tuple[object, ...]], now: datetime) -> None:
         conn.executemany("INSERT INTO raw VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         for sql in AGGREGATE_SQL:
             conn.execute(sql)
-        fill_visitor_state(conn, now)
         conn.commit()
         conn.execute("ANALYZE")
     finally:
         conn.close()
 
 
-def fill_visitor_state(conn: sqlite3.Connection, now: datetime) -> None:
-    """The last two days' visitors, as visitor_state holds them (the rest were forgotten)."""
-    since = int((now - timedelta(days=2)).timestamp() * 1000)
-    found = conn.execute(
-        "SELECT domain, visitor, max(ts_ms), min(ts_ms), count(*) FROM raw WHERE ts_ms >= ? GROUP BY domain, visitor",
-        (since,),
-    ).fetchall()
-    salt_day = now.date().isoformat()
-    conn.executemany(
-        "INSERT INTO visitor_state (visitor_key, domain, salt_day, last_ms, visit_start_ms, visit_pageviews) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        [(key64(d, hashlib.sha256(str(v).encode()).hexdigest()), d, salt_day, last, first, n)
-         for d, v, last, first, n in found],
-    )
-
-
 async def migrate(data_dir: Path) -> None:
     store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"))
+    ReadModel(store)
     await store.open()
     await store.close()
 
@@ -164,7 +154,7 @@ def main() -> None:
         started = time.perf_counter()
         asyncio.run(migrate(data_dir))
         rows = generate(args.views, args.days, args.sites, now, random.Random(1))
-        fill(data_dir / DB_FILENAME, rows, now)
+        fill(data_dir / DB_FILENAME, rows)
         size = (data_dir / DB_FILENAME).stat().st_size / 1e6
         print(f"filled {args.views:,} page views over {args.days} days across {args.sites} sites "
               f"in {time.perf_counter() - started:.1f} s ({size:.0f} MB)")

@@ -19,8 +19,8 @@ from config import ConfigError, load_config
 from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
-TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageviews", "daily_stats", "visitor_state",
-                              "visitor_hits", "seen", "salts")
+TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageview_rows", "daily_stats", "visitors",
+                              "dims", "salts")
 
 
 async def post(client: TestClient, body: object = BODY, **headers: str):

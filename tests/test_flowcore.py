@@ -341,7 +341,8 @@ async def test_transformer_processes_once_and_acknowledges_redelivery(start_coll
 def add_failing_trigger(data_dir: Path) -> None:
     """A real failure inside the handler's transaction: SQLite refuses page views of /boom."""
     with sqlite3.connect(data_dir / DB_FILENAME, timeout=10) as conn:
-        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageviews WHEN NEW.pathname = '/boom' "
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON pageview_rows WHEN NEW.page IN "
+                     "(SELECT id FROM dims WHERE kind = 'page' AND value = '/boom') "
                      "BEGIN SELECT RAISE(ABORT, 'the disk said no'); END")
 
 

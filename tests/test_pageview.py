@@ -15,7 +15,7 @@ from helpers import SECRET, FakeClock, drained, query, utc
 from multidict import CIMultiDict
 
 import privacy
-from collector import STORE, client_ip
+from collector import EMITTER, STORE, client_ip
 from config import load_config
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"
@@ -255,6 +255,19 @@ async def test_service_endpoints(start_collector: Start) -> None:
     wrong_method = await client.get("/api/pageview")
     assert wrong_method.status == 405
     assert "GET is not allowed" in (await wrong_method.json())["error"]
+
+
+async def test_health_shows_how_many_seconds_the_read_model_is_behind(start_collector: Start) -> None:
+    clock = FakeClock(utc(2025, 6, 4, 12))
+    client = await start_collector(clock=clock)
+    assert (await post(client, {"pathname": "/", "referrer": "", "domain": "example.com"})).status == 204
+    await drained(client)
+    assert (await (await client.get("/health")).json())["lag_seconds"] == 0
+    await client.app[EMITTER].stop()  # the read model stops following, as under a flood
+    assert (await post(client, {"pathname": "/", "referrer": "", "domain": "example.com"})).status == 204
+    clock.advance(seconds=7.5)
+    body = await (await client.get("/health")).json()
+    assert (body["backlog"], body["lag_seconds"]) == (1, 7.5)
 
 
 async def test_health_reports_the_backlog_and_last_processed_event(start_collector: Start) -> None:

@@ -192,8 +192,9 @@ async def test_retention_in_flowcore_mode_deletes_old_logged_events_but_keeps_th
     for event in (old, new):
         response = await client.post("/api/transformer", json=event, headers={"X-Secret": SECRET})
         assert response.status == 200
-    await client.close()  # the next start runs retention at once
-    client = await start_collector(clock=FakeClock(utc(2025, 6, 4, 12)), FLOWCORE_TENANT="acme",
+    await client.close()
+    # A day later: retention runs at start (whether or not it ran during the first start).
+    client = await start_collector(clock=FakeClock(utc(2025, 6, 5, 12)), FLOWCORE_TENANT="acme",
                                    FLOWCORE_API_KEY="fc_x_y", FLOWCORE_TRANSFORMER_SECRET=SECRET,
                                    FLOWCORE_WEBHOOK_BASEURL="http://127.0.0.1:9", RAW_RETENTION_DAYS="2")
     await poll(lambda: query(data_dir, "SELECT event_id FROM event_log") == [("new-event",)])

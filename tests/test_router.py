@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiosqlite
 import pytest
 from helpers import query, utc
 
@@ -27,7 +27,8 @@ from pathways import (
     parse_envelope,
     time_uuid,
 )
-from store import DB_FILENAME, Store, referrer_source
+from readmodel import ReadModel, referrer_source
+from store import DB_FILENAME, Store
 
 READ_MODEL = ("daily_stats", "hourly_stats", "page_stats", "source_stats")
 
@@ -54,16 +55,18 @@ Pipeline = Callable[..., Any]
 
 @pytest.fixture
 async def open_pipeline(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: a store and a router on a fresh file; every one opened is closed afterwards."""
+    """Factory: a store, its read model and a router on a fresh file; every one opened is closed
+    afterwards. `handler`, if given, makes the handler from the read model."""
     opened: list[Store] = []
 
     async def open_one(tz: str = "UTC", handler: Any = None, name: str = "a", **options: Any) -> Pathways:
         store = Store(tmp_path / name / DB_FILENAME, ZoneInfo(tz))
+        read_model = ReadModel(store)
         await store.open()
         opened.append(store)
         pathways = Pathways(store, **options)
         pathways.register(VISITOR_TRACKED)
-        pathways.handle(VISITOR_TRACKED, handler or store.record_pageviews)
+        pathways.handle(VISITOR_TRACKED, handler(read_model) if handler else read_model.record_pageviews)
         return pathways
 
     yield open_one
@@ -139,15 +142,15 @@ async def test_the_same_event_twice_changes_the_counts_once(open_pipeline, tmp_p
 async def test_a_handler_that_keeps_failing_ends_in_the_dead_letters_and_later_events_flow(
     open_pipeline, tmp_path: Path
 ) -> None:
-    store_ref: list[Store] = []
+    def fails_on_boom(read_model: ReadModel) -> Callable[[sqlite3.Connection, Sequence[Event]], None]:
+        def handle(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+            if any(e.payload["pathname"] == "/boom" for e in events):
+                raise RuntimeError("the handler cannot take /boom")
+            read_model.record_pageviews(conn, events)
 
-    async def fails_on_boom(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
-        if any(e.payload["pathname"] == "/boom" for e in events):
-            raise RuntimeError("the handler cannot take /boom")
-        await store_ref[0].record_pageviews(tx, events)
+        return handle
 
     pathways = await open_pipeline(handler=fails_on_boom, max_attempts=3, retry_delay=0.001)
-    store_ref.append(pathways.store)
     at = utc(2025, 6, 4, 10)
     bad = pageview(at + timedelta(minutes=1), "bob", "/boom")
     await pathways.deliver([pageview(at), bad, pageview(at + timedelta(minutes=2), "carol")])
@@ -170,15 +173,16 @@ async def test_a_dead_letter_of_local_delivery_is_counted_once_when_retried_afte
     open_pipeline, tmp_path: Path
 ) -> None:
     broken = [True]
-    store_ref: list[Store] = []
 
-    async def fails_until_fixed(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
-        if broken[0] and any(e.payload["pathname"] == "/boom" for e in events):
-            raise RuntimeError("the handler cannot take /boom")
-        await store_ref[0].record_pageviews(tx, events)
+    def fails_until_fixed(model: ReadModel) -> Callable[[sqlite3.Connection, Sequence[Event]], None]:
+        def handler(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+            if broken[0] and any(e.payload["pathname"] == "/boom" for e in events):
+                raise RuntimeError("the handler cannot take /boom")
+            model.record_pageviews(conn, events)
+
+        return handler
 
     pathways = await open_pipeline(handler=fails_until_fixed, max_attempts=2, retry_delay=0.001)
-    store_ref.append(pathways.store)
     at = utc(2025, 6, 4, 10)
     await pathways.deliver([pageview(at), pageview(at + timedelta(minutes=1), "bob", "/boom")])
     [letter] = await pathways.store.dead_letters()
@@ -193,11 +197,11 @@ async def test_a_dead_letter_of_local_delivery_is_counted_once_when_retried_afte
 
 
 async def test_process_reports_failures_until_the_event_is_dead_lettered(open_pipeline, tmp_path: Path) -> None:
-    async def always_fails(tx: aiosqlite.Connection, events: Sequence[Event]) -> None:
-        await tx.execute("INSERT INTO meta (key, value) VALUES ('half-done', 'x')")
+    def always_fails(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half-done', 'x')")
         raise RuntimeError("down")
 
-    pathways = await open_pipeline(handler=always_fails, max_attempts=2)
+    pathways = await open_pipeline(handler=lambda read_model: always_fails, max_attempts=2)
     event = pageview(utc(2025, 6, 4, 10))
     assert await pathways.process(event) is Outcome.FAILED
     assert query(tmp_path / "a", "SELECT count(*) FROM pathway_state") == [(0,)]
@@ -262,32 +266,41 @@ async def test_half_hour_offsets_split_days_on_the_local_minute(open_pipeline, t
     ]
 
 
-async def test_visitor_hashes_are_forgotten_after_the_next_utc_day_and_aggregates_stay(
-    open_pipeline, tmp_path: Path
-) -> None:
-    pathways = await open_pipeline()
-    await pathways.deliver([pageview(utc(2025, 6, 4, 23, 59), "alice"), pageview(utc(2025, 6, 5, 0, 1), "bob")])
-    path = tmp_path / "a"
-    before = read_model(path)
-    hash_tables = ("visitor_state", "visitor_hits", "seen")
+async def test_visitor_hashes_are_forgotten_after_the_next_utc_day_and_aggregates_stay(tmp_path: Path) -> None:
+    store = Store(tmp_path / DB_FILENAME, ZoneInfo("UTC"))
+    model = ReadModel(store)
+    await store.open()
+    pathways = Pathways(store)
+    pathways.register(VISITOR_TRACKED)
+    pathways.handle(VISITOR_TRACKED, model.record_pageviews)
+    try:
+        await pathways.deliver([pageview(utc(2025, 6, 4, 23, 59), "alice"), pageview(utc(2025, 6, 5, 0, 1), "bob")])
+        before = read_model(tmp_path)
 
-    def rows_by_salt_day() -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for table in hash_tables:
-            for day, count in query(path, f"SELECT salt_day, count(*) FROM {table} GROUP BY salt_day"):
-                counts[day] = counts.get(day, 0) + count
-        return counts
+        def salt_days() -> list[str]:
+            return [row[0] for row in query(tmp_path, "SELECT salt_day FROM visitors ORDER BY 1")]
 
-    assert set(rows_by_salt_day()) == {"2025-06-04", "2025-06-05"}
-    assert await pathways.store.forget_expired_visitors(date(2025, 6, 5)) == 0
-    assert set(rows_by_salt_day()) == {"2025-06-04", "2025-06-05"}
-    await pathways.store.forget_expired_visitors(date(2025, 6, 6))  # the end of the 5th: the 4th's hashes go
-    assert set(rows_by_salt_day()) == {"2025-06-05"}
-    await pathways.store.forget_expired_visitors(date(2025, 6, 7))
-    assert rows_by_salt_day() == {}
-    for table in hash_tables:  # nothing of the hashes themselves was ever kept here
-        assert visitor("alice") not in str(query(path, f"SELECT * FROM {table}"))
-    assert read_model(path) == before
+        assert salt_days() == ["2025-06-04", "2025-06-05"]
+        assert await model.forget_expired_visitors(date(2025, 6, 5)) == 0
+        assert salt_days() == ["2025-06-04", "2025-06-05"]
+        await model.forget_expired_visitors(date(2025, 6, 6))  # the end of the 5th: the 4th's hashes go
+        assert salt_days() == ["2025-06-05"]
+        # a forgotten visitor who comes back (a late event) is a new visitor, counted once more
+        await pathways.deliver([pageview(utc(2025, 6, 4, 23, 59, 30), "alice")])
+        assert day_row(tmp_path, "2025-06-04")[:2] == (2, 2)
+        await model.forget_expired_visitors(date(2025, 6, 7))
+        assert salt_days() == []
+        # nothing of the hashes themselves was ever kept in the read model
+        for table in ("visitors", "pageview_rows", "dims"):
+            assert visitor("alice") not in str(query(tmp_path, f"SELECT * FROM {table}"))
+        assert {t: rows for t, rows in read_model(tmp_path).items() if t != "daily_stats"} == {
+            t: rows for t, rows in before.items() if t != "daily_stats"} | {
+            "hourly_stats": [("example.com", "2025-06-04T23", 2, 2), ("example.com", "2025-06-05T00", 1, 1)],
+            "page_stats": [("example.com", "2025-06-04", "/", 2, 2), ("example.com", "2025-06-05", "/", 1, 1)],
+            "source_stats": [("example.com", "2025-06-04", "(direct)", 2, 2),
+                             ("example.com", "2025-06-05", "(direct)", 1, 1)]}
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize(

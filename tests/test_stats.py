@@ -38,6 +38,7 @@ from conftest import Start
 from helpers import FakeClock, utc
 
 from pathways import VISITOR_TRACKED, Event, Pathways, time_uuid
+from readmodel import ReadModel
 from stats import local_hours, period_range
 from store import DB_FILENAME, Store
 
@@ -84,11 +85,12 @@ FIXTURE = [
 async def seed(data_dir: Path, events: list[Event], tz: str = TZ) -> None:
     """Feed hand-made events with chosen times through the real router and handler."""
     store = Store(data_dir / DB_FILENAME, ZoneInfo(tz))
+    read_model = ReadModel(store)
     await store.open()
     try:
         pathways = Pathways(store)
         pathways.register(VISITOR_TRACKED)
-        pathways.handle(VISITOR_TRACKED, store.record_pageviews)
+        pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
         await pathways.deliver(sorted(events, key=lambda e: e.valid_time))
     finally:
         await store.close()

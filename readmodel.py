@@ -1,0 +1,585 @@
+"""The read model: what the statistics read, built from visitor.tracked events a batch at a time.
+
+Per batch it writes each table once (`executemany`): the raw page view rows, the visitors it had
+not seen, and the rollups per domain and day, hour, page and source. Visits, bounces and unique
+visitors are worked out in memory, from a bounded cache of what each visitor (a derived key)
+has done today; a visitor the cache no longer holds is read back from its raw rows.
+
+The raw rows are shaped for filters: every dimension is an integer into one dictionary table
+(`dims`), and the table is clustered by (site, day, time), so a site's period is one range of
+the table itself. A new dimension is a column in `pageview_rows`, a kind in `dims`, a field in
+`View` (and a join in the `pageviews` view that decodes the rows for people and tests).
+
+Everything here runs on the store's writer thread, inside the router's transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from functools import lru_cache
+from typing import TypeVar
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+from pathways import VISITOR_TRACKED, Event
+from store import Migration, Store, get_meta, put_meta, split_sql
+
+logger = logging.getLogger(__name__)
+
+VISIT_GAP_MS = 30 * 60 * 1000
+DIRECT = "(direct)"
+UNKNOWN_SOURCE = "(unknown)"
+VISITOR_CACHE_SIZE = 20_000  # visitors whose day is kept in memory (a few hundred bytes each)
+DIMS_CACHE_SIZE = 50_000  # dictionary entries kept in memory
+REBUILD_BATCH = 1000
+NEXT_ID = "read_model_next_id"  # meta: the next raw row id (ids are never reused)
+UNKNOWN = 0  # the visitor and visit of a raw row written before visitors were linked to rows
+
+# The dimensions a raw row carries, as (kind in `dims`, column of `pageview_rows`).
+SITE, PAGE, REFERRER, SOURCE = "site", "page", "referrer", "source"
+
+SCHEMA_0003 = """
+-- Every dimension value once; raw rows refer to it by id.
+CREATE TABLE dims (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,      -- site, page, referrer, source (and, with issue 13, country, browser, ...)
+    value TEXT NOT NULL,
+    UNIQUE (kind, value)
+);
+-- One row per page view, kept RAW_RETENTION_DAYS. Clustered by site, local day and time: a
+-- site's period is one range of the table, and today's rows are appended at its end.
+CREATE TABLE pageview_rows (
+    site INTEGER NOT NULL,
+    day INTEGER NOT NULL,       -- the local day, as days since 1970-01-01
+    ts_ms INTEGER NOT NULL,
+    id INTEGER NOT NULL,        -- unique; meta read_model_next_id holds the next one
+    visitor INTEGER NOT NULL,   -- a number per visitor and salt day, not derived from the hash
+    visit INTEGER NOT NULL,     -- the id of the visit's first page view
+    page INTEGER NOT NULL,
+    referrer INTEGER NOT NULL,
+    source INTEGER NOT NULL,
+    PRIMARY KEY (site, day, ts_ms, id)
+) WITHOUT ROWID;
+CREATE INDEX pageview_rows_visitor ON pageview_rows (visitor);  -- a visitor's day, read back
+-- The only link from a visitor hash to the rows: 64 bits of BLAKE2b over the domain and the
+-- hash, kept until the end of the UTC day after the salt's (forget_expired_visitors). Once it
+-- is gone, a row's visitor number leads nowhere.
+CREATE TABLE visitors (
+    visitor_key INTEGER PRIMARY KEY,
+    visitor INTEGER NOT NULL,
+    salt_day TEXT NOT NULL
+);
+"""
+
+PAGEVIEWS_VIEW = """
+CREATE VIEW pageviews AS
+SELECT r.id, s.value AS domain, r.ts_ms, date(r.day * 86400, 'unixepoch') AS day, p.value AS pathname,
+       f.value AS referrer, o.value AS source, r.visitor, r.visit
+FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page
+JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source
+"""
+
+
+def _upgrade_0003(conn: sqlite3.Connection) -> None:
+    """Integer-coded raw rows clustered by site and day; visitors linked to their rows instead
+    of `visitor_state`, `visitor_hits` and `seen`. A file of an earlier version keeps its raw
+    rows, and the visitors it still remembers keep their visits."""
+    for statement in split_sql(SCHEMA_0003):
+        conn.execute(statement)
+    next_id = _convert_rows(conn)
+    for table in ("pageviews", "visitor_state", "visitor_hits", "seen"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute(PAGEVIEWS_VIEW)
+    put_meta(conn, NEXT_ID, str(next_id))
+
+
+def _convert_rows(conn: sqlite3.Connection) -> int:
+    """The old raw rows into the new table; returns the next free id."""
+    for kind, column in ((SITE, "domain"), (PAGE, "pathname"), (REFERRER, "referrer"), (SOURCE, "source")):
+        conn.execute(f"INSERT OR IGNORE INTO dims (kind, value) SELECT DISTINCT '{kind}', {column} FROM pageviews")
+    conn.execute("CREATE TEMP TABLE old_links (id INTEGER PRIMARY KEY, visitor INTEGER, visit INTEGER)")
+    for key, salt_day, rows in _old_visitors(conn):
+        visitor, last_ms, visit = rows[0][0], None, 0
+        links = []
+        for row_id, ts_ms in rows:
+            if last_ms is None or ts_ms - last_ms > VISIT_GAP_MS:
+                visit = row_id
+            links.append((row_id, visitor, visit))
+            last_ms = ts_ms
+        conn.executemany("INSERT INTO old_links VALUES (?, ?, ?)", links)
+        conn.execute("INSERT INTO visitors VALUES (?, ?, ?)", (key, visitor, salt_day))
+    conn.execute(
+        "INSERT INTO pageview_rows (site, day, ts_ms, id, visitor, visit, page, referrer, source) "
+        "SELECT s.id, CAST(julianday(v.day) - 2440587.5 AS INTEGER), v.ts_ms, v.id, coalesce(l.visitor, ?1), "
+        "coalesce(l.visit, ?1), p.id, f.id, o.id FROM pageviews v "
+        "JOIN dims s ON s.kind = 'site' AND s.value = v.domain JOIN dims p ON p.kind = 'page' AND p.value = v.pathname "
+        "JOIN dims f ON f.kind = 'referrer' AND f.value = v.referrer "
+        "JOIN dims o ON o.kind = 'source' AND o.value = v.source LEFT JOIN old_links l ON l.id = v.id",
+        (UNKNOWN,),
+    )
+    conn.execute("DROP TABLE old_links")
+    return int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM pageviews").fetchone()[0])
+
+
+def _old_visitors(conn: sqlite3.Connection) -> Iterable[tuple[int, str, list[tuple[int, int]]]]:
+    """The visitors the old tables still remember, each with its raw rows in time order. The old
+    rows did not name their visitor; a visitor's hits and the rows of the same domain and
+    millisecond pair up in order (two visitors in one millisecond on one site may swap rows)."""
+    found = conn.execute(
+        "WITH hits AS (SELECT s.domain, h.ts_ms, h.visitor_key, s.salt_day, row_number() OVER "
+        "(PARTITION BY s.domain, h.ts_ms ORDER BY h.visitor_key) AS n FROM visitor_hits h JOIN visitor_state s "
+        "USING (visitor_key)), rows AS (SELECT id, domain, ts_ms, row_number() OVER (PARTITION BY domain, ts_ms "
+        "ORDER BY id) AS n FROM pageviews) "
+        "SELECT hits.visitor_key, hits.salt_day, rows.id, rows.ts_ms FROM rows JOIN hits USING (domain, ts_ms, n) "
+        "ORDER BY hits.visitor_key, rows.ts_ms, rows.id"
+    ).fetchall()
+    by_visitor: dict[int, tuple[str, list[tuple[int, int]]]] = {}
+    for key, salt_day, row_id, ts_ms in found:
+        by_visitor.setdefault(key, (salt_day, []))[1].append((row_id, ts_ms))
+    return [(key, salt_day, rows) for key, (salt_day, rows) in by_visitor.items()]
+
+
+MIGRATIONS: tuple[Migration, ...] = (("0003_read_model_integer_rows", _upgrade_0003),)
+
+
+# -- a page view, a visitor, and what a batch adds up to -------------------------------------------
+
+
+@dataclass(slots=True)
+class View:
+    """One page view as the read model counts it: the texts the rollups are keyed by, and the
+    dictionary ids the raw row keeps."""
+
+    id: int
+    ts_ms: int
+    day: str  # the local day, as the rollups label it
+    hour: str
+    day_number: int  # the same day, as the raw rows keep it
+    domain: str
+    pathname: str
+    referrer: str
+    source: str
+    site: int = 0
+    page: int = 0
+    ref: int = 0
+    src: int = 0
+    visit: int = 0
+
+    def row(self, visitor: int) -> tuple[int, ...]:
+        return (self.site, self.day_number, self.ts_ms, self.id, visitor, self.visit, self.page, self.ref, self.src)
+
+
+@dataclass(slots=True)
+class Visitor:
+    """What one visitor (a domain and a salt day's hash) has done so far, in time order."""
+
+    id: int  # the number its raw rows carry
+    salt_day: str
+    last_ms: int = -1
+    last_day: str = ""
+    last_hour: str = ""
+    visit: int = 0  # the current visit: its first page view's id, its day, its page views
+    visit_day: str = ""
+    visit_views: int = 0
+    seen: set[int] = field(default_factory=set)  # (day, page or source id) pairs, for unique visitors
+
+
+PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
+K = TypeVar("K", bound=tuple[str, ...])
+
+
+def _day_totals() -> list[int]:
+    return [0, 0, 0, 0, 0]
+
+
+def _view_totals() -> list[int]:
+    return [0, 0]
+
+
+class Tally:
+    """What a batch adds to the rollups: per (domain, day) page views, visitors, visits,
+    bounces and duration; per hour, page and source page views and visitors."""
+
+    def __init__(self) -> None:
+        self.days: defaultdict[tuple[str, str], list[int]] = defaultdict(_day_totals)
+        self.hours: defaultdict[tuple[str, str], list[int]] = defaultdict(_view_totals)
+        self.pages: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
+        self.sources: defaultdict[tuple[str, str, str], list[int]] = defaultdict(_view_totals)
+
+    def add(self, other: Tally, sign: int = 1) -> None:
+        for mine, theirs in ((self.days, other.days), (self.hours, other.hours), (self.pages, other.pages),
+                             (self.sources, other.sources)):
+            for key, values in theirs.items():
+                totals = mine[key]  # type: ignore[index]
+                for index, value in enumerate(values):
+                    totals[index] += sign * value
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO daily_stats (domain, day, pageviews, visitors, visits, bounces, duration_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, day) DO UPDATE SET "
+            "pageviews = pageviews + excluded.pageviews, visitors = visitors + excluded.visitors, "
+            "visits = visits + excluded.visits, bounces = bounces + excluded.bounces, "
+            "duration_ms = duration_ms + excluded.duration_ms",
+            _changed(self.days),
+        )
+        conn.executemany(
+            "INSERT INTO hourly_stats (domain, hour, pageviews, visitors) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (domain, hour) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
+            "visitors = visitors + excluded.visitors",
+            _changed(self.hours),
+        )
+        for table, column, counts in (("page_stats", "pathname", self.pages), ("source_stats", "source", self.sources)):
+            conn.executemany(
+                f"INSERT INTO {table} (domain, day, {column}, pageviews, visitors) VALUES (?, ?, ?, ?, ?) "
+                f"ON CONFLICT (domain, day, {column}) DO UPDATE SET pageviews = pageviews + excluded.pageviews, "
+                "visitors = visitors + excluded.visitors",
+                _changed(counts),
+            )
+
+
+def _changed(counts: Mapping[K, list[int]]) -> list[tuple[str | int, ...]]:
+    """Rows to add, in key order (neighbouring keys share pages); all-zero changes left out."""
+    return [(*key, *values) for key, values in sorted(counts.items()) if any(values)]
+
+
+def advance(visitor: Visitor, view: View, tally: Tally) -> None:
+    """One page view, in time order: count it, extend the current visit or start a new one. A
+    visit belongs to the day it started and ends after 30 minutes without a page view. In time
+    order, a day or an hour unlike the last view's is one the visitor has not been seen in."""
+    day, hour, domain = view.day, view.hour, view.domain
+    totals = tally.days[(domain, day)]
+    hourly = tally.hours[(domain, hour)]
+    page = tally.pages[(domain, day, view.pathname)]
+    source = tally.sources[(domain, day, view.source)]
+    totals[PAGEVIEWS] += 1
+    hourly[0] += 1
+    page[0] += 1
+    source[0] += 1
+    if day != visitor.last_day:
+        totals[VISITORS] += 1
+    if hour != visitor.last_hour:
+        hourly[1] += 1
+    seen = visitor.seen
+    for counts, value in ((page, view.page), (source, view.src)):
+        sighting = view.day_number << 40 | value  # dictionary ids are unique across kinds
+        if sighting not in seen:
+            seen.add(sighting)
+            counts[1] += 1
+    if visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
+        visit = tally.days[(domain, visitor.visit_day)]
+        visit[DURATION] += view.ts_ms - visitor.last_ms
+        if visitor.visit_views == 1:
+            visit[BOUNCES] -= 1
+        visitor.visit_views += 1
+    else:
+        totals[VISITS] += 1
+        totals[BOUNCES] += 1
+        visitor.visit, visitor.visit_day, visitor.visit_views = view.id, day, 1
+    view.visit = visitor.visit
+    visitor.last_ms, visitor.last_day, visitor.last_hour = view.ts_ms, day, hour
+
+
+def replay(visitor: Visitor, views: Iterable[View], tally: Tally) -> Visitor:
+    for view in views:
+        advance(visitor, view, tally)
+    return visitor
+
+
+def in_time_order(visitor: Visitor, views: Sequence[View]) -> bool:
+    last = visitor.last_ms
+    for view in views:
+        if view.ts_ms < last:
+            return False
+        last = view.ts_ms
+    return True
+
+
+@dataclass
+class _Batch:
+    """The writes one batch makes, each table once."""
+
+    tally: Tally = field(default_factory=Tally)
+    rows: list[tuple[int, ...]] = field(default_factory=list)
+    new_visitors: list[tuple[int, int, str]] = field(default_factory=list)
+    moved: list[tuple[int, ...]] = field(default_factory=list)  # earlier rows whose visit changed
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO pageview_rows (site, day, ts_ms, id, visitor, visit, page, referrer, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            sorted(self.rows),
+        )
+        conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", self.new_visitors)
+        conn.executemany(
+            "UPDATE pageview_rows SET visit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?", self.moved
+        )
+        self.tally.write(conn)
+
+
+# -- the read model ------------------------------------------------------------------------------------
+
+
+class ReadModel:
+    """The visitor.tracked handler, its retention and forgetting, and the replay behind rebuild.
+
+    Constructed before the store opens, it brings its schema to the store. Its caches are
+    touched only on the store's writer thread; a rolled-back transaction empties them."""
+
+    def __init__(self, store: Store, *, cache_size: int = VISITOR_CACHE_SIZE) -> None:
+        self.store = store
+        self.tz = store.tz
+        self._cache_size = cache_size
+        self._visitors: OrderedDict[int, Visitor] = OrderedDict()
+        self._dims: dict[tuple[str, str], int] = {}
+        self._next_id: int | None = None
+        store.add_migrations(MIGRATIONS)
+        store.add_rollback_hook(self._forget_cached)
+
+    def _forget_cached(self) -> None:
+        self._visitors.clear()
+        self._dims.clear()
+        self._next_id = None
+
+    # -- the handler ------------------------------------------------------------------------------
+
+    def record_pageviews(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        """The visitor.tracked.v0 handler: raw rows and rollups, in the router's transaction."""
+        if self._next_id is None:
+            self._next_id = int(get_meta(conn, NEXT_ID) or 1)
+        by_visitor: dict[int, tuple[str, list[View]]] = {}
+        for event in events:
+            payload = event.payload
+            view = self._view(payload, int(event.valid_time.timestamp() * 1000))
+            key = key64(payload["domain"], payload["visitorHash"])
+            by_visitor.setdefault(key, (payload["sessionContext"]["dailySaltRotation"], []))[1].append(view)
+        self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
+        known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
+        # Before any is remembered: remembering one may push another of this batch out of the cache.
+        states = {key: self._visitors.get(key) or known.get(key) for key in by_visitor}
+        batch = _Batch()
+        for key, (salt_day, views) in by_visitor.items():
+            self._remember(key, self._advance(conn, states[key], salt_day, views, key, batch))
+        batch.write(conn)
+        put_meta(conn, NEXT_ID, str(self._next_id))
+
+    def _view(self, payload: dict[str, str], ts_ms: int) -> View:
+        assert self._next_id is not None
+        view_id, self._next_id = self._next_id, self._next_id + 1
+        day, hour, day_number = local_day_hour(ts_ms, self.tz)
+        domain, referrer = payload["domain"], payload["referrer"]
+        return View(view_id, ts_ms, day, hour, day_number, domain, payload["pathname"], referrer,
+                    referrer_source(referrer, domain))
+
+    def _advance(self, conn: sqlite3.Connection, visitor: Visitor | None, salt_day: str, views: list[View],
+                 key: int, batch: _Batch) -> Visitor:
+        """Fold a visitor's new page views into its visits. In time order (the usual case) this
+        is O(1) per view; a view older than the last one replays the visitor's whole day from
+        its raw rows, and takes back what the old replay had counted."""
+        if visitor is None:
+            visitor = Visitor(views[0].id, salt_day)
+            batch.new_visitors.append((key, visitor.id, salt_day))
+            earlier: list[View] = []
+        elif in_time_order(visitor, views):
+            replay(visitor, views, batch.tally)
+            batch.rows.extend(view.row(visitor.id) for view in views)
+            return visitor
+        else:
+            earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
+        if not earlier and in_time_order(visitor, views):
+            replay(visitor, views, batch.tally)
+            batch.rows.extend(view.row(visitor.id) for view in views)
+            return visitor
+        stored = {view.id: view.visit for view in earlier}
+        batch.tally.add(_replayed(visitor, earlier)[1], sign=-1)
+        again, tally = _replayed(visitor, sorted(earlier + views, key=lambda v: (v.ts_ms, v.id)))
+        batch.tally.add(tally)
+        batch.moved.extend((view.visit, view.site, view.day_number, view.ts_ms, view.id)
+                           for view in earlier if view.visit != stored[view.id])
+        batch.rows.extend(view.row(visitor.id) for view in views)
+        return again
+
+    def _remember(self, key: int, visitor: Visitor) -> None:
+        self._visitors[key] = visitor
+        self._visitors.move_to_end(key)
+        if len(self._visitors) > self._cache_size:
+            self._visitors.popitem(last=False)
+
+    def _known_visitors(self, conn: sqlite3.Connection, keys: list[int]) -> dict[int, Visitor]:
+        """Visitors the cache does not hold but the file does, rebuilt from their raw rows."""
+        if not keys:
+            return {}
+        found = conn.execute(
+            "SELECT visitor_key, visitor, salt_day FROM visitors WHERE visitor_key IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        ).fetchall()
+        rows = self._rows_of(conn, [row[1] for row in found])
+        return {key: _replayed(Visitor(number, salt_day), rows.get(number, []))[0] for key, number, salt_day in found}
+
+    def _rows_of(self, conn: sqlite3.Connection, visitors: list[int]) -> dict[int, list[View]]:
+        """The raw rows of these visitors, as views in time order."""
+        rows = conn.execute(
+            "SELECT r.visitor, r.id, r.ts_ms, r.visit, r.site, r.page, r.referrer, r.source, s.value, p.value, "
+            "f.value, o.value FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page "
+            "JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source "
+            "WHERE r.visitor IN (SELECT value FROM json_each(?)) ORDER BY r.visitor, r.ts_ms, r.id",
+            (json.dumps(visitors),),
+        ).fetchall()
+        found: dict[int, list[View]] = defaultdict(list)
+        for visitor, view_id, ts_ms, visit, site, page, ref, src, domain, pathname, referrer, source in rows:
+            day, hour, day_number = local_day_hour(ts_ms, self.tz)
+            found[visitor].append(View(view_id, ts_ms, day, hour, day_number, domain, pathname, referrer, source,
+                                       site, page, ref, src, visit))
+        return found
+
+    def _resolve_dims(self, conn: sqlite3.Connection, views: list[View]) -> None:
+        """Dictionary ids for the views' values: from memory, else the file, else new."""
+        dims = self._dims
+        if len(dims) > DIMS_CACHE_SIZE:
+            dims.clear()  # a crude bound, rarely reached: the values in use come back at once
+        for view in views:
+            view.site = dims.get((SITE, view.domain)) or self._dim(conn, SITE, view.domain)
+            view.page = dims.get((PAGE, view.pathname)) or self._dim(conn, PAGE, view.pathname)
+            view.ref = dims.get((REFERRER, view.referrer)) or self._dim(conn, REFERRER, view.referrer)
+            view.src = dims.get((SOURCE, view.source)) or self._dim(conn, SOURCE, view.source)
+
+    def _dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
+        row = conn.execute("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)).fetchone()
+        dim_id = int(row[0]) if row else int(
+            conn.execute("INSERT INTO dims (kind, value) VALUES (?, ?)", (kind, value)).lastrowid or 0
+        )
+        self._dims[(kind, value)] = dim_id
+        return dim_id
+
+    # -- forgetting, retention and rebuild --------------------------------------------------------
+
+    async def forget_expired_visitors(self, today_utc: date) -> int:
+        """Delete the links from visitor hashes whose salt day ended more than a day ago; the
+        raw rows keep their visitor numbers, which now lead nowhere, and aggregates stay."""
+        cutoff = (today_utc - timedelta(days=1)).isoformat()
+
+        def work(conn: sqlite3.Connection) -> int:
+            for key in [key for key, visitor in self._visitors.items() if visitor.salt_day < cutoff]:
+                del self._visitors[key]
+            return int(conn.execute("DELETE FROM visitors WHERE salt_day < ?", (cutoff,)).rowcount)
+
+        deleted = await self.store.write(work)
+        if deleted:
+            logger.info("forgot %d visitor hash links from before %s", deleted, cutoff)
+        return deleted
+
+    async def delete_rows_before(self, cutoff: date, chunk: int = 5000) -> int:
+        """Raw page views of local days before the cutoff, site by site, in small transactions
+        so page views keep flowing while a large backlog is cut; aggregates stay."""
+        before = day_number(cutoff)
+
+        def work(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for (site,) in conn.execute("SELECT id FROM dims WHERE kind = ?", (SITE,)).fetchall():
+                deleted += conn.execute(
+                    "DELETE FROM pageview_rows WHERE (site, day, ts_ms, id) IN (SELECT site, day, ts_ms, id "
+                    "FROM pageview_rows WHERE site = ? AND day < ? LIMIT ?)",
+                    (site, before, chunk - deleted),
+                ).rowcount
+                if deleted >= chunk:
+                    break
+            return deleted
+
+        total = 0
+        while (deleted := await self.store.write(work)) > 0:
+            total += deleted
+        return total
+
+    async def rebuild(self, from_day: str, progress: Callable[[int, int], None]) -> tuple[int, int]:
+        """Recompute the read model from from_day on by replaying the logged page views that live
+        processing counted, in log order, through the same handler, in ONE transaction: a
+        failed rebuild changes nothing. Returns (replayed, replayable)."""
+        return await self.store.write(lambda conn: self._replay_log(conn, from_day, progress))
+
+    def _replay_log(self, conn: sqlite3.Connection, from_day: str, progress: Callable[[int, int], None]
+                    ) -> tuple[int, int]:
+        self._clear(conn, from_day)
+        kind = VISITOR_TRACKED.event_type
+        total, done, replayed, seq = self.store.count_replayable(conn, kind), 0, 0, 0
+        progress(done, total)
+        while batch := self.store.replayable_events(conn, kind, seq, REBUILD_BATCH):
+            events = [event for event in map(Event.from_log, batch) if self._local_day(event) >= from_day]
+            if events:
+                self.record_pageviews(conn, events)
+            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
+            progress(done, total)
+        return replayed, total
+
+    def _clear(self, conn: sqlite3.Connection, from_day: str) -> None:
+        """The aggregates and raw rows of from_day on, and every visitor link (the replay puts
+        back those still needed)."""
+        self._forget_cached()
+        for table in ("daily_stats", "page_stats", "source_stats"):
+            conn.execute(f"DELETE FROM {table} WHERE day >= ?", (from_day,))
+        conn.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
+        conn.execute("DELETE FROM pageview_rows WHERE day >= ?", (day_number(date.fromisoformat(from_day)),))
+        conn.execute("DELETE FROM visitors")
+
+    def _local_day(self, event: Event) -> str:
+        return local_day_hour(int(event.valid_time.timestamp() * 1000), self.tz)[0]
+
+
+def _replayed(start: Visitor, views: Iterable[View]) -> tuple[Visitor, Tally]:
+    """A visitor's page views from the start of its day, counted afresh."""
+    tally = Tally()
+    return replay(Visitor(start.id, start.salt_day), views, tally), tally
+
+
+# -- derived keys, days, sources -----------------------------------------------------------------------
+
+
+def key64(*parts: str) -> int:
+    """A signed 64-bit key from BLAKE2b over the parts: an SQLite integer primary key. Parts
+    are joined with a separator no valid part contains; surrogatepass keeps any string hashable."""
+    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+EPOCH = date(1970, 1, 1)
+
+
+def day_number(day: date) -> int:
+    return (day - EPOCH).days
+
+
+@lru_cache(maxsize=4096)
+def _local_minute(minute: int, tz: ZoneInfo) -> tuple[str, str, int]:
+    moment = datetime.fromtimestamp(minute * 60, tz)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H"), day_number(moment.date())
+
+
+def local_day_hour(ts_ms: int, tz: ZoneInfo) -> tuple[str, str, int]:
+    """The day, the hour and the day's number in TIMEZONE. Every UTC offset in use is a whole
+    number of minutes, so one cached lookup per minute serves every event in it."""
+    return _local_minute(ts_ms // 60_000, tz)
+
+
+def _bare_host(host: str) -> str:
+    host = host.lower().rstrip(".")
+    return host[4:] if host.startswith("www.") else host
+
+
+@lru_cache(maxsize=4096)
+def referrer_source(referrer: str, domain: str) -> str:
+    """The referrer's host without www.; an empty or same-site referrer is (direct)."""
+    if not referrer:
+        return DIRECT
+    try:
+        host = urlsplit(referrer if "//" in referrer else "//" + referrer).hostname
+    except ValueError:
+        host = None
+    if not host or any(c.isspace() for c in host):
+        return UNKNOWN_SOURCE
+    host = _bare_host(host)
+    return DIRECT if host == _bare_host(domain) else host
