@@ -1,11 +1,13 @@
 """The privacy-first analytics collector: configuration, the HTTP app, and main().
 
-Run it with `python collector.py`. With no configuration it collects into a local SQLite
-event log under ./data; see env.example for every setting.
+Run it with `flow-analytics-collector` (installed) or `python collector.py`; `--help` lists the
+commands and every setting. With no configuration it collects into a local SQLite event log
+under ./data.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gzip
 import hashlib
@@ -17,6 +19,7 @@ import os
 import socket
 import sqlite3
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -28,6 +31,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from dotenv import dotenv_values
 from multidict import MultiMapping
 
 import dimensions
@@ -37,8 +41,10 @@ import openapi
 import privacy
 import stats
 from config import (
+    DEFAULTS,
     IGNORED_SETTINGS,
     MIN_STATS_TOKEN_LENGTH,
+    SETTINGS,
     Config,
     ConfigError,
     IPNetwork,
@@ -48,6 +54,7 @@ from config import (
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
+    DataDirNotWritableError,
     enforce_retention,
     lock_data_dir,
     progress_bar,
@@ -91,8 +98,9 @@ MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
 LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
 MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
-# No client address and no user agent: the access log must not undo what hashing protects.
-ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
+# No client address and no user agent: the access log must not undo what hashing protects. The
+# last field is why a page view was not counted (X-Collector-Dropped), "-" for any other answer.
+ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs %{X-Collector-Dropped}o'
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Clock = Callable[[], datetime]
@@ -626,7 +634,7 @@ ENDPOINTS = {
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, backlog and the read model's lag in seconds, dead letters, last processed "
     "event.",
-    "GET /script.js": "The tracker script to put on a site's pages (see the README).",
+    "GET /script.js": "The tracker script to put on a site's pages (see docs/tracker.md).",
     "GET /script.clicks.js": "The tracker script with click tracking: tagged elements, outbound links, downloads "
     "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
@@ -634,6 +642,7 @@ ENDPOINTS = {
     "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
     "GET /api/sites": "The domains seen, with their first and last day.",
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
+    "GET /api/dropped": "Page views not counted so far, every site together, by reason.",
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
@@ -761,6 +770,12 @@ async def sites_api(request: web.Request) -> web.Response:
     return web.json_response({"sites": await stats.sites(request.app[STORE].reader)}, headers=PRIVATE)
 
 
+async def dropped_api(request: web.Request) -> web.Response:
+    require_reader(request)
+    query_params(request, frozenset())
+    return web.json_response(await stats.dropped_so_far(request.app[STORE].reader), headers=PRIVATE)
+
+
 async def current_visitors_api(request: web.Request) -> web.Response:
     require_reader(request)
     domain = domain_param(query_params(request, frozenset({"domain"})))
@@ -820,7 +835,15 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 # -- the application ---------------------------------------------------------------------------------------------
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+def static_dir() -> Path:
+    """static/ beside this file in a checkout (and an editable install); in an installed wheel,
+    the package directory pyproject.toml installs it as."""
+    here = Path(__file__).resolve().parent
+    checkout = here / "static"
+    return checkout if checkout.is_dir() else here / "flow_analytics_collector_static"
+
+
+STATIC_DIR = static_dir()
 CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -880,6 +903,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/stats", stats_api)
     app.router.add_get("/api/sites", sites_api)
     app.router.add_get("/api/current-visitors", current_visitors_api)
+    app.router.add_get("/api/dropped", dropped_api)
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/openapi.json", openapi.handler(__version__))
@@ -1019,6 +1043,30 @@ def log_start(config: Config) -> None:
     )
 
 
+def base_url(config: Config) -> str:
+    """The collector's address as a browser on this machine reaches it."""
+    host = config.host
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine's own name is the one to open
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
+
+
+def log_addresses(config: Config) -> None:
+    """Where to look next, once the collector listens: the first thing a newcomer needs."""
+    base = base_url(config)
+    readers = ""
+    if not config.stats_token:
+        readers = " (from this machine only, unless STATS_TOKEN is set)"
+        if any(Path(marker).exists() for marker in ("/.dockerenv", "/run/.containerenv")):  # host is not loopback
+            readers = " (set STATS_TOKEN to open it: in a container, a browser on the host is not this machine)"
+    logger.info("dashboard: %s/dashboard%s", base, readers)
+    logger.info("test page: %s/test.html", base)
+    logger.info('snippet for your pages: <script defer src="%s/script.js"></script> '
+                "(with the address your visitors reach this collector at)", base)
+
+
 # -- the data directory's lock, and rebuild ---------------------------------------------------------------------
 
 
@@ -1036,7 +1084,10 @@ def rebuild_command(config: Config) -> int:
         summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr)))
     except DataDirBusyError:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
-              "`python collector.py rebuild` again", file=sys.stderr)
+              "the rebuild again", file=sys.stderr)
+        return 1
+    except DataDirNotWritableError as error:
+        print(f"collector rebuild: {error}", file=sys.stderr)
         return 1
     if summary.from_day is None:
         print("rebuild: the local event log is empty; the read model is unchanged")
@@ -1071,6 +1122,9 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py dead-letters --retry` again", file=sys.stderr)
         return 1
+    except DataDirNotWritableError as error:
+        print(f"collector dead-letters: {error}", file=sys.stderr)
+        return 1
     for result in results:
         outcome = "processed" if result.error is None else f"failed again: {result.error}"
         print(f"{result.letter.event_id}  {result.letter.pathway}: {outcome}")
@@ -1079,25 +1133,84 @@ def dead_letters_command(config: Config, retry: bool) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: tuple[list[str], ...] = ([], ["rebuild"], ["dead-letters"], ["dead-letters", "--retry"])
+# -- the command line ----------------------------------------------------------------------------------------
+
+DOTENV_FILE = ".env"
+SERVE, REBUILD, DEAD_LETTERS = "serve", "rebuild", "dead-letters"
+
+
+def command_line() -> argparse.ArgumentParser:
+    """`--help` names every command and every setting with its default, from config.SETTINGS."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [-h] [--version] [COMMAND]",
+        description="A privacy-first web analytics collector: anonymous page views into SQLite (or Flowcore),\n"
+        "statistics in a dashboard. Without a command it serves.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    commands.add_parser(SERVE, help="collect page views and serve the dashboard (the default)")
+    commands.add_parser(REBUILD, help="recompute the statistics from the local event log (stop the collector first)")
+    dead_letters = commands.add_parser(DEAD_LETTERS, help="list the events whose handler kept failing")
+    dead_letters.add_argument("--retry", action="store_true",
+                              help="run each once more, after a fix (stop the collector first)")
+    # A further command adds its parser here and a branch in run_command().
+    return parser
+
+
+def settings_help(width: int = 100) -> str:
+    lines = [
+        "settings:",
+        "  Read once at start-up from the environment, and from a .env file in the working directory",
+        "  (the environment wins). A bad value stops start-up with a message naming it.",
+        "",
+    ]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.name}={setting.default}" if setting.default else f"  {setting.name} (unset)")
+        lines += textwrap.wrap(setting.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The settings in a .env file, parsed by python-dotenv as written: no ${VAR} expansion, so a
+    secret with a $ in it stays whole and the file means what `docker run --env-file` reads.
+    A name that is no setting is ignored with a warning (a typo would otherwise pass silently)."""
+    if not path.is_file():
+        return {}
+    values = {name: value for name, value in dotenv_values(path, interpolate=False).items() if value is not None}
+    known = set(DEFAULTS) | set(IGNORED_SETTINGS)  # the original's, which start-up reports as ignored
+    unknown = sorted(set(values) - known)
+    if unknown:
+        logger.warning("%s: ignoring %s: not a setting (see --help)", path, ", ".join(unknown))
+    logger.info("settings read from %s (the environment wins)", path.resolve())
+    return {name: value for name, value in values.items() if name in known}
+
+
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    if args.command == REBUILD:
+        return rebuild_command(config)
+    if args.command == DEAD_LETTERS:
+        return dead_letters_command(config, retry=args.retry)
+    return serve(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = list(sys.argv[1:] if argv is None else argv)
-    if command not in COMMANDS:
-        print("usage: python collector.py [rebuild | dead-letters [--retry]]", file=sys.stderr)
-        return 2
     try:
-        config = load_config(os.environ)
+        args = command_line().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
+        return done.code if isinstance(done.code, int) else 2
+    try:
+        config = load_config({**read_dotenv(Path(DOTENV_FILE)), **os.environ})
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
-    if command == ["rebuild"]:
-        return rebuild_command(config)
-    if command[:1] == ["dead-letters"]:
-        return dead_letters_command(config, retry=command[1:] == ["--retry"])
+    return run_command(args, config)
+
+
+def serve(config: Config) -> int:
     log_start(config)
     try:
         loop = new_event_loop(config.event_loop)
@@ -1113,11 +1226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=10.0,
-            print=None,
+            print=lambda _banner: log_addresses(config),  # called once the socket listens
             **http_defense.server_options(config.keepalive_timeout),
         )
     except DataDirBusyError as error:
         print(f"collector: {error}; stop it first", file=sys.stderr)
+        return 1
+    except DataDirNotWritableError as error:
+        print(f"collector: {error}", file=sys.stderr)
         return 1
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)

@@ -399,6 +399,7 @@ def _write_private_atomically(path: Path, text: str) -> None:
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
+            os.fchmod(file.fileno(), 0o600)  # the umask may have taken bits from the mode above
             file.write(text)
             file.flush()
             os.fsync(file.fileno())

@@ -36,6 +36,19 @@ DOMAIN_NOT_ALLOWED = "domain-not-allowed"
 GPC = "gpc"
 DNT = "dnt"
 REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT)
+# What each reason means to the person who sent the page view, and what to do about it; the
+# log says it, and the dashboard and the test page say the same.
+EXPLANATIONS = {
+    BOT: "sent by a crawler, a bot or an HTTP library such as curl or python-requests; to send one by hand, "
+    "give a browser's User-Agent: curl -A 'Mozilla/5.0 ...'",
+    HEADLESS: "sent by an automated browser: HeadlessChrome, Puppeteer, Playwright, Selenium and the like",
+    EMPTY_USER_AGENT: "sent without a User-Agent header",
+    PREFETCH: "a prefetch or prerender, which nobody may ever have seen",
+    DOMAIN_NOT_ALLOWED: "its domain is not in ALLOWED_DOMAINS",
+    GPC: "the browser asks not to be tracked with Global Privacy Control, Sec-GPC: 1, as Brave does by default; "
+    "RESPECT_GPC=false would count it",
+    DNT: "the browser sends Do Not Track, DNT: 1, and RESPECT_DNT is true",
+}
 # Drops for a domain outside ALLOWED_DOMAINS are counted under this name, not the one sent:
 # invented names are not worth keeping, and a flood of them cannot grow the table.
 OTHER_DOMAINS = "*"
@@ -277,9 +290,22 @@ class DropCounter:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._explained: set[str] = set()
 
     def count(self, domain: str, day: str, reason: str) -> None:
         self._pending[(OTHER_DOMAINS if reason == DOMAIN_NOT_ALLOWED else domain, day, reason)] += 1
+        self._log(domain, reason)
+
+    def _log(self, domain: str, reason: str) -> None:
+        """The first drop of each reason at INFO, with what it means (the first test by hand
+        with curl is dropped as a bot, and should say so); the others at DEBUG. The domain and
+        the reason only: never the address or the user agent."""
+        if reason not in self._explained:
+            self._explained.add(reason)
+            logger.info("not counted: a page view for %s, reason %s: %s. Further ones are logged at DEBUG",
+                        domain, reason, EXPLANATIONS[reason])
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("not counted: a page view for %s (%s)", domain, reason)
 
     async def flush(self) -> None:
         if not self._pending:

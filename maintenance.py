@@ -68,17 +68,45 @@ class DataDirBusyError(RuntimeError):
     """Another process (a running collector, or a rebuild) holds DATA_DIR's lock."""
 
 
+class DataDirNotWritableError(RuntimeError):
+    """DATA_DIR cannot be created or written by this process's user."""
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """An exclusive flock on DATA_DIR/collector.lock, held until the descriptor closes; the
     kernel drops it when the process dies, so a crash never leaves a stale lock."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        make_private_dir(data_dir)
+        descriptor = os.open(data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError:
+        raise DataDirNotWritableError(not_writable_message(data_dir)) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
         raise DataDirBusyError(f"{data_dir} is in use by a running collector (or a rebuild)") from None
     return descriptor
+
+
+def make_private_dir(path: Path) -> None:
+    """DATA_DIR and any parent it needs; DATA_DIR itself 0700 when created here, whatever the
+    umask: it holds the secret key and the database."""
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:  # another process made it first: theirs, as it is
+        return
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; chmod's is not
+
+
+def not_writable_message(data_dir: Path) -> str:
+    """One line: which directory, which user, and how to fix it (in a container, a bind mount
+    owned by root is the usual cause)."""
+    uid, path = os.getuid(), data_dir.resolve()
+    return (f"DATA_DIR {path} is not writable by user id {uid}: make it writable for that user (chown {uid} {path}), "
+            "use a named Docker volume, or set DATA_DIR to a directory it can write")
 
 
 # -- rebuild ----------------------------------------------------------------------------------------------

@@ -223,17 +223,20 @@ SCHEMAS: dict[str, Schema] = {
             "sources": ranked("source"),
             "current_visitors": {"type": "integer", "minimum": 0},
             "dropped": {
-                "type": "object",
+                **ref("Dropped"),
                 "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
                 "(bot, headless, empty-user-agent, prefetch, gpc, dnt), and `domain_not_allowed`: page views "
                 "the whole collector dropped for a domain outside ALLOWED_DOMAINS (kept under no name).",
-                "required": ["total", "by_reason", "domain_not_allowed"],
-                "properties": {
-                    "total": {"type": "integer", "minimum": 0},
-                    "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
-                    "domain_not_allowed": {"type": "integer", "minimum": 0},
-                },
             },
+        },
+    },
+    "Dropped": {
+        "type": "object",
+        "required": ["total", "by_reason", "domain_not_allowed"],
+        "properties": {
+            "total": {"type": "integer", "minimum": 0},
+            "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            "domain_not_allowed": {"type": "integer", "minimum": 0},
         },
     },
     "Sites": {
@@ -399,6 +402,9 @@ def paths() -> dict[str, Any]:
             query("limit", "Rows of pages and sources, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
         ], json_answer("The statistics.", ref("Stats")))},
         "/api/sites": {"get": reader("The domains seen.", [], json_answer("The sites.", ref("Sites")))},
+        "/api/dropped": {"get": reader(
+            "Page views not counted so far, every site together, by reason (what an empty dashboard shows).", [],
+            json_answer("The counts over every kept day.", ref("Dropped")))},
         "/api/current-visitors": {"get": reader("Distinct visitors in the last five minutes.", [DOMAIN_PARAM],
                                                 json_answer("The count.", ref("CurrentVisitors")))},
         "/api/export": {"get": reader("CSV export.", [

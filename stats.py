@@ -242,6 +242,7 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
 # Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
 DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
 OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed
+DOMAIN_NOT_ALLOWED = "domain-not-allowed"
 
 
 async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:
@@ -256,6 +257,20 @@ async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dic
     other = 0
     for name, reason, count in rows:
         if name == OTHER_DOMAINS:
+            other += count
+        else:
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": other}
+
+
+async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
+    """Page views not counted on any kept day, every site together: what an empty dashboard
+    shows a newcomer whose first page views were dropped (a curl without a browser's user agent)."""
+    rows = await db.execute_fetchall("SELECT reason, sum(count) FROM dropped_pageviews GROUP BY reason")
+    by_reason = dict.fromkeys(DROP_REASONS, 0)
+    other = 0
+    for reason, count in rows:
+        if reason == DOMAIN_NOT_ALLOWED:
             other += count
         else:
             by_reason[reason] = by_reason.get(reason, 0) + count

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections import deque
@@ -236,6 +237,18 @@ def iso_ms(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
+def create_private_file(path: Path) -> None:
+    """Create the file with mode 0600, whatever the umask, unless it exists already."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+
+
 class Store:
     """One SQLite file in WAL mode: a single writer on its own thread, a separate reader."""
 
@@ -270,6 +283,7 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(self.path)  # SQLite gives its WAL and SHM files the database's mode
         self._writer.start()
         await self._writer.call(self._connect)
         await self._run(self._migrate)

@@ -1,7 +1,7 @@
 // The collector's tracker: one anonymous page view per page shown, SPA navigations included,
 // and collector.event() for custom events (docs/events.md; click tracking is in script.clicks.js).
-// No cookie, no storage, and nothing thrown into the page. README.md, "The tracker script",
-// documents the attributes. Kept readable: the collector strips these line comments and the
+// No cookie, no storage, and nothing thrown into the page. docs/tracker.md documents the
+// attributes. Kept readable: the collector strips these line comments and the
 // indentation when it serves the file, and a test holds the gzipped result under 1,000 bytes.
 (function () {
   var w = window, d = document, l = location, h = history;

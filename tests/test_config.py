@@ -66,6 +66,7 @@ def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str) -
 
 
 def test_main_stops_with_the_message_on_a_bad_value(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env but the test's
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     monkeypatch.setenv("PORT", "-1")
     assert collector.main([]) == 2

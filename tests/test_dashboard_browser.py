@@ -65,7 +65,7 @@ async def seed_drops(data_dir: Path) -> None:
 
 def filtered(dropped: dict[str, Any]) -> str:
     """The dashboard's "Filtered" line for the API's dropped object (its renderFiltered, in Python)."""
-    text = f"Filtered: {dropped['total']:,} page views not counted"
+    text = f"Filtered: {dropped['total']:,} page view{'' if dropped['total'] == 1 else 's'} not counted"
     reasons = [f"{reason} {count:,}" for reason, count in dropped["by_reason"].items() if count]
     if reasons:
         text += f" ({', '.join(reasons)})"
@@ -80,7 +80,7 @@ async def assert_shows(page: Page, stats: dict[str, Any]) -> None:
         assert await page.locator(f"[data-metric={name}]").text_content() == shown(name, figure["value"]), name
     pages = await page.locator("#pages tbody tr").all_inner_texts()
     assert [row.split("\t") for row in pages] == [
-        [p["pathname"], f"{p['visitors']:,}", f"{p['pageviews']:,}"] for p in stats["pages"]
+        [p["pathname"], f"{p['pageviews']:,}", f"{p['visitors']:,}"] for p in stats["pages"]
     ]
     sources = await page.locator("#sources tbody tr").all_inner_texts()
     assert [row.split("\t")[0] for row in sources] == [s["source"] for s in stats["sources"]]

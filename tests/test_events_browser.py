@@ -426,7 +426,7 @@ async def test_the_test_page_event_buttons_send_events(
         async with page.expect_response(answered):
             await page.get_by_role("button", name=button).click()
     # Polled from here: the page's Content-Security-Policy forbids the eval that wait_for_function polls with.
-    recorded = "document.getElementById('console').textContent.split('204 recorded').length - 1"
+    recorded = "document.getElementById('console').textContent.split('204 counted').length - 1"
     await poll(lambda: page.evaluate(f"{recorded} == 3"), what="three answers in the page's console")
     assert '"name":"Test Event"' in await page.text_content("#console")
     await context.close()

@@ -29,11 +29,13 @@ def free_port() -> int:
 
 
 class CollectorProcess:
-    """`python collector.py` in a subprocess, its output appended to one log file."""
+    """`python collector.py [args]` in a subprocess, its output appended to one log file. It runs
+    in the log's directory, not the checkout, so a developer's .env there plays no part."""
 
-    def __init__(self, data_dir: Path, log_path: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, *args: str, **env: str) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DATA_DIR": str(data_dir), "HOST": "127.0.0.1", "PORT": str(self.port),
@@ -43,7 +45,8 @@ class CollectorProcess:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "collector.py")], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, str(ROOT / "collector.py"), *self.args], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.log_path.parent,
             )
         await self.poll_health(lambda body: body["status"] == "ok")
 
@@ -75,8 +78,8 @@ class CollectorProcess:
 async def running(tmp_path: Path) -> AsyncIterator[Callable[..., CollectorProcess]]:
     made: list[CollectorProcess] = []
 
-    def make(**env: str) -> CollectorProcess:
-        collector = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", **env)
+    def make(*args: str, **env: str) -> CollectorProcess:
+        collector = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", *args, **env)
         made.append(collector)
         return collector
 

@@ -31,7 +31,7 @@ def html(script_tag: str) -> str:
     )
 
 
-# A page as the README's reverse-proxy section has it: script and API under the site's own /stats/.
+# A page as docs/tracker.md's reverse-proxy section has it: script and API under the site's own /stats/.
 FIRST_PARTY_PAGE = html('<script defer src="/stats/script.js" data-api="/stats/api/pageview"></script>')
 
 
@@ -118,7 +118,7 @@ PROXIED_RESPONSE_HEADERS = ("Cache-Control", "Content-Encoding", "Content-Type",
 
 
 def proxy_to(collector: TestClient, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """What the README's nginx or Caddy lines do: forward to the collector, say who asked."""
+    """What docs/tracker.md's nginx or Caddy lines do: forward to the collector, say who asked."""
 
     async def forward(request: web.Request) -> web.Response:
         headers = {name: request.headers[name] for name in PROXIED_REQUEST_HEADERS if name in request.headers}
@@ -503,7 +503,7 @@ async def test_the_test_page_buttons_drive_the_real_script(
     client = await start_collector()
     errors = PageErrors()
     context, page = await new_page(site_browser, errors)
-    recorded = "document.getElementById('console').textContent.split('204 recorded').length - 1"
+    recorded = "document.getElementById('console').textContent.split('204 counted').length - 1"
     async with page.expect_response(answered):
         await page.goto(str(client.make_url("/test.html")))
     for button in ("About", "Blog post", "Back", "Send /custom/manual-event"):
