@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from aiohttp.test_utils import TestClient
 from conftest import Start
 from helpers import drained, query
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pathways import MAX_EVENT_PROPS, UTM_KEYS, VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1
@@ -293,6 +293,13 @@ valid_event_envelopes = st.builds(
     valid_events,
     valid_props | props_shaped,
 )
+KNOWN_GOOD_EVENT = {
+    "eventId": "5d1c9a7e-0b7a-4c47-9d3e-2f4b6a8c0e11", "flowType": "visitor.v0", "eventType": "visitor.event.v0",
+    "validTime": "2025-06-04T10:15:30.123Z",
+    "payload": {"visitorHash": "e" * 64, "domain": "example.com", "pathname": "/", "referrer": "", "name": "Signup",
+                "props": {"plan": "pro"}, "sessionContext": {"dailySaltRotation": "2025-06-04"}, "country": None,
+                "browser": None, "os": None, "device": None},
+}
 transformer_bodies = st.one_of(
     st.binary(max_size=2000),
     st.builds(encode, weighted((2, envelopes | json_values), (3, valid_envelopes), (1, valid_event_envelopes)),
@@ -308,6 +315,7 @@ async def test_transformer_never_fails_on_hostile_input(start_collector: Start, 
 
     @FUZZ
     @given(body=transformer_bodies, headers=hostile_headers, right_secret=st.integers(0, 9))
+    @example(body=json.dumps(KNOWN_GOOD_EVENT).encode(), headers={}, right_secret=1)  # reached every run
     def property(body: bytes, headers: dict[str, str], right_secret: int) -> None:
         if right_secret:  # mostly the right secret, so the envelope itself is exercised
             headers = {**headers, "X-Secret": SECRET}
