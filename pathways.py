@@ -22,7 +22,7 @@ import aiohttp
 import aiosqlite
 
 from config import FlowcoreSettings
-from store import LoggedEvent, OutboxRow, Store, iso_ms
+from store import LoggedEvent, OutboxRow, StorageUnavailableError, Store, iso_ms
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ class Pathways:
         try:
             async with self.store.transaction() as tx:
                 processed = await self.process_batch(tx, [event])
+        except StorageUnavailableError:
+            raise  # the disk failed, not the handler: no attempt is counted, nothing is dead-lettered
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
         return Outcome.PROCESSED if processed else Outcome.DUPLICATE

@@ -7,6 +7,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import sqlite3
+import threading
+import time as clock
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -167,6 +171,41 @@ class StoreClosedError(RuntimeError):
     """The store was closed while a write was waiting."""
 
 
+class DatabaseUnusableError(RuntimeError):
+    """The database file cannot be used at all (corrupt, not a database, from a newer version):
+    start-up stops with this message, which names the file and what is wrong."""
+
+
+class StorageUnavailableError(RuntimeError):
+    """A write failed because the storage did (disk full, I/O error, read-only): an outage, not
+    a bug. Nothing of the failed transaction was kept; the caller may try again later."""
+
+
+class ReadersBusyError(RuntimeError):
+    """Too many statistics requests are already waiting for a connection."""
+
+
+# SQLite's primary result codes that mean the storage, not the statement, failed.
+STORAGE_FAILURES = frozenset({
+    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB,
+})
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in STORAGE_FAILURES
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    """The last failed write, for /health: what SQLite said, since when, how many failed since."""
+
+    error: str
+    since: float  # seconds since the epoch
+    count: int
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     seq: int
@@ -195,7 +234,8 @@ def iso_ms(moment: datetime) -> str:
 
 
 class Store:
-    """One SQLite file in WAL mode: a single writer connection, a separate reader."""
+    """One SQLite file in WAL mode: a single writer connection, a separate reader for the
+    emitter and the store's own reads, and a small pool of statistics readers (`reading()`)."""
 
     def __init__(
         self,
@@ -218,10 +258,28 @@ class Store:
         self._salts_in_wal = False  # a deleted salt may still be in the WAL's older frames
         self.outbox_commits = 0  # how many commits served how many appends: group commit at work
         self.outbox_appends = 0
+        self.write_failure: WriteFailure | None = None  # set while writes fail, for /health
+        self._statistics = _ReaderPool(path, STATISTICS_READERS, STATISTICS_QUEUE)
 
     async def open(self) -> None:
+        """Open, check and migrate the file. A file that cannot be used raises
+        DatabaseUnusableError naming it and what is wrong, with every connection closed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._check_and_migrate()
+            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+        except (sqlite3.Error, StorageUnavailableError) as error:
+            await self._close_connections()
+            cause = error.__cause__ if isinstance(error, StorageUnavailableError) else error
+            raise DatabaseUnusableError(_unusable(self.path, cause)) from error
+        except BaseException:
+            await self._close_connections()  # an open connection's thread would keep the process alive
+            raise
+        self._group.start()
+
+    async def _check_and_migrate(self) -> None:
         for pragma in (
             "PRAGMA journal_mode = WAL",
             "PRAGMA synchronous = NORMAL",
@@ -231,21 +289,58 @@ class Store:
             # ephemeral salt must not linger in the file (forget_salts also truncates the WAL).
             "PRAGMA secure_delete = FAST",
         ):
-            await self._writer.execute(pragma)
+            await self.writer.execute(pragma)
+        await self._check_integrity()
         await self._migrate()
-        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
-        await self._reader.execute("PRAGMA busy_timeout = 5000")
-        self._group.start()
+
+    async def _check_integrity(self) -> None:
+        """quick_check reads every page once (about a second per GB here): a corrupt file stops
+        start-up with its first problem, instead of failing page views one by one later."""
+        started = clock.monotonic()
+        rows = await self.writer.execute_fetchall("PRAGMA quick_check(1)")
+        verdict = str(next(iter(rows))[0]) if rows else "no answer"
+        if verdict != "ok":
+            raise DatabaseUnusableError(f"{self.path} is corrupt (SQLite's quick_check: {verdict}); restore it from "
+                                        "a backup, or move it away to start with an empty database")
+        logger.debug("quick_check of %s: ok in %.2f s", self.path, clock.monotonic() - started)
 
     async def close(self) -> None:
-        """Commit what is pending, then close both connections. Safe to call twice."""
+        """Commit what is pending, then close every connection. Safe to call twice."""
         await self._group.stop()
         if self._writer is not None:
-            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
+            with suppress(sqlite3.Error):  # on a full disk the checkpoint fails; the WAL keeps it all
+                await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        await self._statistics.close()
         for conn in (self._reader, self._writer):
             if conn is not None:
-                await conn.close()
+                with suppress(Exception):
+                    await conn.close()
         self._reader = self._writer = None
+
+    @asynccontextmanager
+    async def reading(self, *, may_refuse: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """A statistics connection of its own, never the one the emitter reads the outbox with:
+        at most STATISTICS_READERS run at once, STATISTICS_QUEUE more may wait (beyond,
+        ReadersBusyError, unless may_refuse is False: a stream already started). Their threads
+        run at a lower scheduling priority, so page views go first."""
+        if self._writer is None:
+            raise StoreClosedError("the store is not open")
+        async with self._statistics.connection(may_refuse) as conn:
+            yield conn
+
+    async def counted_domains(self) -> set[str]:
+        """Every domain with a counted page view: in the read model (one index seek per domain,
+        not a scan of every day) or still on its way there in the outbox."""
+        rows = await self.reader.execute_fetchall(
+            "WITH RECURSIVE d(domain) AS (SELECT min(domain) FROM daily_stats UNION ALL "
+            "SELECT (SELECT min(domain) FROM daily_stats WHERE domain > d.domain) FROM d WHERE d.domain IS NOT NULL) "
+            "SELECT domain FROM d WHERE domain IS NOT NULL "
+            "UNION SELECT DISTINCT payload ->> '$.domain' FROM outbox WHERE event_type = 'visitor.tracked.v0'"
+        )
+        return {str(row[0]) for row in rows if row[0] is not None}
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -274,16 +369,45 @@ class Store:
                 await asyncio.wait_for(self._ingest_idle.wait(), INGEST_PRIORITY_WAIT)
         async with self._write_lock:
             conn = self.writer
-            if durable != self._durable:
-                await conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
-            await conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+                if durable != self._durable:
+                    await conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _rollback(conn)  # also after a failed COMMIT, or the next BEGIN would fail
+                    raise
+            except sqlite3.Error as error:
+                if not is_storage_failure(error):
+                    raise
+                self._write_failed(str(error))
+                raise StorageUnavailableError(f"writing to the database failed: {error}") from error
+            self._write_succeeded()
+
+    def _write_failed(self, error: str) -> None:
+        failure = self.write_failure
+        if failure is None:
+            logger.error("writes to %s fail: %s; page views are refused with 503 until it is fixed (free disk space, "
+                         "check the disk), and nothing accepted before is lost", self.path, error)
+            self.write_failure = WriteFailure(error, clock.time(), 1)
+        else:
+            self.write_failure = WriteFailure(error, failure.since, failure.count + 1)
+
+    def _write_succeeded(self) -> None:
+        failure = self.write_failure
+        if failure is not None:
+            self.write_failure = None
+            logger.warning("writes to %s work again, after %d failed transactions in %.0f s", self.path,
+                           failure.count, clock.time() - failure.since)
+
+    async def probe_write(self) -> None:
+        """A small write, for /health while writes fail: so it notices the disk is back even
+        when no page view comes. Raises StorageUnavailableError while they still fail."""
+        async with self.transaction() as tx:
+            await _put_meta(tx, "write_probe", iso_ms(datetime.now(UTC)))
 
     async def _migrate(self) -> None:
         await self.writer.execute(
@@ -291,6 +415,11 @@ class Store:
             "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
         )
         applied = {row[0] for row in await self.writer.execute_fetchall("SELECT name FROM schema_migrations")}
+        unknown = sorted(applied - {name for name, _ in MIGRATIONS})
+        if unknown:
+            raise DatabaseUnusableError(
+                f"{self.path} was written by a newer version of the collector (unknown migration "
+                f"{', '.join(unknown)}); run that version, or restore a backup made before it")
         for name, script in MIGRATIONS:
             if name in applied:
                 continue
@@ -654,6 +783,68 @@ class RetentionResult:
     events_deleted: int
 
 
+# -- statistics readers ------------------------------------------------------------------------
+
+STATISTICS_READERS = 2  # statistics queries at once: each has a connection, and a thread, of its own
+STATISTICS_QUEUE = 32  # statistics requests that may wait for one; more get 503
+READER_NICENESS = 10  # the statistics threads' scheduling priority below the event loop's (Linux)
+
+
+class _ReaderPool:
+    """Read-only connections, opened on first use, each serving one request at a time."""
+
+    def __init__(self, path: Path, size: int, queue: int) -> None:
+        self._path = path
+        self._size = size
+        self._queue = queue
+        self._idle: list[aiosqlite.Connection] = []
+        self._all: list[aiosqlite.Connection] = []
+        self._free: asyncio.Semaphore | None = None
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def connection(self, may_refuse: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        if self._free is None:
+            self._free = asyncio.Semaphore(self._size)
+        if may_refuse and self._free.locked() and self._waiting >= self._queue:
+            raise ReadersBusyError(f"{self._waiting} statistics requests are already waiting")
+        self._waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            conn = self._idle.pop() if self._idle else await self._open()
+            try:
+                yield conn
+            finally:
+                self._idle.append(conn)
+        finally:
+            self._free.release()
+
+    async def _open(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(f"file:{self._path}?mode=ro", uri=True)
+        self._all.append(conn)
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.create_function("collector_lower_priority", 0, _lower_thread_priority)
+        await conn.execute_fetchall("SELECT collector_lower_priority()")
+        return conn
+
+    async def close(self) -> None:
+        connections, self._all, self._idle = self._all, [], []
+        for conn in connections:
+            with suppress(Exception):
+                await conn.close()
+
+
+def _lower_thread_priority() -> int:
+    """Run in a statistics connection's own thread: on Linux the nice value is per thread, so
+    the scheduler prefers the event loop and the writer when the CPU is short."""
+    with suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
+    return 0
+
+
 # -- group commit -----------------------------------------------------------------------------
 
 
@@ -719,7 +910,10 @@ class _GroupCommit:
                     [row for row, _ in batch],
                 )
         except Exception as error:  # every waiting request learns of the failure; none is lost silently
-            logger.exception("outbox commit of %d events failed", len(batch))
+            if isinstance(error, StorageUnavailableError):  # the store logged it; each request gets a 503
+                logger.debug("outbox commit of %d events failed", len(batch), exc_info=True)
+            else:
+                logger.exception("outbox commit of %d events failed", len(batch))
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
@@ -950,6 +1144,29 @@ async def _first_row(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ..
     # in between would see that old snapshot (it once made the emitter resend sent events).
     rows = await conn.execute_fetchall(sql, params)
     return tuple(next(iter(rows))) if rows else None
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back if a transaction is still open: after SQLITE_FULL or an I/O error SQLite may
+    have rolled back already, and a ROLLBACK then fails, harmlessly."""
+    with suppress(sqlite3.Error):
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+
+
+def _unusable(path: Path, error: BaseException | None) -> str:
+    """One line for an SQLite error at start-up: the file, what is wrong, what to do."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"{path} is not an SQLite database (or is encrypted); point DATA_DIR elsewhere, or move the file away"
+    if code == sqlite3.SQLITE_CORRUPT:
+        return f"{path} is corrupt ({error}); restore it from a backup, or move it away to start with an empty database"
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        return (f"{path} cannot be opened for writing ({error}); the collector's user must be able to write it "
+                "and its directory")
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return f"{path} cannot be written ({error}); free disk space, or check the disk"
+    return f"{path} cannot be used: {error}"
 
 
 async def _put_meta(tx: aiosqlite.Connection, key: str, value: str) -> None:

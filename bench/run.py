@@ -187,11 +187,22 @@ def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[
     }
 
 
-def fixed_rate(seconds: float, work: Path, rate: int = 1000, connections: int = 50) -> dict[str, Any]:
+def fixed_rate_wrk(url: str, seconds: float, rate: int = 1000, connections: int = 50) -> WrkResult:
+    """wrk at about `rate` page views a second offered: connections with a think time."""
     think_ms = max(1, round(connections * 1000 / rate) - 2)  # about 2 ms of service time per request
+    return wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fixed_rate(seconds: float, work: Path, rate: int = 1000) -> dict[str, Any]:
     with collector(work / "latency") as (url, _):
-        wrk(url, 2, connections, BENCH_THINK_MS=str(think_ms))
-        result = wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+        fixed_rate_wrk(url, 2, rate)
+        result = fixed_rate_wrk(url, seconds, rate)
     return {"offered_rps": rate, "achieved_rps": round(result.rate), "p50_ms": result.p50_ms,
             "p99_ms": result.p99_ms, "errors": result.errors + result.non_2xx}
 
