@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from crawlerdetect import CrawlerDetect
 
+from store import StorageUnavailableError
+
 if TYPE_CHECKING:
     from store import Store
 
@@ -286,7 +288,7 @@ class PageviewFilter:
     def __init__(self, settings: FilterSettings, bots: BotDetector, sites: SiteLimit | None = None) -> None:
         self.settings = settings
         self.bots = bots
-        self.sites = sites or SiteLimit(1_000_000)
+        self.sites = sites if sites is not None else SiteLimit(1_000_000)
 
     def drop_reason(self, domain: str, headers: Mapping[str, str]) -> str | None:
         allowed = self.settings.allowed_domains
@@ -343,6 +345,8 @@ class DropCounter:
                 pass
             try:
                 await self.flush()
+            except StorageUnavailableError as error:  # the store logs the outage; one line here
+                logger.warning("writing the drop counts failed (%s); they are kept for the next try", error)
             except Exception:
                 logger.exception("writing the drop counts failed; they are kept for the next try")
 

@@ -26,6 +26,9 @@ MAX_KEYS = 1000  # distinct repeated messages remembered
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Clock = Callable[[], float]
+# extra= for a record RepeatFilter must let through: the start and end of an outage, which their
+# writer already limits.
+ALWAYS_LOG = {"always_log": True}
 
 
 class RepeatFilter(logging.Filter):
@@ -42,7 +45,7 @@ class RepeatFilter(logging.Filter):
         self._seen: OrderedDict[tuple[Any, ...], list[float]] = OrderedDict()  # key: [written at, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or getattr(record, "always_log", False):
             return True
         key = _key(record)
         now = self._clock()
@@ -113,7 +116,7 @@ class LoopErrors:
     def _write(self, now: float) -> None:
         repeats = f"; {self._dropped} more times in the last {now - self._written_at:.1f} s" if self._dropped else ""
         logger.error("accepting a connection failed: %s (this process may hold %s file descriptors)%s",
-                     self._last_error, descriptor_limit(), repeats)
+                     self._last_error, descriptor_limit(), repeats, extra=ALWAYS_LOG)  # already limited here
         self._written_at, self._dropped = now, 0
 
 

@@ -24,12 +24,16 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
+from logrepeats import ALWAYS_LOG
+
 if TYPE_CHECKING:
     from pathways import Event
 
 logger = logging.getLogger(__name__)
 
 DB_FILENAME = "collector.sqlite3"
+OUTAGE_LOG_INTERVAL = 60.0  # seconds: a storage outage that starts sooner after the last one is not logged again
+PROBE_INTERVAL = 1.0  # seconds between two write probes of /health while writes fail
 VISIT_GAP_MS = 30 * 60 * 1000
 INGEST_PRIORITY_WAIT = 0.1  # seconds a read model transaction yields to waiting page views
 DIRECT = "(direct)"
@@ -259,6 +263,9 @@ class Store:
         self.outbox_commits = 0  # how many commits served how many appends: group commit at work
         self.outbox_appends = 0
         self.write_failure: WriteFailure | None = None  # set while writes fail, for /health
+        self._outage_logged_at = -OUTAGE_LOG_INTERVAL
+        self._outage_logged = False
+        self._probed_at = -PROBE_INTERVAL
         self._statistics = _ReaderPool(path, STATISTICS_READERS, STATISTICS_QUEUE)
 
     async def open(self) -> None:
@@ -299,6 +306,7 @@ class Store:
         started = clock.monotonic()
         rows = await self.writer.execute_fetchall("PRAGMA quick_check(1)")
         verdict = str(next(iter(rows))[0]) if rows else "no answer"
+        verdict = " ".join(verdict.replace("*** in database main ***", "").split())  # one line
         if verdict != "ok":
             raise DatabaseUnusableError(f"{self.path} is corrupt (SQLite's quick_check: {verdict}); restore it from "
                                         "a backup, or move it away to start with an empty database")
@@ -388,24 +396,34 @@ class Store:
             self._write_succeeded()
 
     def _write_failed(self, error: str) -> None:
+        """Count the failure; an outage is logged when it starts and when it ends, and on a disk
+        that keeps filling up and freeing, at most once per OUTAGE_LOG_INTERVAL."""
         failure = self.write_failure
-        if failure is None:
-            logger.error("writes to %s fail: %s; page views are refused with 503 until it is fixed (free disk space, "
-                         "check the disk), and nothing accepted before is lost", self.path, error)
-            self.write_failure = WriteFailure(error, clock.time(), 1)
-        else:
+        if failure is not None:
             self.write_failure = WriteFailure(error, failure.since, failure.count + 1)
+            return
+        self.write_failure = WriteFailure(error, clock.time(), 1)
+        self._outage_logged = clock.monotonic() - self._outage_logged_at >= OUTAGE_LOG_INTERVAL
+        if self._outage_logged:
+            self._outage_logged_at = clock.monotonic()
+            logger.error("writes to %s fail: %s; page views are refused with 503 until it is fixed (free disk space, "
+                         "check the disk); nothing accepted before is lost", self.path, error, extra=ALWAYS_LOG)
 
     def _write_succeeded(self) -> None:
         failure = self.write_failure
         if failure is not None:
             self.write_failure = None
-            logger.warning("writes to %s work again, after %d failed transactions in %.0f s", self.path,
-                           failure.count, clock.time() - failure.since)
+            logger.log(logging.WARNING if self._outage_logged else logging.DEBUG,
+                       "writes to %s work again, after %d failed transactions in %.0f s", self.path, failure.count,
+                       clock.time() - failure.since, extra=ALWAYS_LOG)
 
     async def probe_write(self) -> None:
-        """A small write, for /health while writes fail: so it notices the disk is back even
-        when no page view comes. Raises StorageUnavailableError while they still fail."""
+        """A small write, for /health while writes fail, at most once a second: so it notices
+        the disk is back even when no page view comes. Raises StorageUnavailableError while
+        writes still fail."""
+        if clock.monotonic() - self._probed_at < PROBE_INTERVAL:
+            return
+        self._probed_at = clock.monotonic()
         async with self.transaction() as tx:
             await _put_meta(tx, "write_probe", iso_ms(datetime.now(UTC)))
 

@@ -283,7 +283,8 @@ def test_local_hours_on_daylight_saving_days() -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected after, limit, search", id="sites"),
+        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected after, limit, search",
+                     id="sites"),
         pytest.param("/api/current-visitors", "domain is required, e.g. domain=example.com",
                      id="current-without-domain"),
         pytest.param("/api/current-visitors?domain=a..b", "domain must be a hostname such as example.com",
