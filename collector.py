@@ -535,6 +535,7 @@ async def health(request: web.Request) -> web.Response:
         "group_commit": {"commits": store.outbox_commits, "events": store.outbox_appends},
         "retention_last_run": retention_last_run,
         "sites": sites_health(request.app[FILTER].sites),
+        "statistics": store.statistics_load(),
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):

@@ -339,6 +339,10 @@ class Store:
         async with self._statistics.connection(may_refuse) as conn:
             yield conn
 
+    def statistics_load(self) -> dict[str, int]:
+        """How many statistics requests hold a connection, and how many wait for one."""
+        return self._statistics.load()
+
     async def counted_domains(self) -> set[str]:
         """Every domain with a counted page view: in the read model (one index seek per domain,
         not a scan of every day) or still on its way there in the outbox."""
@@ -819,6 +823,7 @@ class _ReaderPool:
         self._all: list[aiosqlite.Connection] = []
         self._free: asyncio.Semaphore | None = None
         self._waiting = 0
+        self._busy = 0
 
     @asynccontextmanager
     async def connection(self, may_refuse: bool = True) -> AsyncIterator[aiosqlite.Connection]:
@@ -831,6 +836,7 @@ class _ReaderPool:
             await self._free.acquire()
         finally:
             self._waiting -= 1
+        self._busy += 1
         try:
             conn = self._idle.pop() if self._idle else await self._open()
             try:
@@ -838,7 +844,11 @@ class _ReaderPool:
             finally:
                 self._idle.append(conn)
         finally:
+            self._busy -= 1
             self._free.release()
+
+    def load(self) -> dict[str, int]:
+        return {"connections": self._size, "busy": self._busy, "waiting": self._waiting}
 
     async def _open(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(f"file:{self._path}?mode=ro", uri=True)
