@@ -888,9 +888,12 @@ class _ReaderPool:
 
 def _lower_thread_priority() -> int:
     """Run in a statistics connection's own thread: on Linux the nice value is per thread, so
-    the scheduler prefers the event loop and the writer when the CPU is short."""
+    the scheduler prefers the event loop and the writer when the CPU is short. Relative to the
+    process's own (a collector started with `nice` keeps the order)."""
     with suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
+        thread = threading.get_native_id()
+        niceness = os.getpriority(os.PRIO_PROCESS, thread) + READER_NICENESS
+        os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
     return 0
 
 

@@ -13,7 +13,8 @@ process over loopback:
 4. peak resident memory after N page views (1,000,000 by default), once the read model has
    caught up;
 5. the emitter's drain rate into a local fake Flowcore (a backlog prefilled in the outbox);
-6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days).
+6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days);
+7. page view latency while four clients export ten years of CSV in a loop (bench/readers_bench.py).
 
 It prints every figure; docs/performance.md records them. Nothing here is a test.
 """
@@ -277,6 +278,12 @@ def stats_timings(views: int) -> str:
     return output.strip()
 
 
+def readers_figures(seconds: float) -> str:
+    output = subprocess.run([sys.executable, str(BENCH / "readers_bench.py"), "--seconds", f"{seconds:g}"],
+                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return output.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs: 8 s, 100,000 page views")
@@ -310,6 +317,8 @@ def main() -> int:
         results["memory"] = report(f"memory after {args.pageviews:,} page views",
                                    memory(args.pageviews, args.connections, work))
     print("\n== /api/stats (bench/stats_bench.py)\n" + stats_timings(args.stats_views))
+    print("\n== page views while four clients export ten years of CSV (bench/readers_bench.py)\n"
+          + readers_figures(args.seconds))
     print("\n" + json.dumps(results, indent=2))
     return 0
 

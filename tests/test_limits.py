@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from test_stats import FIXTURE, NOW, TZ, seed
 
 import stats
 from collector import DROPS, STORE
-from store import DB_FILENAME, STATISTICS_QUEUE, STATISTICS_READERS, Store
+from store import DB_FILENAME, READER_NICENESS, STATISTICS_QUEUE, STATISTICS_READERS, Store
 
 DAY = utc(2025, 6, 4, 12)
 
@@ -268,3 +269,14 @@ async def test_a_ten_year_export_streams_what_the_rows_say(start_collector: Star
     if table == "daily":
         assert text.count("\r\n") == 1 + (last - first).days + 1
     assert len(stats.export_blocks(table, stats.DateRange(first, last))) > 1
+
+
+async def test_statistics_threads_run_below_the_event_loop(start_collector: Start) -> None:
+    """Linux keeps a nice value per thread: each statistics connection's thread has the
+    process's plus 10 (READER_NICENESS), so the loop and the writer go first."""
+    client = await start_collector()
+    assert (await client.get("/api/sites")).status == 200
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    niceness = {int(Path(task, "stat").read_text().rsplit(")", 1)[1].split()[16])
+                for task in Path("/proc/self/task").iterdir()}
+    assert min(own + READER_NICENESS, 19) in niceness and own in niceness
