@@ -365,9 +365,10 @@ def _csv_text_sql(column: str) -> str:
     """SQL for a text column as to_csv writes it: a leading formula character defused with an
     apostrophe, then the cell quoted (quotes doubled) if it holds a comma, a quote or a line
     break. char(39) is the apostrophe, char(34) the double quote. The usual cell needs
-    neither, and costs one substr and one GLOB."""
+    neither, and costs a substr, an instr and a GLOB (which stops at a NUL, hence the instr)."""
     prefixes = "'=', '+', '-', '@', char(9), char(13)"
-    plain = f"substr({column}, 1, 1) NOT IN ({prefixes}) AND {column} NOT GLOB '*[,' || char(34, 13, 10) || ']*'"
+    plain = (f"substr({column}, 1, 1) NOT IN ({prefixes}) AND instr({column}, char(0)) = 0 "
+             f"AND {column} NOT GLOB '*[,' || char(34, 13, 10) || ']*'")
     safe = f"(CASE WHEN substr({column}, 1, 1) IN ({prefixes}) THEN char(39) || {column} ELSE {column} END)"
     special = " OR ".join(f"instr({safe}, {char}) > 0" for char in ("','", "char(34)", "char(13)", "char(10)"))
     quoted = f"char(34) || replace({safe}, char(34), char(34) || char(34)) || char(34)"

@@ -18,7 +18,7 @@ import aiosqlite
 import pytest
 from conftest import Start
 from helpers import FakeClock, drained, query, utc
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_stats import FIXTURE, NOW, TZ, seed
 
@@ -238,6 +238,12 @@ CELL_TEXT = st.text(alphabet=st.one_of(CSV_CHARACTERS, st.characters(blacklist_c
 
 @settings(max_examples=500, deadline=None)
 @given(CELL_TEXT)
+@example("\x00\r")
+@example("=1+1")
+@example("a,b")
+@example('say "hi"')
+@example("\n")
+@example("\t-")
 def test_sqlite_writes_a_text_cell_as_the_csv_module_does(value: str) -> None:
     conn = sqlite3.connect(":memory:")
     try:
