@@ -890,8 +890,9 @@ def rebuild_command(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logrepeats.install(logging.getLogger().handlers)
+    logrepeats.install([h for h in logging.getLogger().handlers if h not in existing])  # ours only, not a host's
     command = list(sys.argv[1:] if argv is None else argv)
     if command not in ([], ["rebuild"]):
         print("usage: python collector.py [rebuild]", file=sys.stderr)
