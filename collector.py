@@ -1121,6 +1121,10 @@ def rebuild_command(config: Config) -> int:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py rebuild` again", file=sys.stderr)
         return 1
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("rebuild failed", exc_info=True)
+        print(f"collector rebuild: {error}", file=sys.stderr)
+        return 1
     if summary.from_day is None:
         print("rebuild: the local event log is empty; the read model is unchanged")
     else:

@@ -182,6 +182,17 @@ async def test_a_broken_database_stops_the_process_with_one_line(
     assert "listening on" not in collector.text
 
 
+async def test_rebuild_on_a_broken_database_is_one_line(tmp_path: Path) -> None:
+    random_bytes(tmp_path / "data" / DB_FILENAME)
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "SECRET_KEY": SECRET}
+    process = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "collector.py"), "rebuild", env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert err.decode().splitlines() == [f"collector rebuild: {tmp_path / 'data' / DB_FILENAME} is not an SQLite "
+                                         "database (or is encrypted); point DATA_DIR elsewhere, or move the file away"]
+
+
 async def test_a_database_from_a_newer_version_names_the_unknown_migration(
     launch: Callable[..., Collector], tmp_path: Path
 ) -> None:
