@@ -90,6 +90,7 @@ from store import (
     Store,
     StoreClosedError,
     read_dead_letters,
+    unusable,
 )
 
 __version__ = "0.1.0"
@@ -1142,7 +1143,12 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         print(f"collector dead-letters: there is no database in {config.data_dir}", file=sys.stderr)
         return 1
     if not retry:
-        letters = asyncio.run(read_dead_letters(path))
+        try:
+            letters = asyncio.run(read_dead_letters(path))
+        except sqlite3.DatabaseError as error:
+            logger.debug("reading the dead letters failed", exc_info=True)
+            print(f"collector dead-letters: {unusable(path, error)}", file=sys.stderr)
+            return 1
         for letter in letters:
             print(f"{letter.event_id}  {letter.pathway}  {letter.attempts} attempts, last at {letter.failed_at}: "
                   f"{letter.error}")
@@ -1157,6 +1163,10 @@ def dead_letters_command(config: Config, retry: bool) -> int:
     except DataDirBusyError:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py dead-letters --retry` again", file=sys.stderr)
+        return 1
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("retrying the dead letters failed", exc_info=True)
+        print(f"collector dead-letters: {error}", file=sys.stderr)
         return 1
     for result in results:
         outcome = "processed" if result.error is None else f"failed again: {result.error}"

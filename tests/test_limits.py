@@ -24,6 +24,7 @@ from test_stats import FIXTURE, NOW, TZ, seed
 
 import stats
 from collector import DROPS, STORE
+from filters import NO_SITE
 from readmodel import ReadModel
 from store import DB_FILENAME, READER_NICENESS, STATISTICS_QUEUE, STATISTICS_READERS, Store
 
@@ -89,6 +90,27 @@ async def test_dropped_page_views_do_not_make_a_site(start_collector: Start) -> 
     assert "X-Collector-Dropped" not in (await post(client, "real.example")).headers
 
 
+async def test_custom_events_meet_the_same_site_limit(start_collector: Start, data_dir: Path) -> None:
+    """An event for a new domain beyond MAX_SITES is dropped like a page view (but not added to
+    the drop counts, which count page views); an event for a site counted already goes in."""
+    client = await start_collector(clock=FakeClock(DAY), MAX_SITES="1")
+    assert "X-Collector-Dropped" not in (await post(client, "a.example")).headers
+
+    async def event(domain: str) -> Any:
+        body = json.dumps({"name": "Signup", "pathname": "/", "domain": domain})
+        return await client.post("/api/event", data=body, headers={"Content-Type": "text/plain"})
+
+    beyond = await event("invented.example")
+    assert (beyond.status, beyond.headers["X-Collector-Dropped"]) == (204, "site-limit")
+    known = await event("a.example")
+    assert known.status == 204 and "X-Collector-Dropped" not in known.headers
+    await drained(client)
+    await client.app[DROPS].flush()
+    assert query(data_dir, "SELECT payload ->> '$.domain' FROM event_log WHERE event_type = 'visitor.event.v0'") == [
+        ("a.example",)]
+    assert query(data_dir, "SELECT count(*) FROM dropped_pageviews") == [(0,)]
+
+
 async def test_counted_domains_include_those_still_in_the_outbox(data_dir: Path) -> None:
     store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"))
     read_model = ReadModel(store)
@@ -147,6 +169,30 @@ async def test_sites_come_in_pages_that_cover_every_site_once(start_collector: S
             break
         assert after == page["sites"][-1]["domain"]
     assert seen == domains
+
+
+async def test_the_sites_without_a_name_come_last_in_every_paging(start_collector: Start, data_dir: Path) -> None:
+    """NO_SITE ("(no site)", received events without a usable domain) sorts before letters, yet is
+    listed after every named site, on the last page, whatever the page size."""
+    await schema(data_dir)
+    domains = many_sites(data_dir, 5)
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    with conn:
+        conn.execute("INSERT INTO daily_stats VALUES (?, '2025-06-04', 1, 1, 1, 1, 0)", (NO_SITE,))
+    conn.close()
+    client = await start_collector(clock=FakeClock(DAY))
+    for limit in (1, 2, 5, 6, 100):
+        seen, after = [], None
+        while True:
+            params = {"limit": str(limit), **({"after": after} if after else {})}
+            page = await (await client.get("/api/sites", params=params)).json()
+            assert len(page["sites"]) <= limit
+            seen += [site["domain"] for site in page["sites"]]
+            if (after := page["next"]) is None:
+                break
+        assert seen == [*domains, NO_SITE], limit
+    found = await (await client.get("/api/sites", params={"search": "no site"})).json()
+    assert [site["domain"] for site in found["sites"]] == [NO_SITE]
 
 
 async def test_sites_can_be_searched(start_collector: Start, data_dir: Path) -> None:

@@ -193,6 +193,19 @@ async def test_rebuild_on_a_broken_database_is_one_line(tmp_path: Path) -> None:
                                          "database (or is encrypted); point DATA_DIR elsewhere, or move the file away"]
 
 
+@pytest.mark.parametrize("arguments", [["dead-letters"], ["dead-letters", "--retry"]])
+async def test_dead_letters_on_a_broken_database_is_one_line(tmp_path: Path, arguments: list[str]) -> None:
+    random_bytes(tmp_path / "data" / DB_FILENAME)
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "SECRET_KEY": SECRET}
+    process = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "collector.py"), *arguments, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert err.decode().splitlines() == [f"collector dead-letters: {tmp_path / 'data' / DB_FILENAME} is not an "
+                                         "SQLite database (or is encrypted); point DATA_DIR elsewhere, or move the "
+                                         "file away"]
+
+
 async def test_a_database_from_a_newer_version_names_the_unknown_migration(
     launch: Callable[..., Collector], tmp_path: Path
 ) -> None:
@@ -208,7 +221,8 @@ async def test_a_database_from_a_newer_version_names_the_unknown_migration(
     again = launch()
     await again.start()
     assert await again.exit_status() == 1
-    assert_one_line_error(again, "newer version", "0099_from_the_future", DB_FILENAME)
+    line = assert_one_line_error(again, "newer version", "0099_from_the_future", DB_FILENAME)
+    assert "0003" not in line  # the read model's migrations are known: the store has them all at open
 
 
 async def test_the_traceback_of_a_broken_database_goes_to_the_debug_log(
@@ -232,12 +246,15 @@ def limit_file_size(pid: int, size: int) -> None:
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (size if size >= 0 else hard, hard))
 
 
-async def send(url: str, count: int, *, agent: str = BROWSER_UA, tag: str = "p") -> list[tuple[int, str | None, Any]]:
-    """`count` page views at once: (status, Retry-After, JSON body or None) for each."""
+async def send(url: str, count: int, *, agent: str = BROWSER_UA, tag: str = "p",
+               event: bool = False) -> list[tuple[int, str | None, Any]]:
+    """`count` page views (or custom events) at once: (status, Retry-After, JSON body or None) for each."""
     async with aiohttp.ClientSession(headers={"User-Agent": agent}) as session:
         async def one(index: int) -> tuple[int, str | None, Any]:
-            body = json.dumps({"pathname": f"/{tag}/{index}", "referrer": "", "domain": "example.com"})
-            async with session.post(url + "/api/pageview", data=body, headers={"Content-Type": "text/plain"}) as answer:
+            fields = {"pathname": f"/{tag}/{index}", "referrer": "", "domain": "example.com"}
+            body = json.dumps({**fields, "name": "Signup"} if event else fields)
+            path = "/api/event" if event else "/api/pageview"
+            async with session.post(url + path, data=body, headers={"Content-Type": "text/plain"}) as answer:
                 content = await answer.read()
                 return answer.status, answer.headers.get("Retry-After"), json.loads(content) if content else None
 
@@ -265,6 +282,9 @@ async def test_a_full_disk_is_an_outage_and_nothing_accepted_is_lost(
     assert {status for status, _, _ in refused} == {503}
     assert {retry for _, retry, _ in refused} == {"30"}
     assert all(body["status"] == 503 and "try again" in body["error"] for _, _, body in refused)
+    events = await send(collector.url, 10, tag="during", event=True)  # custom events: the same outage
+    assert {(status, retry) for status, retry, _ in events} == {(503, "30")}
+    assert all("try again" in body["error"] for _, _, body in events)
     assert [status for status, _, _ in await send(collector.url, 3, agent="curl/8.5.0", tag="bot")] == [204] * 3
     status, body, retry = await health(collector.url)
     assert status == 503 and retry == "30"
@@ -278,11 +298,15 @@ async def test_a_full_disk_is_an_outage_and_nothing_accepted_is_lost(
     limit_file_size(collector.pid, -1)  # the disk is back
     await poll(lambda: health_status(collector.url), what="/health answering 200 again")
     assert [status for status, _, _ in await send(collector.url, 30, tag="after")] == [204] * 30
+    assert [status for status, _, _ in await send(collector.url, 4, tag="after", event=True)] == [204] * 4
     data = tmp_path / "data"
     await poll(lambda: query(data, "SELECT count(*) FROM pageviews") == [(80,)], what="80 counted")
     paths = {row[0].split("/")[1] for row in query(data, "SELECT pathname FROM pageviews")}
     assert paths == {"before", "after"}  # every 204 counted once, no 503 counted
-    assert query(data, "SELECT count(*), count(DISTINCT event_id) FROM event_log") == [(80, 80)]
+    await poll(lambda: query(data, "SELECT count(*), count(DISTINCT event_id) FROM event_log") == [(84, 84)],
+               what="80 page views and 4 events logged")
+    events_logged = query(data, "SELECT payload ->> '$.pathname' FROM event_log WHERE event_type = 'visitor.event.v0'")
+    assert {row[0].split("/")[1] for row in events_logged} == {"after"}  # no 503 was kept
     # the drops counted while the disk was full were kept in memory and written once it was back
     await poll(lambda: query(data, "SELECT sum(count) FROM dropped_pageviews WHERE reason = 'bot'") == [(3,)],
                what="the bot drops written")
