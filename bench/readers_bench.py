@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from run import collector, fixed_rate_wrk, process_cpu_seconds  # noqa: E402
 
+from readmodel import ReadModel  # noqa: E402
 from store import DB_FILENAME, Store  # noqa: E402
 
 DOMAIN = "example.com"  # one of bench/pageviews.lua's domains, so the exported site also takes page views
@@ -44,6 +45,7 @@ TABLES = ("daily", "pages", "sources")
 
 async def migrate(data_dir: Path) -> None:
     store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"))
+    ReadModel(store)  # the read model's migrations too: the file as the collector leaves it
     await store.open()
     await store.close()
 
