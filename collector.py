@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gzip
 import hashlib
 import hmac
@@ -37,6 +38,7 @@ from multidict import MultiMapping
 import dimensions
 import filters
 import http_defense
+import logrepeats
 import openapi
 import privacy
 import stats
@@ -54,7 +56,7 @@ from config import (
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
-    DataDirNotWritableError,
+    DataDirError,
     enforce_retention,
     lock_data_dir,
     progress_bar,
@@ -86,7 +88,16 @@ from pathways import (
     wait_any,
 )
 from readmodel import ReadModel, local_day_hour
-from store import DB_FILENAME, Store, StoreClosedError, read_dead_letters
+from store import (
+    DB_FILENAME,
+    DatabaseUnusableError,
+    ReadersBusyError,
+    StorageUnavailableError,
+    Store,
+    StoreClosedError,
+    read_dead_letters,
+    unusable,
+)
 
 __version__ = "0.1.0"
 
@@ -135,6 +146,13 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(400, str(error))
     except StoreClosedError:
         response = error_response(503, "the collector is shutting down; try again")
+    except StorageUnavailableError:  # the store logged it once; /health names it
+        response = error_response(503, "the collector cannot write to its database right now (its disk is full or "
+                                  f"failing); nothing was stored; try again in {STORAGE_RETRY_AFTER} s",
+                                  {"Retry-After": str(STORAGE_RETRY_AFTER)})
+    except ReadersBusyError:
+        response = error_response(503, "too many statistics requests at once; try again in a second",
+                                  {"Retry-After": "1"})
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -146,6 +164,9 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
     if request.path in CORS_PATHS:
         add_cors_headers(request, response)
     return response
+
+
+STORAGE_RETRY_AFTER = 30  # seconds: a full disk is not fixed in less
 
 
 def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
@@ -640,7 +661,8 @@ ENDPOINTS = {
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
     "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
-    "GET /api/sites": "The domains seen, with their first and last day.",
+    "GET /api/sites": "The domains seen, with their first and last day: ?limit= (100) &after= (the previous page's "
+    "next) &search= (part of the domain).",
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
     "GET /api/dropped": "Page views not counted so far, every site together, by reason.",
     "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
@@ -663,9 +685,21 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(5):
             counts = await store.health(local_delivery=config.flowcore is None)
+            if store.write_failure is not None:
+                with suppress(StorageUnavailableError):
+                    await store.probe_write()  # so it says ok again once the disk is back, traffic or not
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
+    failure = store.write_failure
+    if failure is not None:
+        return web.json_response({
+            "status": "unavailable", **about, "database": "not writable",
+            "write_error": failure.error,
+            "write_error_since": datetime.fromtimestamp(failure.since, UTC).isoformat(timespec="seconds"),
+            "failed_writes": failure.count,
+            "backlog": counts.backlog,
+        }, status=503, headers={"Retry-After": str(STORAGE_RETRY_AFTER)})
     body: dict[str, Any] = {
         "status": "ok",
         **about,
@@ -677,6 +711,8 @@ async def health(request: web.Request) -> web.Response:
         "last_processed_at": counts.last_processed_at,
         "group_commit": {"commits": counts.commits, "events": counts.committed_events},
         "retention_last_run": counts.retention_last_run,
+        "sites": sites_health(request.app[FILTER].sites),
+        "statistics": store.statistics_load(),
     }
     sink = request.app[SINK]
     if isinstance(sink, FlowcoreSink):
@@ -688,6 +724,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def sites_health(sites: filters.SiteLimit) -> dict[str, Any]:
+    status: dict[str, Any] = {"counted": len(sites), "max": sites.max_sites, "limit_reached": sites.reached}
+    if sites.reached:
+        status["advice"] = sites.advice
+    return status
+
+
 async def test_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "test.html", headers={"Cache-Control": "no-cache"})
 
@@ -695,18 +738,25 @@ async def test_page(request: web.Request) -> web.FileResponse:
 # -- statistics: /api/stats, /api/sites, /api/current-visitors, /api/export, /dashboard --------------------------
 
 STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit"})
+SITES_PARAMETERS = frozenset({"limit", "after", "search"})
 EXPORT_PARAMETERS = frozenset({"domain", "from", "to", "table"})
 PRIVATE = {"Cache-Control": "no-store"}
-LOOPBACK_ONLY = (
-    "the statistics answer only clients on this machine; to read them from elsewhere, set STATS_TOKEN "
-    f"to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send 'Authorization: Bearer <token>'"
+SET_A_TOKEN = (
+    f"set STATS_TOKEN to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send "
+    "'Authorization: Bearer <token>'"
 )
+LOOPBACK_ONLY = "the statistics answer only clients on this machine; to read them from elsewhere, " + SET_A_TOKEN
+FORWARDED_REFUSED = ("the statistics answer only clients on this machine, and this request came through a proxy "
+                     "(it has a forwarding header); behind a reverse proxy, " + SET_A_TOKEN)
+# Headers a proxy adds; a request that has any of them is not judged to be local, whoever sent it.
+FORWARDING_HEADERS = ("X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP", "Forwarded")
 
 
 def require_reader(request: web.Request) -> None:
-    """With STATS_TOKEN: the bearer token, compared in constant time. Without: loopback clients
-    only, judged on the address a trusted proxy forwarded, so a proxy on this machine does not
-    make every visitor local."""
+    """With STATS_TOKEN: the bearer token, compared in constant time. Without: loopback only,
+    and loopback means the socket: a loopback peer with no forwarding header at all. A forwarded
+    address never grants access, since whoever can reach a trusted proxy (or is on a trusted
+    private range) can write one; and a proxy on this machine makes every visitor's socket local."""
     config = request.app[CONFIG]
     if config.stats_token:
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
@@ -714,9 +764,16 @@ def require_reader(request: web.Request) -> None:
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
-    address = parse_ip(client_ip(request.remote, request.headers, config.trusted_proxies))
-    if address is None or not address.is_loopback:
+    if not is_loopback_socket(request.remote):
         raise ApiError(403, LOOPBACK_ONLY)
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        raise ApiError(403, FORWARDED_REFUSED)
+
+
+def is_loopback_socket(peer: str | None) -> bool:
+    """Whether the socket peer is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x)."""
+    address = parse_ip(peer) if peer else None
+    return address is not None and address.is_loopback
 
 
 def _token_matches(expected: str, given: str) -> bool:
@@ -759,15 +816,25 @@ async def stats_api(request: web.Request) -> web.Response:
     period = params.get("period", stats.DEFAULT_PERIOD)
     span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
     limit = stats.parse_limit(params.get("limit"))
-    config, store = request.app[CONFIG], request.app[STORE]
-    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone)
+    config = request.app[CONFIG]
+    async with request.app[STORE].reading() as db:
+        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.timezone)
     return web.json_response(body, headers=PRIVATE)
 
 
 async def sites_api(request: web.Request) -> web.Response:
+    """A page of the sites; `next` is the `after` of the following page (null on the last)."""
     require_reader(request)
-    query_params(request, frozenset())
-    return web.json_response({"sites": await stats.sites(request.app[STORE].reader)}, headers=PRIVATE)
+    params = query_params(request, SITES_PARAMETERS)
+    limit = stats.parse_sites_limit(params.get("limit"))
+    after = params.get("after", "")
+    search = params.get("search", "")
+    for name, value in (("after", after), ("search", search)):
+        if len(value) > MAX_DOMAIN_LENGTH:
+            raise ApiError(400, f"{name} must be at most {MAX_DOMAIN_LENGTH} characters long")
+    async with request.app[STORE].reading() as db:
+        body = await stats.sites(db, limit, after, search)
+    return web.json_response(body, headers=PRIVATE)
 
 
 async def dropped_api(request: web.Request) -> web.Response:
@@ -779,11 +846,15 @@ async def dropped_api(request: web.Request) -> web.Response:
 async def current_visitors_api(request: web.Request) -> web.Response:
     require_reader(request)
     domain = domain_param(query_params(request, frozenset({"domain"})))
-    count = await stats.current_visitors(request.app[STORE].reader, domain, request.app[CLOCK]())
+    async with request.app[STORE].reading() as db:
+        count = await stats.current_visitors(db, domain, request.app[CLOCK]())
     return web.json_response({"domain": domain, "current_visitors": count}, headers=PRIVATE)
 
 
-async def export_api(request: web.Request) -> web.Response:
+async def export_api(request: web.Request) -> web.StreamResponse:
+    """The CSV, streamed a block of days at a time: each block is one short query on a
+    statistics connection, taken for that block only, so a slow client holds no connection
+    and no read snapshot, and a ten-year export never holds the event loop for long."""
     require_reader(request)
     params = query_params(request, EXPORT_PARAMETERS)
     domain = domain_param(params)
@@ -791,14 +862,21 @@ async def export_api(request: web.Request) -> web.Response:
     table = params.get("table", "daily")
     if table not in stats.EXPORT_TABLES:
         raise ApiError(400, f"table must be one of {', '.join(stats.EXPORT_TABLES)}, not {table[:32]!r}")
-    rows = await stats.export_rows(request.app[STORE].reader, table, domain, span)
+    store = request.app[STORE]
+    blocks = stats.export_blocks(table, span)
+    async with store.reading() as db:  # the first block before the answer starts: a refusal is still a 503
+        text = stats.export_header(table) + await stats.export_block(db, table, domain, blocks[0])
     disposition = f'attachment; filename="{stats.export_filename(domain, table, span)}"'
-    return web.Response(
-        text=stats.to_csv(stats.EXPORT_HEADERS[table], rows),
-        content_type="text/csv",
-        charset="utf-8",
-        headers={**PRIVATE, "Content-Disposition": disposition},
-    )
+    response = web.StreamResponse(headers={**PRIVATE, "Content-Disposition": disposition})
+    response.content_type, response.charset = "text/csv", "utf-8"
+    await response.prepare(request)
+    await response.write(text.encode())
+    for block in blocks[1:]:
+        async with store.reading(may_refuse=False) as db:
+            text = await stats.export_block(db, table, domain, block)
+        await response.write(text.encode())
+    await response.write_eof()
+    return response
 
 
 SWAGGER_MISSING = ("Swagger UI is not installed here: pip install '.[swagger]' and restart; the OpenAPI document "
@@ -879,7 +957,8 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app[CONFIG] = config
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
-        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector()
+        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector(),
+        filters.SiteLimit(config.max_sites),
     )
     app[LIMITER] = filters.RateLimiter(
         config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
@@ -920,6 +999,11 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     read_model = ReadModel(store)
     await store.open()
+    try:
+        app[FILTER].sites.load(await read_model.counted_domains())
+    except BaseException:
+        await store.close()
+        raise
     pathways = wire_pathways(store, read_model, config)
     session = aiohttp.ClientSession() if config.flowcore else None
     sink: Sink
@@ -1014,9 +1098,8 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
 def log_start(config: Config) -> None:
     """The mode and where events go; never a key or a secret."""
     logger.info(
-        "%s %s: mode %s, data in %s, listening on %s:%d, days in %s",
-        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.host, config.port,
-        config.timezone.key,
+        "%s %s: mode %s, data in %s, days in %s",
+        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.timezone.key,
     )
     if config.flowcore is not None:
         contract = tracked_contract(config)
@@ -1030,7 +1113,6 @@ def log_start(config: Config) -> None:
                     config.transformer_secret_header)
     for name in config.ignored_settings:
         logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
-        logger.info("POST /api/transformer is enabled")
     countries = f"GEOIP_DATABASE {config.geoip_database}" if config.geoip_database else "the built-in registry data"
     logger.info("page views become %s events%s", tracked_contract(config).event_type,
                 "" if config.event_version == "v0" else f"; countries from {countries}")
@@ -1055,6 +1137,7 @@ def base_url(config: Config) -> str:
 
 def log_addresses(config: Config) -> None:
     """Where to look next, once the collector listens: the first thing a newcomer needs."""
+    logger.info("listening on %s:%d", config.host, config.port)
     base = base_url(config)
     readers = ""
     if not config.stats_token:
@@ -1086,7 +1169,8 @@ def rebuild_command(config: Config) -> int:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
               "the rebuild again", file=sys.stderr)
         return 1
-    except DataDirNotWritableError as error:
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("rebuild failed", exc_info=True)
         print(f"collector rebuild: {error}", file=sys.stderr)
         return 1
     if summary.from_day is None:
@@ -1106,7 +1190,12 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         print(f"collector dead-letters: there is no database in {config.data_dir}", file=sys.stderr)
         return 1
     if not retry:
-        letters = asyncio.run(read_dead_letters(path))
+        try:
+            letters = asyncio.run(read_dead_letters(path))
+        except sqlite3.DatabaseError as error:
+            logger.debug("reading the dead letters failed", exc_info=True)
+            print(f"collector dead-letters: {unusable(path, error)}", file=sys.stderr)
+            return 1
         for letter in letters:
             print(f"{letter.event_id}  {letter.pathway}  {letter.attempts} attempts, last at {letter.failed_at}: "
                   f"{letter.error}")
@@ -1122,7 +1211,8 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py dead-letters --retry` again", file=sys.stderr)
         return 1
-    except DataDirNotWritableError as error:
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("retrying the dead letters failed", exc_info=True)
         print(f"collector dead-letters: {error}", file=sys.stderr)
         return 1
     for result in results:
@@ -1196,7 +1286,9 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logrepeats.install([h for h in logging.getLogger().handlers if h not in existing])  # ours only, not a host's
     try:
         args = command_line().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
@@ -1217,6 +1309,16 @@ def serve(config: Config) -> int:
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
+    return serve_on(config, loop)
+
+
+def serve_on(config: Config, loop: asyncio.AbstractEventLoop) -> int:
+    """Run the app until stopped. What stops start-up is one line on stderr and a non-zero
+    exit status, never a traceback (that goes to the log at DEBUG) and never a hang."""
+    before, after = logrepeats.raise_descriptor_limit()
+    if after > before:
+        logger.info("file descriptors: raised the soft limit from %d to %d (the hard limit)", before, after)
+    loop.set_exception_handler(logrepeats.LoopErrors())
     try:
         web.run_app(
             create_app(config),
@@ -1230,15 +1332,38 @@ def serve(config: Config) -> int:
             **http_defense.server_options(config.keepalive_timeout),
         )
     except DataDirBusyError as error:
-        print(f"collector: {error}; stop it first", file=sys.stderr)
-        return 1
-    except DataDirNotWritableError as error:
-        print(f"collector: {error}", file=sys.stderr)
-        return 1
+        return start_failed(f"{error}; stop it first", 1)
     except ConfigError as error:
-        print(f"collector: configuration error: {error}", file=sys.stderr)
-        return 2
+        return start_failed(f"configuration error: {error}", 2)
+    except (DataDirError, DatabaseUnusableError) as error:
+        return start_failed(str(error), 1)
+    except OSError as error:
+        message = listen_problem(config, error)
+        if message is None:
+            raise
+        return start_failed(message, 1)
     return 0
+
+
+def start_failed(message: str, status: int) -> int:
+    logger.debug("start-up failed", exc_info=True)
+    print(f"collector: {message}", file=sys.stderr)
+    return status
+
+
+def listen_problem(config: Config, error: OSError) -> str | None:
+    """One line for a socket that cannot be bound; None for any other OSError."""
+    where = f"{config.host}:{config.port}"
+    if isinstance(error, socket.gaierror):
+        return f"cannot listen on HOST={config.host}: the name does not resolve ({error.strerror}); set HOST to an " \
+               "address of this machine, e.g. 0.0.0.0 or 127.0.0.1"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use by another process; stop it, or set PORT"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: HOST is not an address of this machine; set HOST (0.0.0.0: every address)"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); set PORT"
+    return None
 
 
 if __name__ == "__main__":

@@ -138,6 +138,12 @@ SETTINGS: tuple[Setting, ...] = (
         "subdomains but not itself); others are dropped. Empty: any domain.",
     ),
     Setting(
+        "MAX_SITES",
+        "1000",
+        "Distinct domains counted; a page view for a new domain beyond it is dropped (X-Collector-Dropped: "
+        "site-limit), so invented domains cannot grow the database. ALLOWED_DOMAINS is the better guard.",
+    ),
+    Setting(
         "ALLOWED_ORIGINS",
         "*",
         "Comma-separated origins that get CORS headers on /api/pageview (https://example.com, "
@@ -207,6 +213,7 @@ class Config:
     ignored_settings: tuple[str, ...] = ()  # IGNORED_SETTINGS that are set
     privacy_mode: str = privacy.SEED
     allowed_domains: DomainAllowList | None = None
+    max_sites: int = 1000
     allowed_origins: OriginAllowList = ANY_ORIGIN
     respect_gpc: bool = True
     respect_dnt: bool = False
@@ -250,6 +257,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
         privacy_mode=_choice("PRIVACY_MODE", get("PRIVACY_MODE").lower(), privacy.PRIVACY_MODES),
         allowed_domains=_allowed_domains("ALLOWED_DOMAINS", get("ALLOWED_DOMAINS")),
+        max_sites=_integer("MAX_SITES", get("MAX_SITES"), 1, 10_000_000),
         allowed_origins=_allowed_origins("ALLOWED_ORIGINS", get("ALLOWED_ORIGINS")),
         respect_gpc=_boolean("RESPECT_GPC", get("RESPECT_GPC")),
         respect_dnt=_boolean("RESPECT_DNT", get("RESPECT_DNT")),

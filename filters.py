@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from crawlerdetect import CrawlerDetect
 
+from store import StorageUnavailableError
+
 if TYPE_CHECKING:
     from store import Store
 
@@ -35,7 +37,8 @@ PREFETCH = "prefetch"
 DOMAIN_NOT_ALLOWED = "domain-not-allowed"
 GPC = "gpc"
 DNT = "dnt"
-REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT)
+SITE_LIMIT = "site-limit"
+REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT, SITE_LIMIT)
 # What each reason means to the person who sent the page view, and what to do about it; the
 # log says it, and the dashboard and the test page say the same.
 EXPLANATIONS = {
@@ -48,10 +51,13 @@ EXPLANATIONS = {
     GPC: "the browser asks not to be tracked with Global Privacy Control, Sec-GPC: 1, as Brave does by default; "
     "RESPECT_GPC=false would count it",
     DNT: "the browser sends Do Not Track, DNT: 1, and RESPECT_DNT is true",
+    SITE_LIMIT: "its domain would be a new site beyond MAX_SITES; set ALLOWED_DOMAINS to your sites, or raise "
+    "MAX_SITES",
 }
-# Drops for a domain outside ALLOWED_DOMAINS are counted under this name, not the one sent:
-# invented names are not worth keeping, and a flood of them cannot grow the table.
+# Drops for a domain outside ALLOWED_DOMAINS, or beyond MAX_SITES, are counted under this name,
+# not the one sent: invented names are not worth keeping, and a flood of them cannot grow the table.
 OTHER_DOMAINS = "*"
+UNNAMED_REASONS = frozenset({DOMAIN_NOT_ALLOWED, SITE_LIMIT})
 
 MAX_DOMAIN_LENGTH = 253
 HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
@@ -251,15 +257,56 @@ class FilterSettings:
     respect_dnt: bool
 
 
+class SiteLimit:
+    """MAX_SITES: the distinct domains counted. A page view that would be counted for a domain
+    not seen before, once the limit is reached, is dropped instead, so invented domains cannot
+    grow the database without bound. Knows the domains already counted (`load` at start-up);
+    the first refusal is logged once."""
+
+    def __init__(self, max_sites: int) -> None:
+        self.max_sites = max_sites
+        self._domains: set[str] = set()
+        self.reached = False
+
+    def load(self, domains: set[str]) -> None:
+        self._domains = set(domains)
+        if len(self._domains) >= self.max_sites:
+            self._reach()
+
+    def admits(self, domain: str) -> bool:
+        if domain in self._domains:
+            return True
+        if len(self._domains) >= self.max_sites:
+            if not self.reached:
+                self._reach()
+            return False
+        self._domains.add(domain)
+        return True
+
+    def _reach(self) -> None:
+        self.reached = True
+        logger.warning("%s", self.advice)
+
+    @property
+    def advice(self) -> str:
+        return (f"MAX_SITES ({self.max_sites}) is reached: page views for further new domains are dropped "
+                f"({DROPPED_HEADER}: {SITE_LIMIT}); set ALLOWED_DOMAINS to the sites you run, or raise MAX_SITES")
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+
 class PageviewFilter:
     """Why a valid page view is not counted, or None to count it. The order decides which
     reason a request with several is counted under: the domain first (so every other count
     belongs to an allowed site), then what the request is (prefetch, user agent), then what
-    the visitor asked for (GPC, DNT)."""
+    the visitor asked for (GPC, DNT), and last the site limit (so only a page view that would
+    be counted makes a new site)."""
 
-    def __init__(self, settings: FilterSettings, bots: BotDetector) -> None:
+    def __init__(self, settings: FilterSettings, bots: BotDetector, sites: SiteLimit | None = None) -> None:
         self.settings = settings
         self.bots = bots
+        self.sites = sites if sites is not None else SiteLimit(1_000_000)
 
     def drop_reason(self, domain: str, headers: Mapping[str, str]) -> str | None:
         allowed = self.settings.allowed_domains
@@ -274,6 +321,8 @@ class PageviewFilter:
             return GPC
         if self.settings.respect_dnt and headers.get("DNT", "").strip() == "1":
             return DNT
+        if not self.sites.admits(domain):
+            return SITE_LIMIT
         return None
 
 
@@ -293,7 +342,7 @@ class DropCounter:
         self._explained: set[str] = set()
 
     def count(self, domain: str, day: str, reason: str) -> None:
-        self._pending[(OTHER_DOMAINS if reason == DOMAIN_NOT_ALLOWED else domain, day, reason)] += 1
+        self._pending[(OTHER_DOMAINS if reason in UNNAMED_REASONS else domain, day, reason)] += 1
         self._log(domain, reason)
 
     def _log(self, domain: str, reason: str) -> None:
@@ -327,6 +376,8 @@ class DropCounter:
                 pass
             try:
                 await self.flush()
+            except StorageUnavailableError as error:  # the store logs the outage; one line here
+                logger.warning("writing the drop counts failed (%s); they are kept for the next try", error)
             except Exception:
                 logger.exception("writing the drop counts failed; they are kept for the next try")
 

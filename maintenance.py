@@ -6,9 +6,11 @@ these jobs need lives in store.py (the event log) and readmodel.py (the read mod
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -68,23 +70,32 @@ class DataDirBusyError(RuntimeError):
     """Another process (a running collector, or a rebuild) holds DATA_DIR's lock."""
 
 
-class DataDirNotWritableError(RuntimeError):
-    """DATA_DIR cannot be created or written by this process's user."""
+class DataDirError(RuntimeError):
+    """DATA_DIR cannot be used: the message says why and what to do, in one line."""
+
+
+# What the collector writes in DATA_DIR besides the lock: each must be writable if it exists.
+DATA_FILES = (DB_FILENAME, DB_FILENAME + "-wal", DB_FILENAME + "-shm")
 
 
 def lock_data_dir(data_dir: Path) -> int:
     """An exclusive flock on DATA_DIR/collector.lock, held until the descriptor closes; the
-    kernel drops it when the process dies, so a crash never leaves a stale lock."""
+    kernel drops it when the process dies, so a crash never leaves a stale lock. DATA_DIR is created
+    0700; one that is a file, read-only or not writable by this user raises DataDirError."""
     try:
         make_private_dir(data_dir)
         descriptor = os.open(data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
-    except PermissionError:
-        raise DataDirNotWritableError(not_writable_message(data_dir)) from None
+    except OSError as error:
+        raise DataDirError(data_dir_problem(data_dir, error)) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        check_writable(data_dir)
     except BlockingIOError:
         os.close(descriptor)
         raise DataDirBusyError(f"{data_dir} is in use by a running collector (or a rebuild)") from None
+    except BaseException:
+        os.close(descriptor)
+        raise
     return descriptor
 
 
@@ -101,12 +112,41 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; chmod's is not
 
 
-def not_writable_message(data_dir: Path) -> str:
-    """One line: which directory, which user, and how to fix it (in a container, a bind mount
-    owned by root is the usual cause)."""
-    uid, path = os.getuid(), data_dir.resolve()
-    return (f"DATA_DIR {path} is not writable by user id {uid}: make it writable for that user (chown {uid} {path}), "
-            "use a named Docker volume, or set DATA_DIR to a directory it can write")
+def check_writable(data_dir: Path) -> None:
+    """SQLite creates its -wal and -shm files beside the database, so the directory must be
+    writable too, and so must any of those files already there (one left by another user)."""
+    for path in (data_dir, *(data_dir / name for name in DATA_FILES)):
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path == data_dir else 0)):
+            problem = errno.EROFS if _read_only(path) else errno.EACCES
+            raise DataDirError(data_dir_problem(data_dir, OSError(problem, os.strerror(problem), str(path))))
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def data_dir_problem(data_dir: Path, error: OSError) -> str:
+    """One line: what is wrong with DATA_DIR, and what to do about it."""
+    where = f"DATA_DIR {data_dir}"
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{where} is not a directory (it, or a directory above it, is a file); set DATA_DIR to a directory"
+    if error.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; mount it writable, or set DATA_DIR to a writable directory"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        user, uid = process_user(), os.geteuid()
+        return (f"{where} is not writable by the collector's user {user} (user id {uid}): {error.filename} "
+                f"refused it; make it writable for that user (chown -R {uid} {data_dir}), use a named Docker "
+                "volume, or set DATA_DIR to a directory it can write")
+    if error.errno == errno.ENOSPC:
+        return f"{where}: no space left on its device; free some space"
+    return f"{where} cannot be used: {error.strerror or error}"
+
+
+def process_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 # -- rebuild ----------------------------------------------------------------------------------------------

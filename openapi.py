@@ -53,7 +53,11 @@ def header(description: str, required: bool = False, schema: Schema | None = Non
 
 
 INTERNAL = error("An unexpected error; the body never carries internal detail.")
-UNAVAILABLE = error("The collector is shutting down; try again.")
+RETRY_AFTER = {"Retry-After": header("Seconds to wait.", False, {"type": "string", "pattern": "^[0-9]+$"})}
+UNAVAILABLE = error("The collector is shutting down, or cannot write to its database (its disk is full or failing: "
+                    "then with Retry-After); try again.", RETRY_AFTER)
+READERS_BUSY = error("The collector is shutting down, or too many statistics requests are waiting (then with "
+                     "Retry-After: 1); try again.", RETRY_AFTER)
 NOT_FOUND = error("No such endpoint (also answered for any path not listed here).")
 READER_ERRORS = {
     "400": error("A parameter is unknown, repeated, missing or malformed; the message names it."),
@@ -61,9 +65,10 @@ READER_ERRORS = {
         "STATS_TOKEN is set and the request lacks 'Authorization: Bearer <token>' or has a wrong one.",
         {"WWW-Authenticate": header("Bearer realm=\"statistics\"", required=True)},
     ),
-    "403": error("STATS_TOKEN is not set and the client is not on loopback."),
+    "403": error("STATS_TOKEN is not set, and the request did not come from a loopback socket without any "
+                 "forwarding header (X-Forwarded-For, X-Real-IP, CF-Connecting-IP, Forwarded)."),
     "500": INTERNAL,
-    "503": UNAVAILABLE,
+    "503": READERS_BUSY,
 }
 DOMAIN_PARAM = {
     "name": "domain", "in": "query", "required": True,
@@ -183,7 +188,10 @@ SCHEMAS: dict[str, Schema] = {
             "status": {"enum": ["ok", "halted", "unavailable"]},
             "mode": {"enum": ["local", "flowcore"]},
             "version": {"type": "string"},
-            "database": {"enum": ["ok", "unavailable"]},
+            "database": {"enum": ["ok", "unavailable", "not writable"]},
+            "write_error": {"type": "string", "description": "While writes fail: what SQLite said."},
+            "write_error_since": {"type": "string"},
+            "failed_writes": {"type": "integer", "minimum": 0},
             "backlog": {"type": "integer"},
             "lag_seconds": {"type": "number", "minimum": 0, "description": (
                 "How far the read model is behind: the age of the oldest event accepted and not yet counted "
@@ -193,6 +201,8 @@ SCHEMAS: dict[str, Schema] = {
             "last_processed_at": {"type": ["string", "null"]},
             "group_commit": {"type": "object"},
             "retention_last_run": {"type": ["string", "null"]},
+            "sites": {"type": "object", "description": "Sites counted, MAX_SITES, whether it is reached."},
+            "statistics": {"type": "object", "description": "Statistics connections: how many, busy, waiting."},
             "flowcore": {"type": "object"},
         },
     },
@@ -225,28 +235,33 @@ SCHEMAS: dict[str, Schema] = {
             "dropped": {
                 **ref("Dropped"),
                 "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
-                "(bot, headless, empty-user-agent, prefetch, gpc, dnt), and `domain_not_allowed`: page views "
-                "the whole collector dropped for a domain outside ALLOWED_DOMAINS (kept under no name).",
+                "(bot, headless, empty-user-agent, prefetch, gpc, dnt); `domain_not_allowed` and `site_limit`: "
+                "page views the whole collector dropped for a domain outside ALLOWED_DOMAINS, or for a new "
+                "domain beyond MAX_SITES (kept under no name).",
             },
         },
     },
     "Dropped": {
         "type": "object",
-        "required": ["total", "by_reason", "domain_not_allowed"],
+        "required": ["total", "by_reason", "domain_not_allowed", "site_limit"],
         "properties": {
             "total": {"type": "integer", "minimum": 0},
             "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
             "domain_not_allowed": {"type": "integer", "minimum": 0},
+            "site_limit": {"type": "integer", "minimum": 0},
         },
     },
     "Sites": {
         "type": "object",
-        "required": ["sites"],
-        "properties": {"sites": {"type": "array", "items": {
-            "type": "object", "required": ["domain", "first_day", "last_day", "pageviews"],
-            "properties": {"domain": {"type": "string"}, "first_day": DAY, "last_day": DAY,
-                           "pageviews": {"type": "integer"}},
-        }}},
+        "required": ["sites", "next"],
+        "properties": {
+            "sites": {"type": "array", "items": {
+                "type": "object", "required": ["domain", "first_day", "last_day", "pageviews"],
+                "properties": {"domain": {"type": "string"}, "first_day": DAY, "last_day": DAY,
+                               "pageviews": {"type": "integer"}},
+            }},
+            "next": {"type": ["string", "null"], "description": "The `after` of the next page; null on the last."},
+        },
     },
     "CurrentVisitors": {
         "type": "object",
@@ -275,7 +290,7 @@ def collection_operation(summary: str, description: str, schema: str, what: str,
                 "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
                 "headers": {
                     "X-Collector-Dropped": header(f"Why the {what} was not counted: bot, prefetch, gpc, dnt, "
-                                                  "domain, ..."),
+                                                  "domain-not-allowed, site-limit, ..."),
                     "Access-Control-Allow-Origin": CORS_ORIGIN,
                 },
             },
@@ -332,7 +347,8 @@ def transformer_operation() -> Schema:
                          "collector wrote it), or its validTime or salt day is before 2000 or after tomorrow."),
             "500": INTERNAL,
             "503": error("The handler kept failing: the event is kept in the dead letters; deliver it again "
-                         "after Retry-After seconds. Or the collector is shutting down.",
+                         "after Retry-After seconds. Or the collector cannot write to its database (its disk is "
+                         "full or failing; nothing was kept, no attempt counted), or is shutting down.",
                          {"Retry-After": header("Seconds to wait before delivering the event again.")}),
         },
     }
@@ -375,7 +391,8 @@ def paths() -> dict[str, Any]:
         "/api/transformer": {"post": transformer_operation()},
         "/health": {"get": {"summary": "Status, mode, version, backlog, dead letters.", "responses": {
             "200": json_answer("The collector works.", ref("Health")),
-            "503": json_answer("The database does not answer.", ref("Health")),
+            "503": json_answer("The database does not answer, or writes fail (then `write_error` says why, with "
+                               "Retry-After).", ref("Health"), RETRY_AFTER),
             "500": INTERNAL}}},
         "/": {"get": {"summary": "The service and its endpoints.", "responses": {
             "200": json_answer("Name, version, mode and endpoints.", ref("Index")), "500": INTERNAL}}},
@@ -401,7 +418,11 @@ def paths() -> dict[str, Any]:
             query("to", "Last day, YYYY-MM-DD (custom).", DAY),
             query("limit", "Rows of pages and sources, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
         ], json_answer("The statistics.", ref("Stats")))},
-        "/api/sites": {"get": reader("The domains seen.", [], json_answer("The sites.", ref("Sites")))},
+        "/api/sites": {"get": reader("The domains seen, a page at a time, in domain order.", [
+            query("limit", "Sites per page, 1 to 1000 (100).", {"type": "string", "pattern": "^[0-9]+$"}),
+            query("after", "The previous page's `next`.", {"type": "string", "maxLength": 253}),
+            query("search", "Only domains that contain this text.", {"type": "string", "maxLength": 253}),
+        ], json_answer("A page of sites.", ref("Sites")))},
         "/api/dropped": {"get": reader(
             "Page views not counted so far, every site together, by reason (what an empty dashboard shows).", [],
             json_answer("The counts over every kept day.", ref("Dropped")))},

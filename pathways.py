@@ -24,7 +24,17 @@ import aiohttp
 
 from config import FlowcoreSettings
 from filters import NO_SITE, normalize_host
-from store import LOCAL_CURSOR, DeadLetter, LoggedEvent, OutboxRow, Store, StoreClosedError, iso_ms, put_meta
+from store import (
+    LOCAL_CURSOR,
+    DeadLetter,
+    LoggedEvent,
+    OutboxRow,
+    StorageUnavailableError,
+    Store,
+    StoreClosedError,
+    iso_ms,
+    put_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -551,6 +561,8 @@ class Pathways:
         self.contract_for(event).validate(event.payload)
         try:
             processed = await self.store.write(lambda conn: self.process_batch(conn, [event]))
+        except StorageUnavailableError:
+            raise  # the disk failed, not the handler: no attempt is counted, nothing is dead-lettered
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
         return Outcome.PROCESSED if processed else Outcome.DUPLICATE
@@ -573,8 +585,8 @@ class Pathways:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self._receive_once(event)
-            except StoreClosedError:
-                raise
+            except (StoreClosedError, StorageUnavailableError):
+                raise  # not the handler's failure: no attempt is counted, nothing is dead-lettered
             except Exception as failure:
                 error = failure
                 logger.warning("event %s (%s) failed, attempt %d of %d: %s: %s", event.event_id, event.key,
@@ -610,7 +622,7 @@ class Pathways:
         try:
             event = self.read(parse_envelope(json.loads(letter.envelope)))
             await self._receive_once(event, retrying=True)
-        except StoreClosedError:
+        except (StoreClosedError, StorageUnavailableError):
             raise
         except Exception as failure:
             message = f"{type(failure).__name__}: {failure}"
@@ -623,6 +635,8 @@ class Pathways:
         one by one (with retries and dead letters) when any fails."""
         try:
             await self._process_together(events)
+        except StorageUnavailableError:
+            raise  # no event failed: the disk did; the batch is tried again as it is
         except Exception as error:
             logger.warning("a batch of %d events failed (%s); processing them one by one", len(events), error)
             for event in events:
@@ -724,6 +738,8 @@ class LocalSink:
             try:  # the usual case: log, route and move the cursor in ONE transaction
                 await self.store.write(lambda conn: self._log_and_route(conn, logged))
                 return
+            except StorageUnavailableError:
+                raise
             except Exception as error:
                 logger.warning("a batch of %d events failed (%s); taking them one by one", len(logged), error)
         await self.store.move_to_event_log(logged)
@@ -1007,6 +1023,10 @@ class Emitter:
         """Run one step of the sink; on failure log it and pause, and report it."""
         try:
             await step
+        except StorageUnavailableError as error:  # the store logs the outage once; its events wait
+            logger.debug("the %s is waiting for the disk: %s", type(self.sink).__name__, error)
+            await wait_any(self._stopped, timeout=1.0)
+            return False
         except Exception:
             logger.exception("the %s failed; its events are kept and will be tried again", type(self.sink).__name__)
             await wait_any(self._stopped, timeout=1.0)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
-from store import Migration, Store, get_meta, put_meta, split_sql
+from store import DatabaseUnusableError, Migration, Store, get_meta, put_meta, split_sql, unusable
 
 logger = logging.getLogger(__name__)
 
@@ -456,6 +456,23 @@ class ReadModel:
         )
         self._dims[(kind, value)] = dim_id
         return dim_id
+
+    # -- the sites counted (MAX_SITES) ----------------------------------------------------------------
+
+    async def counted_domains(self) -> set[str]:
+        """Every domain with a counted page view (one index seek per domain of daily_stats, not
+        a scan of every day), and every domain of an event still in the outbox on its way here.
+        Read at start-up: a file too damaged to read them raises DatabaseUnusableError."""
+        try:
+            rows = await self.store.reader.execute_fetchall(
+                "WITH RECURSIVE d(domain) AS (SELECT min(domain) FROM daily_stats UNION ALL SELECT "
+                "(SELECT min(domain) FROM daily_stats WHERE domain > d.domain) FROM d WHERE d.domain IS NOT NULL) "
+                "SELECT domain FROM d WHERE domain IS NOT NULL "
+                "UNION SELECT DISTINCT payload ->> '$.domain' FROM outbox"
+            )
+        except sqlite3.DatabaseError as error:
+            raise DatabaseUnusableError(unusable(self.store.path, error)) from error
+        return {str(row[0]) for row in rows if row[0] is not None}
 
     # -- forgetting, retention and rebuild --------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Statistics for the site owner: periods, and the read-only queries over the read model behind
-/api/stats, /api/sites and /api/export. Every query runs on the store's reader connection.
+/api/stats, /api/sites and /api/export. Every query runs on a statistics connection of the
+store (Store.reading), never on the one the emitter reads the outbox with.
 
 A module of its own because store.py already carries the writer, the outbox and the read
 model's arithmetic; this one only reads what those wrote."""
@@ -241,26 +242,31 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
 
 # Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
 DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
-OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed
+OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed or beyond MAX_SITES
 DOMAIN_NOT_ALLOWED = "domain-not-allowed"
+SITE_LIMIT = "site-limit"
 
 
 async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:
     """Page views not counted over the range: this domain's, by reason (every reason listed,
-    zeros included), and those for any domain outside ALLOWED_DOMAINS (their names are not kept)."""
+    zeros included), and those for any domain outside ALLOWED_DOMAINS or beyond MAX_SITES
+    (their names are not kept)."""
     rows = await db.execute_fetchall(
         "SELECT domain, reason, sum(count) FROM dropped_pageviews WHERE domain IN (?, ?) AND day BETWEEN ? AND ? "
         "GROUP BY 1, 2",
         (domain, OTHER_DOMAINS, span.first.isoformat(), span.last.isoformat()),
     )
     by_reason = dict.fromkeys(DROP_REASONS, 0)
-    other = 0
+    not_allowed = beyond_limit = 0
     for name, reason, count in rows:
-        if name == OTHER_DOMAINS:
-            other += count
-        else:
+        if name != OTHER_DOMAINS:
             by_reason[reason] = by_reason.get(reason, 0) + count
-    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": other}
+        elif reason == SITE_LIMIT:
+            beyond_limit += count
+        else:
+            not_allowed += count
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": not_allowed,
+            "site_limit": beyond_limit}
 
 
 async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
@@ -268,13 +274,16 @@ async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
     shows a newcomer whose first page views were dropped (a curl without a browser's user agent)."""
     rows = await db.execute_fetchall("SELECT reason, sum(count) FROM dropped_pageviews GROUP BY reason")
     by_reason = dict.fromkeys(DROP_REASONS, 0)
-    other = 0
+    not_allowed = beyond_limit = 0
     for reason, count in rows:
-        if reason == DOMAIN_NOT_ALLOWED:
-            other += count
+        if reason == SITE_LIMIT:
+            beyond_limit += count
+        elif reason == DOMAIN_NOT_ALLOWED:
+            not_allowed += count
         else:
             by_reason[reason] = by_reason.get(reason, 0) + count
-    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": other}
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": not_allowed,
+            "site_limit": beyond_limit}
 
 
 async def overview(
@@ -299,15 +308,39 @@ async def overview(
     }
 
 
-async def sites(db: aiosqlite.Connection) -> list[dict[str, Any]]:
-    """Every domain with page views, by name; NO_SITE (received events without a usable domain)
-    last, so the dashboard never opens on it."""
-    rows = await db.execute_fetchall(
-        "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats GROUP BY domain "
-        "ORDER BY domain = ?, domain",
-        (NO_SITE,),
-    )
-    return [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows]
+DEFAULT_SITES_LIMIT = 100
+
+
+def parse_sites_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_SITES_LIMIT
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        raise StatsParameterError(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text[:32]!r}")
+    return int(text)
+
+
+SITE_COLUMNS = "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats"
+
+
+async def sites(db: aiosqlite.Connection, limit: int, after: str = "", search: str = "") -> dict[str, Any]:
+    """A page of the sites in domain order: those after the cursor `after` (the previous page's
+    `next`), whose domain contains `search`. The primary key (domain, day) gives the order, so a
+    page reads only its own sites' rows, however many sites there are. NO_SITE (received events
+    without a usable domain) comes after every other site, so the dashboard never opens on it."""
+    if after == NO_SITE:
+        return {"sites": [], "next": None}
+    needle = search.lower()
+    rows = list(await db.execute_fetchall(
+        f"{SITE_COLUMNS} WHERE domain > ? AND domain != ? AND instr(domain, ?) > 0 GROUP BY domain "
+        "ORDER BY domain LIMIT ?",
+        (after, NO_SITE, needle, limit + 1),
+    ))
+    if len(rows) <= limit:  # the last page of named sites: NO_SITE follows them
+        rows += await db.execute_fetchall(
+            f"{SITE_COLUMNS} WHERE domain = ? AND instr(domain, ?) > 0 GROUP BY domain", (NO_SITE, needle)
+        )
+    page = [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows[:limit]]
+    return {"sites": page, "next": page[-1]["domain"] if len(rows) > limit else None}
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -319,9 +352,68 @@ EXPORT_HEADERS = {
 }
 
 
+# Days per query of a streamed export: each query is short (its read snapshot too), and the
+# text it returns is small, so a ten-year export never holds the event loop for long.
+EXPORT_BLOCK_DAYS = {"daily": 366, "pages": 31, "sources": 31}
+CRLF = "char(13, 10)"  # RFC 4180 line ends
+
+
+def export_header(table: str) -> str:
+    return to_csv(EXPORT_HEADERS[table], [])
+
+
+def export_blocks(table: str, span: DateRange) -> list[DateRange]:
+    """The range cut into the blocks a streamed export queries one after the other."""
+    step = timedelta(days=EXPORT_BLOCK_DAYS[table])
+    blocks, first = [], span.first
+    while first <= span.last:
+        blocks.append(DateRange(first, min(span.last, first + step - timedelta(days=1))))
+        first += step
+    return blocks
+
+
+async def export_block(db: aiosqlite.Connection, table: str, domain: str, block: DateRange) -> str:
+    """One block of the CSV export, as text. SQLite writes each line (the same text to_csv
+    writes for export_rows; a test compares them), so the rows never become Python objects:
+    the work runs in the connection's thread, mostly without the GIL, not on the event loop."""
+    first, last = block.first.isoformat(), block.last.isoformat()
+    if table == "daily":
+        sql = (
+            "WITH RECURSIVE days(day) AS (SELECT ? UNION ALL SELECT date(day, '+1 day') FROM days WHERE day < ?) "
+            "SELECT days.day || ',' || coalesce(s.pageviews, 0) || ',' || coalesce(s.visitors, 0) || ',' || "
+            "coalesce(s.visits, 0) || ',' || coalesce(s.bounces, 0) || ',' || coalesce(s.duration_ms, 0) || "
+            f"{CRLF} FROM days LEFT JOIN daily_stats s ON s.domain = ? AND s.day = days.day ORDER BY days.day"
+        )
+        rows = await db.execute_fetchall(sql, (first, last, domain))
+    else:
+        source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
+        sql = (
+            f"SELECT day || ',' || {_csv_text_sql(column)} || ',' || pageviews || ',' || visitors || {CRLF} "
+            f"FROM {source} WHERE domain = ? AND day BETWEEN ? AND ? ORDER BY day, pageviews DESC, visitors DESC, "
+            f"{column}"
+        )
+        rows = await db.execute_fetchall(sql, (domain, first, last))
+    return "".join([row[0] for row in rows])
+
+
+def _csv_text_sql(column: str) -> str:
+    """SQL for a text column as to_csv writes it: a leading formula character defused with an
+    apostrophe, then the cell quoted (quotes doubled) if it holds a comma, a quote or a line
+    break. char(39) is the apostrophe, char(34) the double quote. The usual cell needs
+    neither, and costs a substr, an instr and a GLOB (which stops at a NUL, hence the instr)."""
+    prefixes = "'=', '+', '-', '@', char(9), char(13)"
+    plain = (f"substr({column}, 1, 1) NOT IN ({prefixes}) AND instr({column}, char(0)) = 0 "
+             f"AND {column} NOT GLOB '*[,' || char(34, 13, 10) || ']*'")
+    safe = f"(CASE WHEN substr({column}, 1, 1) IN ({prefixes}) THEN char(39) || {column} ELSE {column} END)"
+    special = " OR ".join(f"instr({safe}, {char}) > 0" for char in ("','", "char(34)", "char(13)", "char(10)"))
+    quoted = f"char(34) || replace({safe}, char(34), char(34) || char(34)) || char(34)"
+    return f"(CASE WHEN {plain} THEN {column} WHEN {special} THEN {quoted} ELSE {safe} END)"
+
+
 async def export_rows(db: aiosqlite.Connection, table: str, domain: str, span: DateRange) -> list[Sequence[Any]]:
     """Rows of the CSV export: every day of the range for the daily totals (zeros included);
-    for pages and sources, one row per day and item that had page views."""
+    for pages and sources, one row per day and item that had page views. (The export streams
+    export_block's text; these rows are what that text must say.)"""
     params = (domain, span.first.isoformat(), span.last.isoformat())
     if table == "daily":
         rows = await db.execute_fetchall(

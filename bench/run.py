@@ -13,7 +13,8 @@ process over loopback:
 4. peak resident memory after N page views (1,000,000 by default), once the read model has
    caught up;
 5. the emitter's drain rate into a local fake Flowcore (a backlog prefilled in the outbox);
-6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days).
+6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days);
+7. page view latency while four clients export ten years of CSV in a loop (bench/readers_bench.py).
 
 It prints every figure; docs/performance.md records them. Nothing here is a test.
 """
@@ -187,11 +188,22 @@ def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[
     }
 
 
-def fixed_rate(seconds: float, work: Path, rate: int = 1000, connections: int = 50) -> dict[str, Any]:
+def fixed_rate_wrk(url: str, seconds: float, rate: int = 1000, connections: int = 50) -> WrkResult:
+    """wrk at about `rate` page views a second offered: connections with a think time."""
     think_ms = max(1, round(connections * 1000 / rate) - 2)  # about 2 ms of service time per request
+    return wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fixed_rate(seconds: float, work: Path, rate: int = 1000) -> dict[str, Any]:
     with collector(work / "latency") as (url, _):
-        wrk(url, 2, connections, BENCH_THINK_MS=str(think_ms))
-        result = wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+        fixed_rate_wrk(url, 2, rate)
+        result = fixed_rate_wrk(url, seconds, rate)
     return {"offered_rps": rate, "achieved_rps": round(result.rate), "p50_ms": result.p50_ms,
             "p99_ms": result.p99_ms, "errors": result.errors + result.non_2xx}
 
@@ -266,6 +278,12 @@ def stats_timings(views: int) -> str:
     return output.strip()
 
 
+def readers_figures(seconds: float) -> str:
+    output = subprocess.run([sys.executable, str(BENCH / "readers_bench.py"), "--seconds", f"{seconds:g}"],
+                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return output.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs: 8 s, 100,000 page views")
@@ -299,6 +317,8 @@ def main() -> int:
         results["memory"] = report(f"memory after {args.pageviews:,} page views",
                                    memory(args.pageviews, args.connections, work))
     print("\n== /api/stats (bench/stats_bench.py)\n" + stats_timings(args.stats_views))
+    print("\n== page views while four clients export ten years of CSV (bench/readers_bench.py)\n"
+          + readers_figures(args.seconds))
     print("\n" + json.dumps(results, indent=2))
     return 0
 

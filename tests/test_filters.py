@@ -16,7 +16,15 @@ from helpers import BROWSER_UA, FakeClock, drained, query, utc
 import stats
 from collector import DROPS, LIMITER
 from config import ConfigError, load_config
-from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
+from filters import (
+    DOMAIN_NOT_ALLOWED,
+    OTHER_DOMAINS,
+    REASONS,
+    UNNAMED_REASONS,
+    BotDetector,
+    RateLimiter,
+    limiter_key,
+)
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
 TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageview_rows", "daily_stats", "visitors",
@@ -351,6 +359,7 @@ async def test_api_stats_reports_the_drops_of_the_period(start_collector: Start,
         "total": 4,
         "by_reason": {"bot": 2, "headless": 0, "empty-user-agent": 0, "prefetch": 1, "gpc": 1, "dnt": 0},
         "domain_not_allowed": 1,
+        "site_limit": 0,
     }
     week = await (await client.get("/api/stats", params={"domain": "example.com", "period": "7d"})).json()
     assert week["dropped"]["total"] == 5 and week["dropped"]["by_reason"]["bot"] == 3
@@ -368,5 +377,6 @@ async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_
 
 
 def test_stats_knows_every_drop_reason() -> None:
-    assert set(stats.DROP_REASONS) == set(REASONS) - {DOMAIN_NOT_ALLOWED}
+    assert set(stats.DROP_REASONS) == set(REASONS) - UNNAMED_REASONS
+    assert UNNAMED_REASONS == {DOMAIN_NOT_ALLOWED, stats.SITE_LIMIT}
     assert stats.OTHER_DOMAINS == OTHER_DOMAINS

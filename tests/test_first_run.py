@@ -57,9 +57,10 @@ async def test_a_data_directory_it_cannot_write_stops_it_with_one_line_saying_wh
     )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert lines[-1] == (
-        f"collector: DATA_DIR {data} is not writable by user id {os.getuid()}: make it writable for that user "
-        f"(chown {os.getuid()} {data}), use a named Docker volume, or set DATA_DIR to a directory it can write")
+    assert lines[-1].startswith(f"collector: DATA_DIR {data} is not writable by the collector's user ")
+    assert lines[-1].endswith(
+        f"(user id {os.getuid()}): {data / 'collector.lock'} refused it; make it writable for that user "
+        f"(chown -R {os.getuid()} {data}), use a named Docker volume, or set DATA_DIR to a directory it can write")
     assert "Traceback" not in done.stderr and "SECRET_KEY" not in done.stderr
 
 

@@ -217,7 +217,7 @@ async def test_sites_and_current_visitors(client) -> None:
     assert sites == {"sites": [
         {"domain": "example.com", "first_day": "2025-06-03", "last_day": "2025-06-10", "pageviews": 15},
         {"domain": "other.org", "first_day": "2025-06-10", "last_day": "2025-06-10", "pageviews": 1},
-    ]}
+    ], "next": None}
     current = await (await client.get("/api/current-visitors", params={"domain": "example.com"})).json()
     assert current == {"domain": "example.com", "current_visitors": 1}
 
@@ -285,7 +285,8 @@ def test_local_hours_on_daylight_saving_days() -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected none", id="sites"),
+        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected after, limit, search",
+                     id="sites"),
         pytest.param("/api/current-visitors", "domain is required, e.g. domain=example.com",
                      id="current-without-domain"),
         pytest.param("/api/current-visitors?domain=a..b", "domain must be a hostname such as example.com",
