@@ -157,6 +157,19 @@ SETTINGS: tuple[Setting, ...] = (
         "100000",
         "Client addresses the rate limiter remembers (in memory only); beyond, the least recent is forgotten.",
     ),
+    # -- custom events (issue 14) --
+    Setting(
+        "EVENT_NAMES_PER_DAY",
+        "100",
+        "Distinct custom event names counted per site and local day; events of further names that day count "
+        "under (other).",
+    ),
+    Setting(
+        "EVENT_PROPERTY_VALUES_PER_DAY",
+        "1000",
+        "Distinct (event, property, value) combinations counted per site and local day; further values count "
+        "under (other).",
+    ),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
@@ -201,6 +214,8 @@ class Config:
     rate_limit_table_size: int = 100_000
     body_timeout: float = 10.0  # seconds
     keepalive_timeout: float = 75.0  # seconds
+    event_names_per_day: int = 100
+    event_property_values_per_day: int = 1000
 
     @property
     def mode(self) -> str:
@@ -242,6 +257,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         rate_limit_table_size=_integer("RATE_LIMIT_TABLE_SIZE", get("RATE_LIMIT_TABLE_SIZE"), 100, 10_000_000),
         body_timeout=_integer("BODY_TIMEOUT_MS", get("BODY_TIMEOUT_MS"), 1, 600_000) / 1000,
         keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
+        event_names_per_day=_integer("EVENT_NAMES_PER_DAY", get("EVENT_NAMES_PER_DAY"), 1, 100_000),
+        event_property_values_per_day=_integer("EVENT_PROPERTY_VALUES_PER_DAY", get("EVENT_PROPERTY_VALUES_PER_DAY"),
+                                               1, 1_000_000),
     )
 
 
