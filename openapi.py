@@ -99,7 +99,7 @@ def event_figures(extra: dict[str, Schema] | None = None) -> Schema:
                      "description": "Unique visitors with the event, summed over days."},
         "conversion_rate": {"type": ["number", "null"], "minimum": 0, "description": (
             "visitors in percent of the period's visitors (totals.visitors), one decimal; null when the "
-            "period had none. Above 100 only if events came from visitors whose page views were not counted.")},
+            "period had none. Above 100 only if events came from visitors with no page view counted that day.")},
         **(extra or {}),
     }
     return {"type": "object", "required": list(properties), "properties": properties}

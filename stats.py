@@ -304,8 +304,8 @@ def parse_event_name(text: str | None) -> str | None:
 
 def conversion_rate(visitors: int, all_visitors: int) -> float | None:
     """Visitors with the event in percent of the period's visitors, both summed over days; None
-    when the period had no visitors. Above 100 only when events came from visitors whose page
-    views were not counted (a page without the page view tracker, say)."""
+    when the period had no visitors. Above 100 only when events came from visitors with no page
+    view counted that day (a page without the page view tracker, say)."""
     return round(100 * visitors / all_visitors, 1) if all_visitors else None
 
 
