@@ -85,7 +85,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RAW_RETENTION_DAYS",
         "30",
-        "Days of raw page view rows and local event log kept (whole local days, plus today); "
+        "Days of raw page view and custom event rows and local event log kept (whole local days, plus today); "
         "aggregates are kept for good.",
     ),
     Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
