@@ -152,8 +152,8 @@ class _Day:
     limits: EventLimits
     names: set[str]
     rows: int  # property rows the day has
-    # Known rows and properties: exact when the batch could reach the bound (see EventCounts._load);
-    # otherwise left empty, since every value then fits and needs no look-up.
+    # Known rows and properties: every one of the day's when the batch could reach the bound (see
+    # EventCounts._load); otherwise left empty, since every value then fits and needs no look-up.
     triples: set[Triple] = field(default_factory=set)
     pairs: set[tuple[str, str]] = field(default_factory=set)
     precise: bool = False
@@ -249,52 +249,27 @@ class EventCounts:
 
     def _load(self, conn: sqlite3.Connection, items: list[_Item]) -> dict[DayKey, _Day]:
         """Each day's names and property row count; and where the batch's new rows could reach
-        the bound, which of its rows and properties the day has already."""
-        keys = sorted({(item.domain, item.day) for item in items})
-        days = {key: _Day(self.limits, set(), 0) for key in keys}
-        wanted = json.dumps(keys)
-        for domain, day, name in conn.execute(
-            "SELECT s.domain, s.day, s.name FROM json_each(?) j JOIN event_stats s "
-            "ON s.domain = j.value ->> 0 AND s.day = j.value ->> 1", (wanted,)
-        ):
-            days[(domain, day)].names.add(name)
-        for domain, day, rows in conn.execute(
-            "SELECT j.value ->> 0, j.value ->> 1, (SELECT count(*) FROM event_prop_stats p "
-            "WHERE p.domain = j.value ->> 0 AND p.day = j.value ->> 1) FROM json_each(?) j", (wanted,)
-        ):
-            days[(domain, day)].rows = rows
-        candidates: defaultdict[DayKey, set[Triple]] = defaultdict(set)
-        for item in items:  # at most every name the item could be counted under, with its properties
-            candidates[(item.domain, item.day)].update((item.name, prop, value) for prop, value in item.props)
-        close = [key for key in keys if days[key].rows + len(candidates[key]) > self.limits.property_values_per_day]
-        if close:
-            self._load_known(conn, {key: days[key] for key in close}, candidates)
-        return days
+        the bound, every property row the day has (at most twice the bound and a name each).
 
-    def _load_known(self, conn: sqlite3.Connection, days: dict[DayKey, _Day],
-                    candidates: Mapping[DayKey, set[Triple]]) -> None:
-        """For days near or over the bound: which of the batch's rows, and which of its
-        properties, they have already (the (other) rows the batch may need too)."""
-        triples, pairs = [], set()
-        for key, day in days.items():
-            day.precise = True
-            for name, prop, value in candidates[key]:
-                triples += [(*key, name, prop, value), (*key, name, prop, OTHER)]
-                pairs.add((*key, name, prop))
-            names = {name for name, _, _ in candidates[key]}
-            triples += [(*key, name, OTHER, OTHER) for name in names]
-        for domain, day, name, prop, value in conn.execute(
-            "SELECT p.domain, p.day, p.name, p.prop, p.value FROM json_each(?) j JOIN event_prop_stats p "
-            "ON p.domain = j.value ->> 0 AND p.day = j.value ->> 1 AND p.name = j.value ->> 2 "
-            "AND p.prop = j.value ->> 3 AND p.value = j.value ->> 4", (json.dumps(triples),)
-        ):
-            days[(domain, day)].triples.add((name, prop, value))
-        for domain, day, name, prop in conn.execute(
-            "SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?) j WHERE EXISTS "
-            "(SELECT 1 FROM event_prop_stats p WHERE p.domain = j.value ->> 0 AND p.day = j.value ->> 1 "
-            "AND p.name = j.value ->> 2 AND p.prop = j.value ->> 3)", (json.dumps(sorted(pairs)),)
-        ):
-            days[(domain, day)].pairs.add((name, prop))
+        Texts are looked up with bound parameters, one day at a time (a batch has a day or two
+        of a site or a few), never through json_each: SQLite's JSON functions cut a string at a
+        NUL character, which a name or a property may hold."""
+        days: dict[DayKey, _Day] = {}
+        candidates: defaultdict[DayKey, set[Triple]] = defaultdict(set)
+        for item in items:  # the rows the item's properties could make, before the bounds
+            candidates[(item.domain, item.day)].update((item.name, prop, value) for prop, value in item.props)
+        for key in sorted({(item.domain, item.day) for item in items}):
+            names = {name for (name,) in conn.execute(
+                "SELECT name FROM event_stats WHERE domain = ? AND day = ?", key)}
+            rows = int(conn.execute("SELECT count(*) FROM event_prop_stats WHERE domain = ? AND day = ?",
+                                    key).fetchone()[0])
+            day = days[key] = _Day(self.limits, names, rows)
+            if rows + len(candidates[key]) > self.limits.property_values_per_day:
+                day.precise = True
+                day.triples = set(conn.execute(
+                    "SELECT name, prop, value FROM event_prop_stats WHERE domain = ? AND day = ?", key).fetchall())
+                day.pairs = {(name, prop) for name, prop, _ in day.triples}
+        return days
 
     @staticmethod
     def _first_sightings(conn: sqlite3.Connection, rows: Sequence[tuple[int, ...]]) -> set[tuple[int, ...]]:

@@ -247,6 +247,18 @@ async def test_names_and_values_beyond_the_bounds_count_under_other(tmp_path: Pa
         (OTHER, 2), ("A", 5), ("B", 2)]
 
 
+async def test_a_known_row_is_found_whatever_characters_it_holds(tmp_path: Path) -> None:
+    """At the bound, known names and rows are looked up exactly: a NUL character (which SQLite's
+    JSON functions cut strings at) or any other character does not make them look new."""
+    at = utc(2025, 6, 10, 9)
+    odd = ["a\x00b", "ü \"' ,\n🎉", "(other) "]
+    events = [event(at + timedelta(seconds=n), "v", text, {text: text}) for n in range(2) for text in odd]
+    await deliver(tmp_path, events, size=1, limits=EventLimits(names_per_day=3, property_values_per_day=3))
+    assert sorted(query(tmp_path, "SELECT name, events FROM event_stats")) == sorted((text, 2) for text in odd)
+    assert sorted(query(tmp_path, "SELECT name, prop, value, events FROM event_prop_stats")) == sorted(
+        (text, text, text, 2) for text in odd)
+
+
 async def test_a_flood_of_names_and_properties_stays_within_the_bounds(tmp_path: Path) -> None:
     limits = EventLimits(names_per_day=5, property_values_per_day=40)
     rng = random.Random(3)
