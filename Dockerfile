@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY collector.py config.py filters.py http_defense.py maintenance.py openapi.py pathways.py privacy.py readmodel.py stats.py store.py ./
+COPY collector.py config.py eventmodel.py filters.py http_defense.py maintenance.py openapi.py pathways.py privacy.py readmodel.py stats.py store.py ./
 COPY static ./static
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --no-create-home --home-dir /app collector \
