@@ -68,7 +68,7 @@ def custom_events(count: int, rng: random.Random) -> list[Event]:
             props = {"plan": rng.choice(["free", "pro", "team"])}
         elif name == "Purchase":
             props = {"plan": rng.choice(["pro", "team"]), "seats": rng.randrange(1, 20)}
-        payload = {
+        payload: dict[str, object] = {
             "visitorHash": hashlib.sha256(str(rng.randrange(count // 2)).encode()).hexdigest(),
             "domain": rng.choice(["a.example", "b.example"]),
             "pathname": rng.choice(["/", "/a", "/b", "/c/d"]),
@@ -77,6 +77,8 @@ def custom_events(count: int, rng: random.Random) -> list[Event]:
             "props": props,
             "sessionContext": {"dailySaltRotation": at.date().isoformat()},
         }
+        # Any field the contract adds (issue 13's page view dimensions) as unknown (null).
+        payload.update((key, None) for key in VISITOR_EVENT.schema.fields if key not in payload)
         made.append(Event(time_uuid(), "visitor.v0", "visitor.event.v0", at, payload))
     return made
 

@@ -61,8 +61,11 @@ def view(at: datetime, who: str, path: str = "/", domain: str = "example.com") -
 
 def event(at: datetime, who: str, name: str, props: dict[str, Any] | None = None, path: str = "/",
           domain: str = "example.com") -> Event:
-    payload = {"visitorHash": who_hash(who, at), "domain": domain, "pathname": path, "referrer": "", "name": name,
-               "props": props or {}, "sessionContext": {"dailySaltRotation": at.date().isoformat()}}
+    payload: dict[str, Any] = {
+        "visitorHash": who_hash(who, at), "domain": domain, "pathname": path, "referrer": "", "name": name,
+        "props": props or {}, "sessionContext": {"dailySaltRotation": at.date().isoformat()}}
+    # Any field the contract adds (the page view dimensions of issue 13, null when unknown) as unknown.
+    payload.update((key, None) for key in VISITOR_EVENT.schema.fields if key not in payload)
     VISITOR_EVENT.validate(payload)
     return Event(time_uuid(), "visitor.v0", "visitor.event.v0", at, payload)
 
