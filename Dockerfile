@@ -19,7 +19,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY pyproject.toml README.md ./
-COPY collector.py config.py dimensions.py filters.py http_defense.py logrepeats.py maintenance.py openapi.py pathways.py privacy.py readmodel.py stats.py store.py ./
+COPY collector.py config.py dimensions.py eventmodel.py filters.py http_defense.py logrepeats.py maintenance.py openapi.py pathways.py privacy.py readmodel.py stats.py store.py ./
 COPY static ./static
 RUN pip install --no-cache-dir --no-deps .
 

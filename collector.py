@@ -53,6 +53,7 @@ from config import (
     load_config,
     with_secret_key,
 )
+from eventmodel import EventLimits
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
@@ -76,7 +77,6 @@ from pathways import (
     ContractError,
     Emitter,
     EnvelopeError,
-    Event,
     FlowcoreSink,
     LocalSink,
     Outcome,
@@ -660,12 +660,12 @@ ENDPOINTS = {
     "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
-    "custom&from=&to=&limit=. Needs STATS_TOKEN, or a loopback client.",
+    "custom&from=&to=&limit=, and event= for one custom event's properties. Needs STATS_TOKEN, or a loopback client.",
     "GET /api/sites": "The domains seen, with their first and last day: ?limit= (100) &after= (the previous page's "
     "next) &search= (part of the domain).",
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
     "GET /api/dropped": "Page views not counted so far, every site together, by reason.",
-    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources.",
+    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources|events|event_properties.",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
     "GET /swagger": "Swagger UI over /openapi.json, when the swagger extra is installed.",
@@ -737,7 +737,7 @@ async def test_page(request: web.Request) -> web.FileResponse:
 
 # -- statistics: /api/stats, /api/sites, /api/current-visitors, /api/export, /dashboard --------------------------
 
-STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit"})
+STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit", "event"})
 SITES_PARAMETERS = frozenset({"limit", "after", "search"})
 EXPORT_PARAMETERS = frozenset({"domain", "from", "to", "table"})
 PRIVATE = {"Cache-Control": "no-store"}
@@ -816,9 +816,11 @@ async def stats_api(request: web.Request) -> web.Response:
     period = params.get("period", stats.DEFAULT_PERIOD)
     span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
     limit = stats.parse_limit(params.get("limit"))
+    event_name = stats.parse_event_name(params.get("event"))
     config = request.app[CONFIG]
     async with request.app[STORE].reading() as db:
-        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.timezone)
+        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.timezone,
+                                    event_name)
     return web.json_response(body, headers=PRIVATE)
 
 
@@ -997,7 +999,7 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
-    read_model = ReadModel(store)
+    read_model = new_read_model(store, config)
     await store.open()
     try:
         app[FILTER].sites.load(await read_model.counted_domains())
@@ -1046,16 +1048,17 @@ def wire_pathways(store: Store, read_model: ReadModel, config: Config) -> Pathwa
         pathways.register(contract)
         pathways.handle(contract, read_model.record_pageviews)
     pathways.register(VISITOR_EVENT)
-    pathways.handle(VISITOR_EVENT, events_not_counted_yet)
+    pathways.handle(VISITOR_EVENT, read_model.events.record)
     return pathways
 
 
-def events_not_counted_yet(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
-    """PLACEHOLDER handler of visitor.event.v0, until the read model counts custom events
-    (issue 14, points 3 and 4, after the read model moves to readmodel.py): the read model's
-    handler replaces it. The router has claimed each event (pathway_state) in this transaction,
-    so an event is still de-duplicated, and the event log keeps it for `rebuild` to replay
-    into the read model's tables once they exist."""
+def new_read_model(store: Store, config: Config) -> ReadModel:
+    """The read model with the configured bounds on custom events (before the store opens)."""
+    return ReadModel(store, event_limits=event_limits(config))
+
+
+def event_limits(config: Config) -> EventLimits:
+    return EventLimits(config.event_names_per_day, config.event_property_values_per_day)
 
 
 async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
@@ -1164,7 +1167,8 @@ async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
 
 def rebuild_command(config: Config) -> int:
     try:
-        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr)))
+        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr),
+                                      event_limits=event_limits(config)))
     except DataDirBusyError:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
               "the rebuild again", file=sys.stderr)
@@ -1177,7 +1181,7 @@ def rebuild_command(config: Config) -> int:
         print("rebuild: the local event log is empty; the read model is unchanged")
     else:
         print(f"rebuild: recomputed the read model from {summary.from_day} ({config.timezone.key} days) by "
-              f"replaying {summary.replayed} logged page views; aggregates of earlier days were kept"
+              f"replaying {summary.replayed} logged page views and custom events; aggregates of earlier days were kept"
               + (f" ({summary.skipped} older logged events not replayed)" if summary.skipped else ""))
     return 0
 
@@ -1205,7 +1209,7 @@ def dead_letters_command(config: Config, retry: bool) -> int:
     try:
         results = asyncio.run(
             retry_dead_letters(config.data_dir, config.timezone,
-                               lambda store: wire_pathways(store, ReadModel(store), config))
+                               lambda store: wire_pathways(store, new_read_model(store, config), config))
         )
     except DataDirBusyError:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "

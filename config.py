@@ -86,7 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RAW_RETENTION_DAYS",
         "30",
-        "Days of raw page view rows and local event log kept (whole local days, plus today); "
+        "Days of raw page view and custom event rows and local event log kept (whole local days, plus today); "
         "aggregates are kept for good.",
     ),
     Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
@@ -177,6 +177,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Path to a MaxMind or DB-IP country or city database (.mmdb) to look countries up in, instead of "
         "the built-in registry data. Read at start-up; never downloaded.",
     ),
+    # -- custom events (issue 14) --
+    Setting(
+        "EVENT_NAMES_PER_DAY",
+        "100",
+        "Distinct custom event names counted per site and local day; events of further names that day count "
+        "under (other).",
+    ),
+    Setting(
+        "EVENT_PROPERTY_VALUES_PER_DAY",
+        "1000",
+        "Distinct (event, property, value) combinations counted per site and local day; further values count "
+        "under (other).",
+    ),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
@@ -224,6 +237,8 @@ class Config:
     keepalive_timeout: float = 75.0  # seconds
     event_version: str = "v1"
     geoip_database: Path | None = None
+    event_names_per_day: int = 100
+    event_property_values_per_day: int = 1000
 
     @property
     def mode(self) -> str:
@@ -268,6 +283,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
         event_version=_choice("EVENT_VERSION", get("EVENT_VERSION").lower(), EVENT_VERSIONS),
         geoip_database=Path(get("GEOIP_DATABASE")) if get("GEOIP_DATABASE") else None,
+        event_names_per_day=_integer("EVENT_NAMES_PER_DAY", get("EVENT_NAMES_PER_DAY"), 1, 100_000),
+        event_property_values_per_day=_integer("EVENT_PROPERTY_VALUES_PER_DAY", get("EVENT_PROPERTY_VALUES_PER_DAY"),
+                                               1, 1_000_000),
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
+from eventmodel import EventLimits
 from pathways import Pathways
 from readmodel import ReadModel
 from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, Store
@@ -47,20 +48,23 @@ class RetentionResult:
     kept_from: date
     pageviews_deleted: int
     events_deleted: int
+    event_rows_deleted: int = 0  # raw rows of custom events (events_deleted: of the event log)
 
 
 async def apply_retention(store: Store, read_model: ReadModel, today: date, keep_days: int, now: datetime, *,
                           local_delivery: bool = True) -> RetentionResult:
-    """Delete raw page views and logged events of local days before today - keep_days. Logged
-    events the local sink has not delivered yet stay; aggregates stay."""
+    """Delete raw page views, raw custom events and logged events of local days before today -
+    keep_days. Logged events the local sink has not delivered yet stay; aggregates stay."""
     cutoff = today - timedelta(days=keep_days)
     pageviews = await read_model.delete_rows_before(cutoff)
+    event_rows = await read_model.events.delete_rows_before(cutoff)
     events = await store.delete_logged_before(store.local_midnight(cutoff.isoformat()),
                                               local_delivery=local_delivery)
     await store.record_retention(cutoff.isoformat(), now)
-    if pageviews or events:
-        logger.info("retention: deleted %d raw page views and %d logged events before %s", pageviews, events, cutoff)
-    return RetentionResult(cutoff, pageviews, events)
+    if pageviews or event_rows or events:
+        logger.info("retention: deleted %d raw page views, %d raw custom events and %d logged events before %s",
+                    pageviews, event_rows, events, cutoff)
+    return RetentionResult(cutoff, pageviews, events, event_rows)
 
 
 # -- the data directory's lock ------------------------------------------------------------------------
@@ -159,12 +163,14 @@ class RebuildSummary:
     skipped: int  # logged events of days before from_day, whose aggregates were kept
 
 
-async def rebuild(data_dir: Path, tz: ZoneInfo, now: datetime, progress: Progress | None = None) -> RebuildSummary:
+async def rebuild(data_dir: Path, tz: ZoneInfo, now: datetime, progress: Progress | None = None, *,
+                  event_limits: EventLimits | None = None) -> RebuildSummary:
     """Recompute the read model from the local event log, for the days the kept log covers in
-    full (see Store.rebuild_from_day), in one transaction: a failed rebuild changes nothing."""
+    full (see Store.rebuild_from_day), in one transaction: a failed rebuild changes nothing.
+    The bounds on custom events must be the ones live processing had, or (other) differs."""
     descriptor = lock_data_dir(data_dir)
     store = Store(data_dir / DB_FILENAME, tz)
-    read_model = ReadModel(store)
+    read_model = ReadModel(store, event_limits=event_limits)
     try:
         await store.open()
         summary = await _replay_log(store, read_model, progress or (lambda done, total: None))

@@ -101,6 +101,44 @@ def ranked(column: str) -> Schema:
     }
 
 
+def event_figures(extra: dict[str, Schema] | None = None) -> Schema:
+    """A custom event's figures over the period."""
+    properties: dict[str, Schema] = {
+        "name": {"type": "string", "description": "The event name; (other) holds the names beyond "
+                 "EVENT_NAMES_PER_DAY on a site and day."},
+        "count": {"type": "integer", "minimum": 0, "description": "Events."},
+        "visitors": {"type": "integer", "minimum": 0,
+                     "description": "Unique visitors with the event, summed over days."},
+        "conversion_rate": {"type": ["number", "null"], "minimum": 0, "description": (
+            "visitors in percent of the period's visitors (totals.visitors), one decimal; null when the "
+            "period had none. Above 100 only if events came from visitors with no page view counted that day.")},
+        **(extra or {}),
+    }
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+EVENT_PROPERTIES: Schema = {
+    "type": "array",
+    "description": "Each property the event carried, by events; a property's values by events, at most `limit` "
+    "of them. (other) holds the values beyond EVENT_PROPERTY_VALUES_PER_DAY on a site and day (and, as the "
+    "property, properties first seen after it).",
+    "items": {
+        "type": "object",
+        "required": ["name", "count", "values"],
+        "properties": {
+            "name": {"type": "string"},
+            "count": {"type": "integer", "minimum": 0, "description": "Events that carried the property."},
+            "values": {"type": "array", "items": {
+                "type": "object", "required": ["value", "count"],
+                "properties": {"value": {"type": "string", "description": "A string as sent; a number or "
+                                         "boolean as JSON writes it."},
+                               "count": {"type": "integer", "minimum": 0}},
+            }},
+        },
+    },
+}
+
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -209,7 +247,7 @@ SCHEMAS: dict[str, Schema] = {
     "Stats": {
         "type": "object",
         "required": ["domain", "period", "from", "to", "previous", "timezone", "interval", "totals", "series",
-                     "pages", "sources", "current_visitors"],
+                     "pages", "sources", "current_visitors", "events"],
         "properties": {
             "domain": {"type": "string"},
             "period": {"type": "string"},
@@ -239,6 +277,10 @@ SCHEMAS: dict[str, Schema] = {
                 "page views the whole collector dropped for a domain outside ALLOWED_DOMAINS, or for a new "
                 "domain beyond MAX_SITES (kept under no name).",
             },
+            "events": {"type": "array", "items": event_figures(),
+                       "description": "Custom events of the period, by visitors, then events; at most `limit`."},
+            "event": {**event_figures({"properties": EVENT_PROPERTIES}),
+                      "description": "With ?event=: that event's figures (zeros if it was not seen) and properties."},
         },
     },
     "Dropped": {
@@ -416,7 +458,10 @@ def paths() -> dict[str, Any]:
             DOMAIN_PARAM, period,
             query("from", "First day, YYYY-MM-DD (custom).", DAY),
             query("to", "Last day, YYYY-MM-DD (custom).", DAY),
-            query("limit", "Rows of pages and sources, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
+            query("limit", "Rows of pages, sources and events, and values of each event property, 1 to 1000.",
+                  {"type": "string", "pattern": "^[0-9]+$"}),
+            query("event", "A custom event's name: the answer gains `event`, its figures and properties.",
+                  {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_NAME_LENGTH}),
         ], json_answer("The statistics.", ref("Stats")))},
         "/api/sites": {"get": reader("The domains seen, a page at a time, in domain order.", [
             query("limit", "Sites per page, 1 to 1000 (100).", {"type": "string", "pattern": "^[0-9]+$"}),
@@ -432,7 +477,9 @@ def paths() -> dict[str, Any]:
             DOMAIN_PARAM,
             {**query("from", "First day, YYYY-MM-DD.", DAY), "required": True},
             {**query("to", "Last day, YYYY-MM-DD.", DAY), "required": True},
-            query("table", "daily (default), pages or sources.", {"enum": ["daily", "pages", "sources"]}),
+            query("table", "daily (default), pages, sources, events (per day and name: events, visitors) or "
+                  "event_properties (per day, name, property and value: events).",
+                  {"enum": ["daily", "pages", "sources", "events", "event_properties"]}),
         ], {"description": "CSV with a header row.", "content": {"text/csv": {"schema": {"type": "string"}}},
             "headers": {"Content-Disposition": header("attachment; filename=...", True)}})},
         "/openapi.json": {"get": {"summary": "This document.", "responses": {

@@ -10,6 +10,9 @@ The raw rows are shaped for filters: every dimension is an integer into one dict
 the table itself. A new dimension is a column in `pageview_rows`, a kind in `dims`, a field in
 `View` (and a join in the `pageviews` view that decodes the rows for people and tests).
 
+Custom events are counted beside the page views, by `EventCounts` (eventmodel.py), which this
+lends dictionary ids, visitor numbers and row ids.
+
 Everything here runs on the store's writer thread, inside the router's transaction."""
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
+from eventmodel import EventCounts, EventLimits
+from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
 from store import DatabaseUnusableError, Migration, Store, get_meta, put_meta, split_sql, unusable
 
 logger = logging.getLogger(__name__)
@@ -327,12 +331,14 @@ class _Batch:
 
 
 class ReadModel:
-    """The visitor.tracked handler, its retention and forgetting, and the replay behind rebuild.
+    """The visitor.tracked handler, its retention and forgetting, and the replay behind rebuild;
+    `events` is the visitor.event handler (eventmodel.py).
 
     Constructed before the store opens, it brings its schema to the store. Its caches are
     touched only on the store's writer thread; a rolled-back transaction empties them."""
 
-    def __init__(self, store: Store, *, cache_size: int = VISITOR_CACHE_SIZE) -> None:
+    def __init__(self, store: Store, *, cache_size: int = VISITOR_CACHE_SIZE,
+                 event_limits: EventLimits | None = None) -> None:
         self.store = store
         self.tz = store.tz
         self._cache_size = cache_size
@@ -341,6 +347,7 @@ class ReadModel:
         self._next_id: int | None = None
         store.add_migrations(MIGRATIONS)
         store.add_rollback_hook(self._forget_cached)
+        self.events = EventCounts(self, store, event_limits or EventLimits())
 
     def _forget_cached(self) -> None:
         self._visitors.clear()
@@ -449,6 +456,45 @@ class ReadModel:
             view.ref = dims.get((REFERRER, view.referrer)) or self._dim(conn, REFERRER, view.referrer)
             view.src = dims.get((SOURCE, view.source)) or self._dim(conn, SOURCE, view.source)
 
+    # -- what the custom events share (eventmodel.Shared) ---------------------------------------------
+
+    def local_day(self, ts_ms: int) -> tuple[str, int]:
+        day, _, number = local_day_hour(ts_ms, self.tz)
+        return day, number
+
+    def dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
+        return self._dims.get((kind, value)) or self._dim(conn, kind, value)
+
+    def take_ids(self, conn: sqlite3.Connection, count: int) -> int:
+        if self._next_id is None:
+            self._next_id = int(get_meta(conn, NEXT_ID) or 1)
+        first, self._next_id = self._next_id, self._next_id + count
+        put_meta(conn, NEXT_ID, str(self._next_id))
+        return first
+
+    def visitor_numbers(self, conn: sqlite3.Connection,
+                        visitors: Mapping[tuple[str, str], str]) -> dict[tuple[str, str], int]:
+        """The number the rows of each (domain, visitor hash) carry, given with its salt day: from
+        the cache, else the file, else a new one, linked as a first page view links it (an event
+        can come before the visitor's first page view, which then finds the link)."""
+        keys = {who: key64(*who) for who in visitors}
+        numbers = {who: cached.id for who, key in keys.items() if (cached := self._visitors.get(key)) is not None}
+        missing = [key for who, key in keys.items() if who not in numbers]
+        stored: dict[int, int] = dict(conn.execute(
+            "SELECT visitor_key, visitor FROM visitors WHERE visitor_key IN (SELECT value FROM json_each(?))",
+            (json.dumps(missing),),
+        ).fetchall()) if missing else {}
+        new = [who for who, key in keys.items() if who not in numbers and key not in stored]
+        numbers.update((who, stored[key]) for who, key in keys.items() if key in stored)
+        first = self.take_ids(conn, len(new)) if new else 0
+        links = []
+        for number, who in enumerate(new, start=first):
+            numbers[who] = number
+            links.append((keys[who], number, visitors[who]))
+            self._remember(keys[who], Visitor(number, visitors[who]))  # no page views yet
+        conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", links)
+        return numbers
+
     def _dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
         row = conn.execute("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)).fetchone()
         dim_id = int(row[0]) if row else int(
@@ -514,23 +560,33 @@ class ReadModel:
         return total
 
     async def rebuild(self, from_day: str, progress: Callable[[int, int], None]) -> tuple[int, int]:
-        """Recompute the read model from from_day on by replaying the logged page views that live
-        processing counted, in log order, through the same handler, in ONE transaction: a
-        failed rebuild changes nothing. Returns (replayed, replayable)."""
+        """Recompute the read model from from_day on by replaying the logged page views, then the
+        logged custom events, that live processing counted, each in log order, through the same
+        handlers, in ONE transaction: a failed rebuild changes nothing. Returns (replayed,
+        replayable).
+
+        Page views first: an event finds its visitor's number whether its page views came before
+        or after it (live, whichever came first made the link), and what the events' tables hold
+        depends only on the order of the events among themselves."""
         return await self.store.write(lambda conn: self._replay_log(conn, from_day, progress))
 
     def _replay_log(self, conn: sqlite3.Connection, from_day: str, progress: Callable[[int, int], None]
                     ) -> tuple[int, int]:
         self._clear(conn, from_day)
-        kind = (VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type)  # in log order, whichever was written
-        total, done, replayed, seq = self.store.count_replayable(conn, kind), 0, 0, 0
+        # Page views of both versions in log order, whichever was written, then the custom events.
+        handlers = (((VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type), self.record_pageviews),
+                    ((VISITOR_EVENT.event_type,), self.events.record))
+        total = sum(self.store.count_replayable(conn, kinds) for kinds, _ in handlers)
+        done = replayed = 0
         progress(done, total)
-        while batch := self.store.replayable_events(conn, kind, seq, REBUILD_BATCH):
-            events = [event for event in map(Event.from_log, batch) if self._local_day(event) >= from_day]
-            if events:
-                self.record_pageviews(conn, events)
-            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
-            progress(done, total)
+        for kinds, handler in handlers:
+            seq = 0
+            while batch := self.store.replayable_events(conn, kinds, seq, REBUILD_BATCH):
+                events = [event for event in map(Event.from_log, batch) if self._local_day(event) >= from_day]
+                if events:
+                    handler(conn, events)
+                seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
+                progress(done, total)
         return replayed, total
 
     def _clear(self, conn: sqlite3.Connection, from_day: str) -> None:
@@ -542,6 +598,7 @@ class ReadModel:
         conn.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
         conn.execute("DELETE FROM pageview_rows WHERE day >= ?", (day_number(date.fromisoformat(from_day)),))
         conn.execute("DELETE FROM visitors")
+        self.events.clear(conn, from_day, day_number(date.fromisoformat(from_day)))
 
     def _local_day(self, event: Event) -> str:
         return local_day_hour(int(event.valid_time.timestamp() * 1000), self.tz)[0]

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 import aiosqlite
 
 from filters import NO_SITE
+from pathways import MAX_EVENT_NAME_LENGTH
 
 PERIODS = ("today", "yesterday", "7d", "30d", "month", "12mo", "custom")
 DEFAULT_PERIOD = "30d"
@@ -25,7 +26,7 @@ DEFAULT_LIMIT = 10
 MAX_LIMIT = 1000
 MAX_RANGE_DAYS = 3660  # ten years: a longer range is a typo, and its zero-filled series would be huge
 CURRENT_WINDOW_MS = 5 * 60 * 1000
-EXPORT_TABLES = ("daily", "pages", "sources")
+EXPORT_TABLES = ("daily", "pages", "sources", "events", "event_properties")
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection): quote it.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 VISITORS_LABEL = "Unique visitors (summed over days)"
@@ -287,11 +288,13 @@ async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
 
 
 async def overview(
-    db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo
+    db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
+    event: str | None = None,
 ) -> dict[str, Any]:
-    """The whole answer of /api/stats."""
+    """The whole answer of /api/stats; with `event`, that event's properties too."""
     before = span.previous()
-    return {
+    current = await totals(db, domain, span)
+    answer = {
         "domain": domain,
         "period": period,
         "from": span.first.isoformat(),
@@ -299,13 +302,74 @@ async def overview(
         "previous": {"from": before.first.isoformat(), "to": before.last.isoformat()},
         "timezone": tz.key,
         "interval": "hour" if span.days == 1 else "day",
-        "totals": totals_json(await totals(db, domain, span), await totals(db, domain, before)),
+        "totals": totals_json(current, await totals(db, domain, before)),
         "series": await series(db, domain, span, tz),
         "pages": await top(db, "page_stats", domain, span, limit),
         "sources": await top(db, "source_stats", domain, span, limit),
         "current_visitors": await current_visitors(db, domain, now),
         "dropped": await dropped(db, domain, span),
+        "events": await events(db, domain, span, limit, current.visitors),
     }
+    if event is not None:
+        answer["event"] = await event_breakdown(db, domain, span, event, limit, current.visitors)
+    return answer
+
+
+# -- custom events ----------------------------------------------------------------------------------
+
+
+def parse_event_name(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not 1 <= len(text) <= MAX_EVENT_NAME_LENGTH:
+        raise StatsParameterError(f"event must be an event name of 1 to {MAX_EVENT_NAME_LENGTH} characters")
+    return text
+
+
+def conversion_rate(visitors: int, all_visitors: int) -> float | None:
+    """Visitors with the event in percent of the period's visitors, both summed over days; None
+    when the period had no visitors. Above 100 only when events came from visitors with no page
+    view counted that day (a page without the page view tracker, say)."""
+    return round(100 * visitors / all_visitors, 1) if all_visitors else None
+
+
+async def events(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int,
+                 all_visitors: int) -> list[dict[str, Any]]:
+    """Each event name over the range: events, unique visitors (summed over days) and the
+    conversion rate; by visitors, then events. (other) holds the names beyond the daily bound."""
+    rows = await db.execute_fetchall(
+        "SELECT name, sum(events) AS count, sum(visitors) AS people FROM event_stats "
+        "WHERE domain = ? AND day BETWEEN ? AND ? GROUP BY name ORDER BY people DESC, count DESC, name LIMIT ?",
+        (domain, span.first.isoformat(), span.last.isoformat(), limit),
+    )
+    return [{"name": name, "count": count, "visitors": people, "conversion_rate": conversion_rate(people, all_visitors)}
+            for name, count, people in rows]
+
+
+async def event_breakdown(db: aiosqlite.Connection, domain: str, span: DateRange, name: str, limit: int,
+                          all_visitors: int) -> dict[str, Any]:
+    """One event over the range: its figures, and for each of its properties the events that
+    carried it and the top values (at most `limit` each), by events; zeros for a name not seen."""
+    params = (domain, span.first.isoformat(), span.last.isoformat(), name)
+    rows = await db.execute_fetchall(
+        "SELECT coalesce(sum(events), 0), coalesce(sum(visitors), 0) FROM event_stats "
+        "WHERE domain = ? AND day BETWEEN ? AND ? AND name = ?", params)
+    count, people = next(iter(rows))
+    values = await db.execute_fetchall(
+        "SELECT prop, value, sum(events) FROM event_prop_stats WHERE domain = ? AND day BETWEEN ? AND ? AND name = ? "
+        "GROUP BY prop, value", params)
+    by_property: dict[str, list[tuple[str, int]]] = {}
+    for prop, value, times in values:
+        by_property.setdefault(prop, []).append((value, times))
+    carried = {prop: sum(times for _, times in found) for prop, found in by_property.items()}
+    properties = [
+        {"name": prop, "count": carried[prop],
+         "values": [{"value": value, "count": times}
+                    for value, times in sorted(by_property[prop], key=lambda pair: (-pair[1], pair[0]))[:limit]]}
+        for prop in sorted(carried, key=lambda prop: (-carried[prop], prop))
+    ]
+    return {"name": name, "count": count, "visitors": people,
+            "conversion_rate": conversion_rate(people, all_visitors), "properties": properties}
 
 
 DEFAULT_SITES_LIMIT = 100
@@ -349,12 +413,28 @@ EXPORT_HEADERS = {
     "daily": ("date", "pageviews", "visitors", "visits", "bounces", "visit_duration_ms"),
     "pages": ("date", "pathname", "pageviews", "visitors"),
     "sources": ("date", "source", "pageviews", "visitors"),
+    "events": ("date", "name", "events", "visitors"),
+    "event_properties": ("date", "name", "property", "value", "events"),
+}
+# The custom event tables: one row per day and name, or day, name, property and value.
+EVENT_EXPORTS = {
+    "events": "SELECT day, name, events, visitors FROM event_stats WHERE domain = ? AND day BETWEEN ? AND ? "
+    "ORDER BY day, events DESC, visitors DESC, name",
+    "event_properties": "SELECT day, name, prop, value, events FROM event_prop_stats "
+    "WHERE domain = ? AND day BETWEEN ? AND ? ORDER BY day, name, prop, events DESC, value",
+}
+
+
+# The event tables' CSV lines as SQLite writes them: the text columns, then the counts.
+EVENT_EXPORT_LINES = {
+    "events": (("name",), ("events", "visitors")),
+    "event_properties": (("name", "prop", "value"), ("events",)),
 }
 
 
 # Days per query of a streamed export: each query is short (its read snapshot too), and the
 # text it returns is small, so a ten-year export never holds the event loop for long.
-EXPORT_BLOCK_DAYS = {"daily": 366, "pages": 31, "sources": 31}
+EXPORT_BLOCK_DAYS = {"daily": 366, "pages": 31, "sources": 31, "events": 31, "event_properties": 31}
 CRLF = "char(13, 10)"  # RFC 4180 line ends
 
 
@@ -385,6 +465,11 @@ async def export_block(db: aiosqlite.Connection, table: str, domain: str, block:
             f"{CRLF} FROM days LEFT JOIN daily_stats s ON s.domain = ? AND s.day = days.day ORDER BY days.day"
         )
         rows = await db.execute_fetchall(sql, (first, last, domain))
+    elif table in EVENT_EXPORTS:
+        columns, rest = EVENT_EXPORT_LINES[table]
+        line = " || ',' || ".join(["day", *(_csv_text_sql(column) for column in columns), *rest])
+        sql = f"SELECT {line} || {CRLF} {EVENT_EXPORTS[table][EVENT_EXPORTS[table].index(' FROM '):]}"
+        rows = await db.execute_fetchall(sql, (domain, first, last))
     else:
         source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
         sql = (
@@ -423,6 +508,8 @@ async def export_rows(db: aiosqlite.Connection, table: str, domain: str, span: D
         )
         found = {row[0]: tuple(row) for row in rows}
         return [found.get(day, (day, 0, 0, 0, 0, 0)) for day in span.dates()]
+    if table in EVENT_EXPORTS:
+        return [tuple(row) for row in await db.execute_fetchall(EVENT_EXPORTS[table], params)]
     source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
     rows = await db.execute_fetchall(
         f"SELECT day, {column}, pageviews, visitors FROM {source} WHERE domain = ? AND day BETWEEN ? AND ? "

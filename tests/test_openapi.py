@@ -12,6 +12,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from conftest import Start
+from helpers import drained
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -148,6 +149,15 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
     ]
     for method, path, status, kwargs in cases:
         await call(conformance, client, method, path, status, **kwargs)
+    await drained(client)  # the custom event above is counted: the answers list it, with its properties
+    response = await client.get("/api/stats", params={"domain": "example.com", "period": "today", "event": "Signup"})
+    body = await response.json()
+    assert ([e["name"] for e in body["events"]], len(body["event"]["properties"])) == (["Signup"], 2)
+    await conformance.check(response, "GET", "/api/stats")
+    await call(conformance, client, "GET", "/api/stats?domain=example.com&event=", 400)
+    for table in ("events", "event_properties"):
+        export = f"/api/export?domain=example.com&from=2025-06-01&to=2025-06-04&table={table}"
+        await call(conformance, client, "GET", export, 200)
     etag = (await client.get("/script.js")).headers["ETag"]
     await call(conformance, client, "GET", "/script.js", 304, headers={"If-None-Match": etag})
     await answer_408(conformance, client)
