@@ -7,6 +7,7 @@ event log under ./data; see env.example for every setting.
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import hashlib
 import hmac
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 import filters
 import http_defense
@@ -198,6 +199,8 @@ def script_handler(script: Script) -> Handler:
 # -- the collection endpoint --------------------------------------------------------------------------------
 
 CORS_PATHS = {"/api/pageview"}
+# A counted page view's answer, but for CORS: built once, copied into each response.
+COUNTED = CIMultiDict(http_defense.api_headers())
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain")
 BODY_TYPES = ("application/json", "text/plain")
 
@@ -237,7 +240,7 @@ async def pageview(request: web.Request) -> web.Response:
     the hash and the write."""
     app = request.app
     config = app[CONFIG]
-    ip = client_ip(request.remote, request.headers, config.trusted_proxies)
+    ip = client_ip(request.remote, request.headers, app[PROXY_RANGES])
     wait = app[LIMITER].retry_after(ip)
     if wait is not None:
         raise ApiError(429, f"too many page views from this address; try again in {wait} s",
@@ -259,12 +262,14 @@ async def pageview(request: web.Request) -> web.Response:
         "sessionContext": {"dailySaltRotation": day},
     }
     await request.app[PATHWAYS].write(VISITOR_TRACKED, payload, now)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=COUNTED)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes the limit, and with 408 when it does not
     arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
+    if request.content.is_eof():  # the whole body came with the headers (the usual case): no timer
+        return await _read_limited(request, limit)
     timeout = request.app[CONFIG].body_timeout
     try:
         async with asyncio.timeout(timeout):
@@ -380,9 +385,12 @@ def _address(text: str) -> tuple[int, str] | None:
     return (_V4_TAG if address.version == 4 else 0) | int(address), str(address)
 
 
-@lru_cache(maxsize=8)
-def _ranges(proxies: tuple[IPNetwork, ...]) -> tuple[tuple[int, int], ...]:
-    """Each trusted network as (network number, mask), both tagged like _address's numbers."""
+ProxyRanges = tuple[tuple[int, int], ...]
+
+
+def proxy_ranges(proxies: tuple[IPNetwork, ...]) -> ProxyRanges:
+    """Each trusted network as (network number, mask), both tagged like _address's numbers:
+    worked out once at start-up (hashing the networks per request was a measurable cost)."""
     return tuple(
         ((_V4_TAG if net.version == 4 else 0) | int(net.network_address), _V4_TAG | int(net.netmask))
         for net in proxies
@@ -393,10 +401,9 @@ def _trusted(number: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(number & mask == network for network, mask in ranges)
 
 
-def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNetwork, ...]) -> str:
+def client_ip(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str:
     """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
     address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
-    ranges = _ranges(proxies)
     peer_address = _address(peer or "")
     if peer_address is None:
         return peer or "unknown"
@@ -539,7 +546,7 @@ def require_reader(request: web.Request) -> None:
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
-    address = parse_ip(client_ip(request.remote, request.headers, config.trusted_proxies))
+    address = parse_ip(client_ip(request.remote, request.headers, request.app[PROXY_RANGES]))
     if address is None or not address.is_loopback:
         raise ApiError(403, LOOPBACK_ONLY)
 
@@ -627,6 +634,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG = web.AppKey("config", Config)
+PROXY_RANGES: web.AppKey[ProxyRanges] = web.AppKey("proxy_ranges")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 READ_MODEL = web.AppKey("read_model", ReadModel)
@@ -656,6 +664,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
     http_defense.install(app, PAGES)
     app[CONFIG] = config
+    app[PROXY_RANGES] = proxy_ranges(config.trusted_proxies)
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
         FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector()
@@ -705,6 +714,9 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
     app[DROPS] = filters.DropCounter(store)
     emitter.start()
+    # What start-up made lives as long as the process: out of the collector's way, so its
+    # collections only walk what requests make.
+    gc.freeze()
     stop_maintenance = asyncio.Event()
     maintenance = asyncio.create_task(
         run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"

@@ -15,7 +15,7 @@ from helpers import SECRET, FakeClock, drained, query, utc
 from multidict import CIMultiDict
 
 import privacy
-from collector import EMITTER, STORE, client_ip
+from collector import EMITTER, STORE, client_ip, proxy_ranges
 from config import load_config
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"
@@ -182,7 +182,7 @@ async def test_cors_preflight_and_reflected_origin(start_collector: Start) -> No
     assert refused.headers["Access-Control-Allow-Origin"] == "https://other.example"
 
 
-TRUSTED = load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).trusted_proxies
+TRUSTED = proxy_ranges(load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).trusted_proxies)
 
 
 @pytest.mark.parametrize(
