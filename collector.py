@@ -10,7 +10,6 @@ import asyncio
 import gc
 import gzip
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -18,9 +17,8 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import suppress
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, time, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,8 +35,9 @@ import privacy
 import stats
 from config import MIN_STATS_TOKEN_LENGTH, Config, ConfigError, IPNetwork, load_config, with_secret_key
 from filters import MAX_DOMAIN_LENGTH, FilterSettings, normalize_host
-from maintenance import DataDirBusyError, enforce_retention, lock_data_dir, progress_bar, rebuild
+from maintenance import DataDirBusyError, Jobs, lock_data_dir, progress_bar, rebuild
 from pathways import (
+    MAX_PATH_LENGTH,
     VISITOR_TRACKED,
     ContractError,
     Emitter,
@@ -51,7 +50,6 @@ from pathways import (
     UnknownPathwayError,
     parse_envelope,
     secret_matches,
-    wait_any,
 )
 from readmodel import ReadModel, local_day_hour
 from store import DB_FILENAME, Store, StoreClosedError
@@ -62,10 +60,8 @@ logger = logging.getLogger("collector")
 
 SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
-MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
 LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
-MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
 
@@ -512,11 +508,9 @@ async def health(request: web.Request) -> web.Response:
         "retention_last_run": counts.retention_last_run,
     }
     sink = request.app[SINK]
-    if isinstance(sink, FlowcoreSink):
-        body["flowcore"] = {"target": sink.settings.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type),
-                            **asdict(sink.status)}
-        if sink.status.halted:
-            body["status"] = "halted"
+    body.update(sink.describe())
+    if sink.halted:
+        body["status"] = "halted"
     return web.json_response(body)
 
 
@@ -542,18 +536,13 @@ def require_reader(request: web.Request) -> None:
     config = request.app[CONFIG]
     if config.stats_token:
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not _token_matches(config.stats_token, token.strip()):
+        if scheme.lower() != "bearer" or not secret_matches(config.stats_token, token.strip()):
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
     address = parse_ip(client_ip(request.remote, request.headers, request.app[PROXY_RANGES]))
     if address is None or not address.is_loopback:
         raise ApiError(403, LOOPBACK_ONLY)
-
-
-def _token_matches(expected: str, given: str) -> bool:
-    # surrogateescape: a header that is not valid UTF-8 is compared as its bytes, never a 500
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
 
 
 def query_params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
@@ -644,8 +633,8 @@ SINK: web.AppKey[Sink] = web.AppKey("sink")
 FILTER = web.AppKey("filter", filters.PageviewFilter)
 LIMITER = web.AppKey("limiter", filters.RateLimiter)
 DROPS = web.AppKey("drops", filters.DropCounter)
+SESSION: web.AppKey[aiohttp.ClientSession | None] = web.AppKey("session")
 HASHER = web.AppKey("hasher", privacy.VisitorHasher)
-SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
 def utc_now() -> datetime:
@@ -672,8 +661,10 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app[LIMITER] = filters.RateLimiter(
         config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
     )
-    app.cleanup_ctx.append(data_dir_lock)
-    app.cleanup_ctx.append(runtime)
+    # One context per resource, opened in this order and closed in the reverse: a failure half
+    # way through start-up closes exactly what was opened.
+    for context in (data_dir_lock, database, outbound_session, delivery, background_jobs):
+        app.cleanup_ctx.append(context)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
@@ -690,73 +681,67 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     return app
 
 
-async def runtime(app: web.Application) -> AsyncIterator[None]:
-    """Open the store, start the emitter and the maintenance job; on the way out, stop
-    them in order: the emitter finishes its request, pending commits land, the file closes."""
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """The store with its read model and router, and what hashes visitors; closed last."""
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     read_model = ReadModel(store)
-    await store.open()
-    pathways = Pathways(store, max_attempts=config.handler_max_attempts)
-    pathways.register(VISITOR_TRACKED)
-    pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
-    session = aiohttp.ClientSession() if config.flowcore else None
-    sink: Sink
-    if config.flowcore and session:
-        sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
-    else:
-        sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
-    app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
-    app[READ_MODEL] = read_model
-    salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
-    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
-    app[DROPS] = filters.DropCounter(store)
-    emitter.start()
-    # What start-up made lives as long as the process: out of the collector's way, so its
-    # collections only walk what requests make.
-    gc.freeze()
-    stop_maintenance = asyncio.Event()
-    maintenance = asyncio.create_task(
-        run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"
-    )
-    drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
     try:
+        await store.open()
+        pathways = Pathways(store, max_attempts=config.handler_max_attempts)
+        pathways.register(VISITOR_TRACKED)
+        pathways.handle(VISITOR_TRACKED, read_model.record_pageviews)
+        app[STORE], app[READ_MODEL], app[PATHWAYS] = store, read_model, pathways
+        salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
+        app[HASHER] = privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
+        app[DROPS] = filters.DropCounter(store)
         yield
     finally:
-        stop_maintenance.set()
-        with suppress(Exception):
-            await maintenance
-        with suppress(Exception):
-            await drop_counts  # its last flush writes what the final requests dropped
-        await emitter.stop()
-        if session is not None:
-            await session.close()
         await store.close()
         logger.info("stopped; the database is closed")
 
 
-async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
-                          stop: asyncio.Event) -> None:
-    """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
-    ephemeral salt's 48 hours end)."""
-    while not stop.is_set():
-        try:
-            today = clock().astimezone(UTC).date()
-            await read_model.forget_expired_visitors(today)
-            await enforce_retention(store, read_model, config.raw_retention_days, clock())
-            await store.forget_salts(privacy.previous_day(today.isoformat()))
-        except Exception:
-            logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
-        await wait_any(stop, timeout=maintenance_pause(clock()))
+async def outbound_session(app: web.Application) -> AsyncIterator[None]:
+    """The one HTTP client session, in Flowcore mode."""
+    session = aiohttp.ClientSession() if app[CONFIG].flowcore else None
+    app[SESSION] = session
+    try:
+        yield
+    finally:
+        if session is not None:
+            await session.close()
 
 
-def maintenance_pause(now: datetime) -> float:
-    """Seconds to the next run: the interval, or just past the next UTC midnight if sooner."""
-    utc = now.astimezone(UTC)
-    midnight = datetime.combine(utc.date() + timedelta(days=1), time(), tzinfo=UTC)
-    return max(1.0, min(MAINTENANCE_INTERVAL, (midnight - utc).total_seconds() + 1))
+async def delivery(app: web.Application) -> AsyncIterator[None]:
+    """The sink and the emitter that drains the outbox into it; on the way out the emitter
+    finishes its request, and what is left waits in the outbox."""
+    config, store, session = app[CONFIG], app[STORE], app[SESSION]
+    sink: Sink
+    if config.flowcore is not None and session is not None:
+        sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
+    else:
+        sink, batch_size = LocalSink(store, app[PATHWAYS]), LOCAL_BATCH_SIZE
+    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
+    app[SINK], app[EMITTER] = sink, emitter
+    emitter.start()
+    try:
+        yield
+    finally:
+        await emitter.stop()
+
+
+async def background_jobs(app: web.Application) -> AsyncIterator[None]:
+    """Retention, forgetting, salts and drop counts (maintenance.py); stopped first."""
+    jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], app[CONFIG].raw_retention_days, app[CLOCK])
+    jobs.start()
+    # What start-up made lives as long as the process: out of the collector's way, so its
+    # collections only walk what requests make.
+    gc.freeze()
+    try:
+        yield
+    finally:
+        await jobs.stop()
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:

@@ -8,7 +8,6 @@ a number) that DropCounter hands to the store."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -17,6 +16,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -28,14 +28,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Collector-Dropped"
-BOT = "bot"
-HEADLESS = "headless"
-EMPTY_USER_AGENT = "empty-user-agent"
-PREFETCH = "prefetch"
-DOMAIN_NOT_ALLOWED = "domain-not-allowed"
-GPC = "gpc"
-DNT = "dnt"
-REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT)
+
+
+class DropReason(StrEnum):
+    """Why a page view was not counted: the X-Collector-Dropped header, the drop counts,
+    /api/stats and the OpenAPI document all name them from here."""
+
+    BOT = "bot"
+    HEADLESS = "headless"
+    EMPTY_USER_AGENT = "empty-user-agent"
+    PREFETCH = "prefetch"
+    DOMAIN_NOT_ALLOWED = "domain-not-allowed"
+    GPC = "gpc"
+    DNT = "dnt"
+
+
+# Counted per domain; DOMAIN_NOT_ALLOWED is counted for all such domains together (OTHER_DOMAINS).
+PER_DOMAIN_REASONS = tuple(reason for reason in DropReason if reason is not DropReason.DOMAIN_NOT_ALLOWED)
 # Drops for a domain outside ALLOWED_DOMAINS are counted under this name, not the one sent:
 # invented names are not worth keeping, and a flood of them cannot grow the table.
 OTHER_DOMAINS = "*"
@@ -117,9 +126,9 @@ class BotDetector:
     def reason(self, user_agent: str | None) -> str | None:
         agent = (user_agent or "").strip()
         if not agent:
-            return EMPTY_USER_AGENT
+            return DropReason.EMPTY_USER_AGENT
         if len(agent) > MAX_USER_AGENT_LENGTH:
-            return BOT
+            return DropReason.BOT
         verdict = self._cache.get(agent)
         if verdict is None:
             self.misses += 1
@@ -130,8 +139,8 @@ class BotDetector:
     def _classify(self, agent: str) -> str:
         """"" for a person: the cache stores a string for every verdict."""
         if HEADLESS_PATTERN.search(agent):
-            return HEADLESS
-        return BOT if self._detect.is_crawler(agent) else ""
+            return DropReason.HEADLESS
+        return DropReason.BOT if self._detect.is_crawler(agent) else ""
 
     @property
     def cached(self) -> int:
@@ -248,27 +257,26 @@ class PageviewFilter:
     def drop_reason(self, domain: str, headers: Mapping[str, str]) -> str | None:
         allowed = self.settings.allowed_domains
         if allowed is not None and not allowed.allows(domain):
-            return DOMAIN_NOT_ALLOWED
+            return DropReason.DOMAIN_NOT_ALLOWED
         if is_prefetch(headers):
-            return PREFETCH
+            return DropReason.PREFETCH
         reason = self.bots.reason(headers.get("User-Agent"))
         if reason is not None:
             return reason
         if self.settings.respect_gpc and headers.get("Sec-GPC", "").strip() == "1":
-            return GPC
+            return DropReason.GPC
         if self.settings.respect_dnt and headers.get("DNT", "").strip() == "1":
-            return DNT
+            return DropReason.DNT
         return None
 
 
 # -- drop counts ----------------------------------------------------------------------------------
 
-DROP_FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of the drop counts
 
 
 class DropCounter:
     """Drop counts per (domain, local day, reason), added up in memory and written in one
-    transaction every DROP_FLUSH_INTERVAL, so a dropped request never waits for the disk.
+    transaction every second (maintenance.Jobs), so a dropped request never waits for the disk.
     Between flushes the table holds at most the distinct keys of a second's requests."""
 
     def __init__(self, store: Store) -> None:
@@ -276,7 +284,7 @@ class DropCounter:
         self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
 
     def count(self, domain: str, day: str, reason: str) -> None:
-        self._pending[(OTHER_DOMAINS if reason == DOMAIN_NOT_ALLOWED else domain, day, reason)] += 1
+        self._pending[(OTHER_DOMAINS if reason == DropReason.DOMAIN_NOT_ALLOWED else domain, day, reason)] += 1
 
     async def flush(self) -> None:
         if not self._pending:
@@ -288,18 +296,6 @@ class DropCounter:
             for key, count in batch.items():  # kept for the next flush
                 self._pending[key] += count
             raise
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush every interval until stopped, then once more."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), DROP_FLUSH_INTERVAL)
-            except TimeoutError:
-                pass
-            try:
-                await self.flush()
-            except Exception:
-                logger.exception("writing the drop counts failed; they are kept for the next try")
 
 
 # -- rate limiting ----------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
+from filters import MAX_DOMAIN_LENGTH, PER_DOMAIN_REASONS, DropReason
+from pathways import MAX_PATH_LENGTH
+
 JSON = "application/json"
 Schema = dict[str, Any]
 
@@ -57,7 +60,7 @@ READER_ERRORS = {
 }
 DOMAIN_PARAM = {
     "name": "domain", "in": "query", "required": True, "description": "The site, e.g. example.com.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH},
 }
 DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
 READER_SECURITY: list[dict[str, list[str]]] = [{"statsToken": []}, {}]
@@ -100,9 +103,9 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["pathname", "referrer"],
         "additionalProperties": False,
         "properties": {
-            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048},
-            "referrer": {"type": "string", "maxLength": 2048},
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+            "pathname": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH},
+            "referrer": {"type": "string", "maxLength": MAX_PATH_LENGTH},
+            "domain": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
         },
     },
@@ -178,12 +181,13 @@ SCHEMAS: dict[str, Schema] = {
             "dropped": {
                 "type": "object",
                 "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
-                "(bot, headless, empty-user-agent, prefetch, gpc, dnt), and `domain_not_allowed`: page views "
+                f"({', '.join(PER_DOMAIN_REASONS)}), and `domain_not_allowed`: page views "
                 "the whole collector dropped for a domain outside ALLOWED_DOMAINS (kept under no name).",
                 "required": ["total", "by_reason", "domain_not_allowed"],
                 "properties": {
                     "total": {"type": "integer", "minimum": 0},
-                    "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                    "by_reason": {"type": "object", "required": list(PER_DOMAIN_REASONS),
+                                  "additionalProperties": {"type": "integer", "minimum": 0}},
                     "domain_not_allowed": {"type": "integer", "minimum": 0},
                 },
             },
@@ -224,8 +228,8 @@ def pageview_operation() -> Schema:
             "204": {
                 "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
                 "headers": {
-                    "X-Collector-Dropped": header("Why the page view was not counted: bot, prefetch, gpc, dnt, "
-                                                  "domain, ..."),
+                    "X-Collector-Dropped": header("Why the page view was not counted.",
+                                                  schema={"enum": [str(reason) for reason in DropReason]}),
                     "Access-Control-Allow-Origin": CORS_ORIGIN,
                 },
             },

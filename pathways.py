@@ -15,18 +15,20 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
 
 from config import FlowcoreSettings
+from filters import MAX_DOMAIN_LENGTH
 from store import LOCAL_CURSOR, LoggedEvent, OutboxRow, Store, iso_ms, put_meta
 
 logger = logging.getLogger(__name__)
 
 MAX_EVENT_ID_LENGTH = 128
+MAX_PATH_LENGTH = 2048  # a pathname or a referrer, in characters: /api/pageview, the contract and the OpenAPI document
 # Flowcore takes at most 64 KB per event; staying well under it leaves room for the envelope.
 MAX_PAYLOAD_BYTES = 48 * 1024
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one instance: json.dumps builds one per call
@@ -121,9 +123,9 @@ VISITOR_TRACKED = Contract(
     schema=Obj(
         {
             "visitorHash": Text(64, 64, re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters"),
-            "domain": Text(1, 253),
-            "pathname": Text(1, 2048),
-            "referrer": Text(0, 2048),
+            "domain": Text(1, MAX_DOMAIN_LENGTH),
+            "pathname": Text(1, MAX_PATH_LENGTH),
+            "referrer": Text(0, MAX_PATH_LENGTH),
             "sessionContext": Obj(
                 {"dailySaltRotation": Text(10, 10, re.compile(r"\d{4}-\d{2}-\d{2}"), "a date as YYYY-MM-DD")}
             ),
@@ -380,6 +382,13 @@ class Sink(Protocol):
     def interrupt(self) -> None:
         """Cut short any waiting (backoff, a halt) because the collector is stopping."""
 
+    def describe(self) -> dict[str, Any]:
+        """What /health shows of the sink: sections to add to its answer."""
+
+    @property
+    def halted(self) -> bool:
+        """Whether sending has stopped until a restart (/health then says so)."""
+
 
 class LocalSink:
     """The embedded event log: assigns ids and times as Flowcore would, writes the local event
@@ -436,6 +445,13 @@ class LocalSink:
     def interrupt(self) -> None:
         """Nothing to cut short: the local sink never waits on anything but the database."""
 
+    def describe(self) -> dict[str, Any]:
+        return {}  # the store's backlog and lag say it all
+
+    @property
+    def halted(self) -> bool:
+        return False
+
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 EMPTY_METADATA = "e30="  # base64 of "{}": the original always sent the header
@@ -478,6 +494,14 @@ class FlowcoreSink:
 
     def interrupt(self) -> None:
         self._interrupted.set()
+
+    def describe(self) -> dict[str, Any]:
+        target = self.settings.events_url(VISITOR_TRACKED.flow_type, VISITOR_TRACKED.event_type)
+        return {"flowcore": {"target": target, **asdict(self.status)}}
+
+    @property
+    def halted(self) -> bool:
+        return self.status.halted
 
     async def send(self, rows: Sequence[OutboxRow]) -> None:
         for batch in same_second_batches(rows):

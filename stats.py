@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
+from filters import OTHER_DOMAINS, PER_DOMAIN_REASONS
+
 PERIODS = ("today", "yesterday", "7d", "30d", "month", "12mo", "custom")
 DEFAULT_PERIOD = "30d"
 DEFAULT_LIMIT = 10
@@ -237,9 +239,7 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
     return int(next(iter(rows))[0])
 
 
-# Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
-DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
-OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed
+DROP_REASONS = tuple(str(reason) for reason in PER_DOMAIN_REASONS)
 
 
 async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from conftest import Start
 from helpers import BROWSER_UA, SECRET, FakeClock, drained, poll, query, utc
 
 import privacy
-from collector import MAINTENANCE_INTERVAL, SALTS, maintenance_pause
+from collector import STORE
+from maintenance import MAINTENANCE_INTERVAL, maintenance_pause
 from store import DB_FILENAME, Store
 
 ADDRESS = "198.51.100.23"
@@ -128,7 +129,7 @@ async def test_once_its_salt_is_gone_a_hash_cannot_be_recomputed(start_collector
         await visit(client, data_dir, address=f"203.0.113.{day}")
     # What the maintenance job runs: the rows went at the first page view of 6 June, but the
     # WAL's older frames still held them until this truncates it (without it, this test fails).
-    assert await client.app[SALTS].forget_old("2025-06-07") == 0
+    assert await client.app[STORE].forget_salts(privacy.previous_day("2025-06-07")) == 0
 
     assert "2025-06-04" not in salts(data_dir)
     for name, content in database_bytes(data_dir).items():

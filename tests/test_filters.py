@@ -16,7 +16,7 @@ from helpers import BROWSER_UA, FakeClock, drained, query, utc
 import stats
 from collector import DROPS, LIMITER
 from config import ConfigError, load_config
-from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
+from filters import OTHER_DOMAINS, BotDetector, DropReason, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
 TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageview_rows", "daily_stats", "visitors",
@@ -368,5 +368,5 @@ async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_
 
 
 def test_stats_knows_every_drop_reason() -> None:
-    assert set(stats.DROP_REASONS) == set(REASONS) - {DOMAIN_NOT_ALLOWED}
+    assert set(stats.DROP_REASONS) == set(DropReason) - {DropReason.DOMAIN_NOT_ALLOWED}
     assert stats.OTHER_DOMAINS == OTHER_DOMAINS
