@@ -12,9 +12,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from aiohttp.test_utils import TestClient
 from conftest import Start
-from helpers import BROWSER_UA, SECRET, FakeClock, drained, poll, query, utc
+from helpers import BROWSER_UA, SECRET, Client, FakeClock, drained, poll, query, utc
 
 import privacy
 from collector import STORE
@@ -25,7 +24,7 @@ ADDRESS = "198.51.100.23"
 EPHEMERAL = {"PRIVACY_MODE": "ephemeral"}
 
 
-async def visit(client: TestClient, data_dir: Path, domain: str = "example.com", address: str = ADDRESS) -> str:
+async def visit(client: Client, data_dir: Path, domain: str = "example.com", address: str = ADDRESS) -> str:
     """Send one page view; return the visitor hash of the event it became."""
     response = await client.post(
         "/api/pageview",

@@ -7,11 +7,13 @@ import asyncio
 import hashlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientResponse
 from conftest import Start
-from helpers import SECRET, FakeClock, drained, query, utc
+from helpers import SECRET, Client, FakeClock, drained, query, utc
 from multidict import CIMultiDict
 
 import privacy
@@ -30,14 +32,14 @@ def independent_hash(ip: str, agent: str, day: str) -> str:
     return hashlib.sha256(f"{ip}:{agent}:{salt}".encode()).hexdigest()
 
 
-async def post(client, body: object, **headers: str):
+async def post(client: Client, body: object, **headers: str) -> ClientResponse:
     headers.setdefault("Content-Type", "text/plain")
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return await client.post("/api/pageview", data=data, headers=headers)
 
 
 def stored_events(data_dir: Path) -> int:
-    return query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)")[0][0]
+    return int(query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)")[0][0])
 
 
 async def test_a_page_view_becomes_an_anonymous_event_and_is_counted(start_collector: Start, data_dir: Path) -> None:
@@ -129,7 +131,7 @@ async def test_bad_input_is_refused_with_a_message_and_nothing_is_stored(
 async def test_a_body_over_the_limit_without_content_length_is_refused(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector()
 
-    async def chunks():
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(20):
             yield b" " * 1024
 

@@ -213,13 +213,21 @@ def test_the_writer_alternates_so_urgent_jobs_never_starve_the_others() -> None:
     writer.start()
     order: list[str] = []
     started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    def record(name: str) -> Callable[[], None]:
+        return lambda: order.append(name)
+
     try:
-        writer.submit(lambda: (started.set(), release.wait(10), None)[-1])
+        writer.submit(hold)
         assert started.wait(10)  # the writer is busy with it: what follows queues up
         for name in ("u1", "u2", "u3"):
-            writer.submit(lambda name=name: order.append(name), urgent=True)
+            writer.submit(record(name), urgent=True)
         for name in ("o1", "o2"):
-            writer.submit(lambda name=name: order.append(name))
+            writer.submit(record(name))
         writer.submit(done.set)
         release.set()
         assert done.wait(10)
