@@ -34,14 +34,22 @@ def request(host: str, rng: random.Random) -> bytes:
 
 
 class Client:
-    def __init__(self, host: str, port: int) -> None:
+    """At most `connections` connections (browsers are many, but a proxy in front keeps a pool):
+    a request due while all are busy waits for one, and that wait counts in its latency."""
+
+    def __init__(self, host: str, port: int, connections: int) -> None:
         self.host, self.port = host, port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(connections)
         self.latencies: list[float] = []
         self.errors = 0
         self.statuses: dict[int, int] = {}
 
     async def send(self, due: float, raw: bytes) -> None:
+        async with self.slots:
+            await self._send(due, raw)
+
+    async def _send(self, due: float, raw: bytes) -> None:
         try:
             reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
             writer.write(raw)
@@ -57,8 +65,8 @@ class Client:
             self.errors += 1
 
 
-async def run(host: str, port: int, rate: float, seconds: float) -> dict[str, object]:
-    client = Client(host, port)
+async def run(host: str, port: int, rate: float, seconds: float, connections: int) -> dict[str, object]:
+    client = Client(host, port, connections)
     rng = random.Random(1)
     requests = [request(host, rng) for _ in range(2000)]
     total = int(rate * seconds)
@@ -72,7 +80,7 @@ async def run(host: str, port: int, rate: float, seconds: float) -> dict[str, ob
         task = asyncio.ensure_future(client.send(due, requests[index % len(requests)]))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    sent_for = time.monotonic() - start
+    sent_for = time.monotonic() - start  # longer than seconds when this process could not keep up
     await asyncio.gather(*tasks)
     latencies = sorted(client.latencies) or [float("nan")]
 
@@ -91,8 +99,9 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--connections", type=int, default=256)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.host, args.port, args.rate, args.seconds))), flush=True)
+    print(json.dumps(asyncio.run(run(args.host, args.port, args.rate, args.seconds, args.connections))), flush=True)
 
 
 if __name__ == "__main__":

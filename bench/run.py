@@ -305,6 +305,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short runs: 8 s, 100,000 page views")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each throughput run (full speed)")
     parser.add_argument("--latency-seconds", type=float, default=30.0, help="length of the open-loop run")
+    parser.add_argument("--rate", type=int, default=1000, help="page views a second offered in the open-loop run")
     parser.add_argument("--only", choices=["throughput", "latency"], help="run only these figures")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--pageviews", type=int, default=1_000_000, help="page views for the memory run")
@@ -332,8 +333,8 @@ def main() -> int:
             results[f"throughput_{loop}"] = report(f"throughput ({loop})", throughput(loop, args.seconds,
                                                                                     args.connections, work))
         for loop in loops if args.only in (None, "latency") else ():
-            results[f"latency_{loop}"] = report(f"open-loop latency at 1,000 page views/s ({loop})",
-                                                fixed_rate(args.latency_seconds, work, loop))
+            results[f"latency_{loop}"] = report(f"open-loop latency at {args.rate:,} page views/s ({loop})",
+                                                fixed_rate(args.latency_seconds, work, loop, args.rate))
         if args.only is None:
             results["drain"] = report("emitter drain into a fake Flowcore", drain(args.drain_events, work))
             results["memory"] = report(f"memory after {args.pageviews:,} page views",
