@@ -718,11 +718,13 @@ async def delivery(app: web.Application) -> AsyncIterator[None]:
     finishes its request, and what is left waits in the outbox."""
     config, store, session = app[CONFIG], app[STORE], app[SESSION]
     sink: Sink
-    if config.flowcore is not None and session is not None:
+    if config.flowcore is not None and session is not None:  # a batch is one request to the webhook
         sink, batch_size = FlowcoreSink(store, session, config.flowcore), config.flowcore.batch_size
+        busy_batch_size = batch_size
     else:
         sink, batch_size = LocalSink(store, app[PATHWAYS]), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
+        busy_batch_size = LOCAL_BUSY_BATCH_SIZE
+    emitter = Emitter(store, sink, batch_size, busy_batch_size)
     app[SINK], app[EMITTER] = sink, emitter
     emitter.start()
     try:

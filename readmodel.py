@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 VISIT_GAP_MS = 30 * 60 * 1000
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
-VISITOR_CACHE_SIZE = 20_000  # visitors whose day is kept in memory (a few hundred bytes each)
+VISITOR_CACHE_SIZE = 10_000  # visitors whose day is kept in memory (about 300 bytes each)
+SMALL_SEEN = 16  # sightings kept in a tuple (smaller than a set) before a visitor gets a set
 DIMS_CACHE_SIZE = 50_000  # dictionary entries kept in memory
 REBUILD_BATCH = 1000
 NEXT_ID = "read_model_next_id"  # meta: the next raw row id (ids are never reused)
@@ -187,7 +189,20 @@ class Visitor:
     visit: int = 0  # the current visit: its first page view's id, its day, its page views
     visit_day: str = ""
     visit_views: int = 0
-    seen: set[int] = field(default_factory=set)  # (day, page or source id) pairs, for unique visitors
+    seen: tuple[int, ...] | set[int] = ()  # (day, page or source id) pairs, for unique visitors
+
+    def sighted(self, sighting: int) -> bool:
+        """Whether this is the first sighting; most visitors have a few, kept in a small tuple."""
+        seen = self.seen
+        if sighting in seen:
+            return False
+        if isinstance(seen, set):
+            seen.add(sighting)
+        elif len(seen) < SMALL_SEEN:
+            self.seen = (*seen, sighting)
+        else:
+            self.seen = {*seen, sighting}
+        return True
 
 
 PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
@@ -266,11 +281,8 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
-    seen = visitor.seen
     for counts, value in ((page, view.page), (source, view.src)):
-        sighting = view.day_number << 40 | value  # dictionary ids are unique across kinds
-        if sighting not in seen:
-            seen.add(sighting)
+        if visitor.sighted(view.day_number << 40 | value):  # dictionary ids are unique across kinds
             counts[1] += 1
     if visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
         visit = tally.days[(domain, visitor.visit_day)]
@@ -358,7 +370,8 @@ class ReadModel:
             payload = event.payload
             view = self._view(payload, int(event.valid_time.timestamp() * 1000))
             key = key64(payload["domain"], payload["visitorHash"])
-            by_visitor.setdefault(key, (payload["sessionContext"]["dailySaltRotation"], []))[1].append(view)
+            salt_day = sys.intern(payload["sessionContext"]["dailySaltRotation"])  # one string per day, not per visitor
+            by_visitor.setdefault(key, (salt_day, []))[1].append(view)
         self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
         known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
         # Before any is remembered: remembering one may push another of this batch out of the cache.

@@ -19,7 +19,7 @@ import pytest
 from helpers import query, utc
 
 from pathways import VISITOR_TRACKED, Event, Pathways, time_uuid
-from readmodel import ReadModel
+from readmodel import ReadModel, Visitor
 from store import DB_FILENAME, Store, _Writer
 
 ROLLUPS = ("daily_stats", "hourly_stats", "page_stats", "source_stats")
@@ -234,3 +234,11 @@ def test_the_writer_alternates_so_urgent_jobs_never_starve_the_others() -> None:
     finally:
         writer.stop()
     assert order == ["u1", "o1", "u2", "o2", "u3"]
+
+
+def test_a_visitor_remembers_every_sighting_past_the_small_tuple() -> None:
+    visitor = Visitor(1, "2025-06-04")
+    sightings = [day << 40 | page for day in (20243, 20244) for page in range(20)]
+    assert [visitor.sighted(s) for s in sightings] == [True] * 40
+    assert isinstance(visitor.seen, set)
+    assert not any(visitor.sighted(s) for s in sightings)
