@@ -242,3 +242,16 @@ def test_a_visitor_remembers_every_sighting_past_the_small_tuple() -> None:
     assert [visitor.sighted(s) for s in sightings] == [True] * 40
     assert isinstance(visitor.seen, set)
     assert not any(visitor.sighted(s) for s in sightings)
+
+
+def imported_modules(module: str) -> set[str]:
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / f"{module}.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_the_store_knows_neither_the_router_nor_the_read_model_and_ingestion_never_imports_reporting() -> None:
+    assert not imported_modules("store") & {"pathways", "readmodel", "stats"}
+    assert not imported_modules("pathways") & {"readmodel", "stats"}
