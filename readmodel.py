@@ -392,23 +392,21 @@ class ReadModel:
 
     def _advance(self, conn: sqlite3.Connection, visitor: Visitor | None, salt_day: str, views: list[View],
                  key: int, batch: _Batch) -> Visitor:
-        """Fold a visitor's new page views into its visits. In time order (the usual case) this
-        is O(1) per view; a view older than the last one replays the visitor's whole day from
-        its raw rows, and takes back what the old replay had counted."""
+        """Fold a visitor's new page views into its visits: in time order (the usual case) O(1)
+        per view, else by replaying the visitor's day."""
         if visitor is None:
             visitor = Visitor(views[0].id, salt_day)
             batch.new_visitors.append((key, visitor.id, salt_day))
-            earlier: list[View] = []
-        elif in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
-            return visitor
-        else:
-            earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
-        if not earlier and in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
-            return visitor
+        if not in_time_order(visitor, views):
+            return self._replay_day(conn, visitor, views, batch)
+        replay(visitor, views, batch.tally)
+        batch.rows.extend(view.row(visitor.id) for view in views)
+        return visitor
+
+    def _replay_day(self, conn: sqlite3.Connection, visitor: Visitor, views: list[View], batch: _Batch) -> Visitor:
+        """A view older than the visitor's last one: replay its raw rows with the new views in
+        time order, take back what the old replay counted, and renumber the visits that moved."""
+        earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
         stored = {view.id: view.visit for view in earlier}
         batch.tally.add(_replayed(visitor, earlier)[1], sign=-1)
         again, tally = _replayed(visitor, sorted(earlier + views, key=lambda v: (v.ts_ms, v.id)))
