@@ -127,7 +127,7 @@ async def test_the_test_page_says_whether_a_page_view_was_counted_and_why_not(
 @pytest.mark.parametrize("page_file", ["dashboard.html", "test.html"])
 def test_both_pages_can_explain_every_drop_reason(page_file: str) -> None:
     html = (ROOT / "static" / page_file).read_text()
-    assert [reason for reason in filters.REASONS if f'"{reason}": "' not in html] == []
+    assert [reason for reason in filters.DropReason if f'"{reason}": "' not in html] == []
 
 
 async def test_tables_keep_their_own_height_and_bars_follow_the_page_views_beside_them(
