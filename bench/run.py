@@ -209,6 +209,13 @@ def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[
     }
 
 
+def fixed_rate_wrk(url: str, seconds: float, rate: int = 1000, connections: int = 50) -> WrkResult:
+    """wrk at about `rate` page views a second offered: connections with a think time
+    (bench/readers_bench.py's load)."""
+    think_ms = max(1, round(connections * 1000 / rate) - 2)  # about 2 ms of service time per request
+    return wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+
+
 def fixed_rate(seconds: float, work: Path, loop: str = "asyncio", rate: int = 1000) -> dict[str, Any]:
     """An open-loop client at `rate` page views a second; the read model's lag sampled meanwhile."""
     with collector(work / f"latency-{loop}", loop) as (url, pid):

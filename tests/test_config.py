@@ -77,7 +77,9 @@ def test_main_stops_with_the_message_on_a_bad_value(
     assert "PORT" in capsys.readouterr().err
 
 
-def test_main_stops_with_the_message_on_an_unreadable_geoip_database(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_main_stops_with_the_message_on_an_unreadable_geoip_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     monkeypatch.setenv("GEOIP_DATABASE", str(tmp_path / "missing.mmdb"))
     assert collector.main([]) == 2

@@ -187,7 +187,7 @@ async def test_a_remote_reader_without_a_configured_token_sees_how_to_set_one(
 
 
 async def test_the_site_picker_works_with_any_number_of_sites(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     """5,000 sites (a collector without ALLOWED_DOMAINS, flooded up to a raised MAX_SITES): the
     picker builds one page of options, and the search box finds the others."""
@@ -227,7 +227,7 @@ async def test_the_site_picker_works_with_any_number_of_sites(
     assert errors.messages == []
 
 
-async def test_with_few_sites_there_is_no_search_box(start_collector: Start, data_dir: Path, browser) -> None:  # noqa: F811
+async def test_with_few_sites_there_is_no_search_box(start_collector: Start, data_dir: Path, browser: Browser) -> None:  # noqa: F811
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ, STATS_TOKEN=TOKEN)
     errors = PageErrors()

@@ -17,7 +17,7 @@ from playwright.async_api import Browser
 import stats
 from collector import DROPS, LIMITER
 from config import ConfigError, load_config
-from filters import OTHER_DOMAINS, UNNAMED_REASONS, BotDetector, DropReason, RateLimiter, limiter_key
+from filters import UNNAMED_REASONS, BotDetector, DropReason, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
 TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageview_rows", "daily_stats", "visitors",
@@ -372,4 +372,3 @@ async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_
 def test_stats_knows_every_drop_reason() -> None:
     assert set(stats.DROP_REASONS) == set(DropReason) - UNNAMED_REASONS
     assert UNNAMED_REASONS == {DropReason.DOMAIN_NOT_ALLOWED, DropReason.SITE_LIMIT}
-    assert stats.OTHER_DOMAINS == OTHER_DOMAINS

@@ -466,7 +466,9 @@ async def test_an_answer_without_event_ids_halts_keeps_the_events_and_is_not_res
     assert len(fake.ingestions) == 1  # the platform stored it once; it was not sent again
 
 
-def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(tmp_path: Path, caplog) -> None:
+def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     from collector import log_start

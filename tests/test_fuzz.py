@@ -196,13 +196,13 @@ event_shaped = st.fixed_dictionaries(
               "extra": json_values},
 )
 valid_props = st.dictionaries(
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+    st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40),
     st.one_of(valid_text, st.integers(-(2**53) + 1, 2**53 - 1), st.floats(allow_nan=False, allow_infinity=False),
               st.booleans()),
     max_size=MAX_EVENT_PROPS,
 )
 valid_events = st.fixed_dictionaries(
-    {"name": st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=120),
+    {"name": st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=120),
      "pathname": st.builds(lambda rest: "/" + rest, valid_text)},
     optional={"referrer": valid_text, "props": valid_props,
               "domain": st.sampled_from(["example.com", "ünïcode.example", "[::1]", "a.b"])},
