@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import gzip
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -23,8 +23,8 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 from dotenv import dotenv_values
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 import dimensions
 import filters
@@ -58,7 +58,7 @@ from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
     DataDirError,
-    enforce_retention,
+    Jobs,
     lock_data_dir,
     progress_bar,
     rebuild,
@@ -68,6 +68,7 @@ from pathways import (
     DIMENSION_FIELDS,
     EVENT_PROPS,
     MAX_EVENT_NAME_LENGTH,
+    MAX_PATH_LENGTH,
     MAX_UTM_LENGTH,
     UTM_KEYS,
     VISITOR_EVENT,
@@ -85,7 +86,6 @@ from pathways import (
     UnknownPathwayError,
     parse_envelope,
     secret_matches,
-    wait_any,
 )
 from readmodel import ReadModel, local_day_hour
 from store import (
@@ -105,10 +105,8 @@ logger = logging.getLogger("collector")
 
 SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
-MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
 LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
-MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
 # No client address and no user agent: the access log must not undo what hashing protects. The
 # last field is why a page view was not counted (X-Collector-Dropped), "-" for any other answer.
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs %{X-Collector-Dropped}o'
@@ -265,6 +263,8 @@ def script_handler(script: Script) -> Handler:
 # answers 204 and says why), then the visitor hash and the write. The steps are shared below.
 
 CORS_PATHS = {"/api/pageview", "/api/event"}
+# A counted page view's or event's answer, but for CORS: built once, copied into each response.
+COUNTED = CIMultiDict(http_defense.api_headers())
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain", "utm")
 EVENT_FIELDS = ("name", "pathname", "domain", "referrer", "props")
 BODY_TYPES = ("application/json", "text/plain")
@@ -335,7 +335,7 @@ async def pageview(request: web.Request) -> web.Response:
     if app[CONFIG].event_version == "v1":
         payload.update(derived_dimensions(request, ip), utm=dict(fields.utm))
     await app[PATHWAYS].write(tracked_contract(app[CONFIG]), payload, now)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=COUNTED)
 
 
 def tracked_contract(config: Config) -> Contract:
@@ -350,7 +350,7 @@ def derived_dimensions(request: web.Request, ip: str) -> dict[str, str | None]:
     if config.event_version != "v1":
         return dict.fromkeys(DIMENSION_FIELDS)
     found = request.app[DIMENSIONS].derive(ip, request.headers.get("User-Agent"),
-                                           cdn_country(request.remote, request.headers, config))
+                                           cdn_country(request.remote, request.headers, request.app[PROXY_RANGES]))
     return {"country": found.country, "browser": found.browser, "os": found.os, "device": found.device}
 
 
@@ -378,13 +378,13 @@ async def event(request: web.Request) -> web.Response:
         **derived_dimensions(request, ip),
     }
     await app[PATHWAYS].write(VISITOR_EVENT, payload, now)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=COUNTED)
 
 
 def admit(request: web.Request, what: str) -> str:
     """The client's address, once the rate limit (shared by page views and events) and the
     content type let the request in."""
-    ip = client_ip(request.remote, request.headers, request.app[CONFIG].trusted_proxies)
+    ip = client_ip(request.remote, request.headers, request.app[PROXY_RANGES])
     wait = request.app[LIMITER].retry_after(ip)
     if wait is not None:
         raise ApiError(429, f"too many {what} from this address; try again in {wait} s", {"Retry-After": str(wait)})
@@ -404,6 +404,8 @@ async def visitor_hash(request: web.Request, ip: str, domain: str, day: str) -> 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes the limit, and with 408 when it does not
     arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
+    if request.content.is_eof():  # the whole body came with the headers (the usual case): no timer
+        return await _read_limited(request, limit)
     timeout = request.app[CONFIG].body_timeout
     try:
         async with asyncio.timeout(timeout):
@@ -557,9 +559,12 @@ def _address(text: str) -> tuple[int, str] | None:
     return (_V4_TAG if address.version == 4 else 0) | int(address), str(address)
 
 
-@lru_cache(maxsize=8)
-def _ranges(proxies: tuple[IPNetwork, ...]) -> tuple[tuple[int, int], ...]:
-    """Each trusted network as (network number, mask), both tagged like _address's numbers."""
+ProxyRanges = tuple[tuple[int, int], ...]
+
+
+def proxy_ranges(proxies: tuple[IPNetwork, ...]) -> ProxyRanges:
+    """Each trusted network as (network number, mask), both tagged like _address's numbers:
+    worked out once at start-up (hashing the networks per request was a measurable cost)."""
     return tuple(
         ((_V4_TAG if net.version == 4 else 0) | int(net.network_address), _V4_TAG | int(net.netmask))
         for net in proxies
@@ -570,10 +575,9 @@ def _trusted(number: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(number & mask == network for network, mask in ranges)
 
 
-def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNetwork, ...]) -> str:
+def client_ip(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str:
     """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
     address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
-    ranges = _ranges(proxies)
     peer_address = _address(peer or "")
     if peer_address is None:
         return peer or "unknown"
@@ -589,13 +593,13 @@ def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNet
     return peer_address[1]
 
 
-def cdn_country(peer: str | None, headers: MultiMapping[str], config: Config) -> str | None:
+def cdn_country(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str | None:
     """CF-IPCountry, believed only from a trusted proxy (anyone else could name any country)."""
     value = headers.get("CF-IPCountry")
     if value is None:
         return None
     peer_address = _address(peer or "")
-    return value if peer_address is not None and _trusted(peer_address[0], _ranges(config.trusted_proxies)) else None
+    return value if peer_address is not None and _trusted(peer_address[0], ranges) else None
 
 
 def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int], ...]) -> str | None:
@@ -715,12 +719,9 @@ async def health(request: web.Request) -> web.Response:
         "statistics": store.statistics_load(),
     }
     sink = request.app[SINK]
-    if isinstance(sink, FlowcoreSink):
-        contract = tracked_contract(config)
-        body["flowcore"] = {"target": sink.settings.events_url(contract.flow_type, contract.event_type),
-                            **asdict(sink.status)}
-        if sink.status.halted:
-            body["status"] = "halted"
+    body.update(sink.describe())
+    if sink.halted:
+        body["status"] = "halted"
     return web.json_response(body)
 
 
@@ -760,7 +761,7 @@ def require_reader(request: web.Request) -> None:
     config = request.app[CONFIG]
     if config.stats_token:
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not _token_matches(config.stats_token, token.strip()):
+        if scheme.lower() != "bearer" or not secret_matches(config.stats_token, token.strip()):
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
@@ -774,11 +775,6 @@ def is_loopback_socket(peer: str | None) -> bool:
     """Whether the socket peer is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x)."""
     address = parse_ip(peer) if peer else None
     return address is not None and address.is_loopback
-
-
-def _token_matches(expected: str, given: str) -> bool:
-    # surrogateescape: a header that is not valid UTF-8 is compared as its bytes, never a 500
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
 
 
 def query_params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
@@ -926,6 +922,7 @@ def static_dir() -> Path:
 STATIC_DIR = static_dir()
 CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
+PROXY_RANGES: web.AppKey[ProxyRanges] = web.AppKey("proxy_ranges")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 READ_MODEL = web.AppKey("read_model", ReadModel)
@@ -935,9 +932,9 @@ SINK: web.AppKey[Sink] = web.AppKey("sink")
 FILTER = web.AppKey("filter", filters.PageviewFilter)
 LIMITER = web.AppKey("limiter", filters.RateLimiter)
 DROPS = web.AppKey("drops", filters.DropCounter)
+SESSION: web.AppKey[aiohttp.ClientSession | None] = web.AppKey("session")
 HASHER = web.AppKey("hasher", privacy.VisitorHasher)
 DIMENSIONS = web.AppKey("dimensions", dimensions.DimensionReader)
-SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
 def utc_now() -> datetime:
@@ -957,6 +954,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
     http_defense.install(app, PAGES)
     app[CONFIG] = config
+    app[PROXY_RANGES] = proxy_ranges(config.trusted_proxies)
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
         FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector(),
@@ -969,8 +967,10 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
         app[DIMENSIONS] = dimensions.DimensionReader(config.geoip_database)
     except ValueError as error:
         raise ConfigError(f"GEOIP_DATABASE: {error}") from None
-    app.cleanup_ctx.append(data_dir_lock)
-    app.cleanup_ctx.append(runtime)
+    # One context per resource, opened in this order and closed in the reverse: a failure half
+    # way through start-up closes exactly what was opened.
+    for context in (data_dir_lock, database, outbound_session, delivery, background_jobs):
+        app.cleanup_ctx.append(context)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
@@ -993,50 +993,22 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     return app
 
 
-async def runtime(app: web.Application) -> AsyncIterator[None]:
-    """Open the store, start the emitter and the maintenance job; on the way out, stop
-    them in order: the emitter finishes its request, pending commits land, the file closes."""
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """The store with its read model and router, and what hashes visitors; closed last."""
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
     read_model = new_read_model(store, config)
-    await store.open()
     try:
-        app[FILTER].sites.load(await read_model.counted_domains())
-    except BaseException:
-        await store.close()
-        raise
-    pathways = wire_pathways(store, read_model, config)
-    session = aiohttp.ClientSession() if config.flowcore else None
-    sink: Sink
-    if config.flowcore and session:
-        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
-        batch_size = config.flowcore.batch_size
-    else:
-        sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
-    app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
-    app[READ_MODEL] = read_model
-    salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
-    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
-    app[DROPS] = filters.DropCounter(store)
-    emitter.start()
-    stop_maintenance = asyncio.Event()
-    maintenance = asyncio.create_task(
-        run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"
-    )
-    drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
-    try:
+        await store.open()
+        app[FILTER].sites.load(await read_model.counted_domains())  # MAX_SITES counts the sites already kept
+        pathways = wire_pathways(store, read_model, config)
+        app[STORE], app[READ_MODEL], app[PATHWAYS] = store, read_model, pathways
+        salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
+        app[HASHER] = privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
+        app[DROPS] = filters.DropCounter(store)
         yield
     finally:
-        stop_maintenance.set()
-        with suppress(Exception):
-            await maintenance
-        with suppress(Exception):
-            await drop_counts  # its last flush writes what the final requests dropped
-        await emitter.stop()
-        if session is not None:
-            await session.close()
         await store.close()
         logger.info("stopped; the database is closed")
 
@@ -1061,27 +1033,51 @@ def event_limits(config: Config) -> EventLimits:
     return EventLimits(config.event_names_per_day, config.event_property_values_per_day)
 
 
-async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
-                          stop: asyncio.Event) -> None:
-    """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
-    ephemeral salt's 48 hours end)."""
-    while not stop.is_set():
-        try:
-            today = clock().astimezone(UTC).date()
-            await read_model.forget_expired_visitors(today)
-            await enforce_retention(store, read_model, config.raw_retention_days, clock(),
-                                    local_delivery=config.flowcore is None)
-            await store.forget_salts(privacy.previous_day(today.isoformat()))
-        except Exception:
-            logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
-        await wait_any(stop, timeout=maintenance_pause(clock()))
+async def outbound_session(app: web.Application) -> AsyncIterator[None]:
+    """The one HTTP client session, in Flowcore mode."""
+    session = aiohttp.ClientSession() if app[CONFIG].flowcore else None
+    app[SESSION] = session
+    try:
+        yield
+    finally:
+        if session is not None:
+            await session.close()
 
 
-def maintenance_pause(now: datetime) -> float:
-    """Seconds to the next run: the interval, or just past the next UTC midnight if sooner."""
-    utc = now.astimezone(UTC)
-    midnight = datetime.combine(utc.date() + timedelta(days=1), time(), tzinfo=UTC)
-    return max(1.0, min(MAINTENANCE_INTERVAL, (midnight - utc).total_seconds() + 1))
+async def delivery(app: web.Application) -> AsyncIterator[None]:
+    """The sink and the emitter that drains the outbox into it; on the way out the emitter
+    finishes its request, and what is left waits in the outbox."""
+    config, store, session = app[CONFIG], app[STORE], app[SESSION]
+    sink: Sink
+    if config.flowcore is not None and session is not None:  # a batch is one request to the webhook
+        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
+        batch_size = config.flowcore.batch_size
+        busy_batch_size = batch_size
+    else:
+        sink, batch_size = LocalSink(store, app[PATHWAYS]), LOCAL_BATCH_SIZE
+        busy_batch_size = LOCAL_BUSY_BATCH_SIZE
+    emitter = Emitter(store, sink, batch_size, busy_batch_size)
+    app[SINK], app[EMITTER] = sink, emitter
+    emitter.start()
+    try:
+        yield
+    finally:
+        await emitter.stop()
+
+
+async def background_jobs(app: web.Application) -> AsyncIterator[None]:
+    """Retention, forgetting, salts and drop counts (maintenance.py); stopped first."""
+    config = app[CONFIG]
+    jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], config.raw_retention_days, app[CLOCK],
+                local_delivery=config.flowcore is None)
+    jobs.start()
+    # What start-up made lives as long as the process: out of the collector's way, so its
+    # collections only walk what requests make.
+    gc.freeze()
+    try:
+        yield
+    finally:
+        await jobs.stop()
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:

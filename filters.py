@@ -8,7 +8,6 @@ a number) that DropCounter hands to the store."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -17,12 +16,11 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from crawlerdetect import CrawlerDetect
-
-from store import StorageUnavailableError
 
 if TYPE_CHECKING:
     from store import Store
@@ -30,34 +28,43 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Collector-Dropped"
-BOT = "bot"
-HEADLESS = "headless"
-EMPTY_USER_AGENT = "empty-user-agent"
-PREFETCH = "prefetch"
-DOMAIN_NOT_ALLOWED = "domain-not-allowed"
-GPC = "gpc"
-DNT = "dnt"
-SITE_LIMIT = "site-limit"
-REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT, SITE_LIMIT)
+
+
+class DropReason(StrEnum):
+    """Why a page view was not counted: the X-Collector-Dropped header, the drop counts,
+    /api/stats, /api/dropped, the dashboard and the OpenAPI document all name them from here."""
+
+    BOT = "bot"
+    HEADLESS = "headless"
+    EMPTY_USER_AGENT = "empty-user-agent"
+    PREFETCH = "prefetch"
+    DOMAIN_NOT_ALLOWED = "domain-not-allowed"
+    GPC = "gpc"
+    DNT = "dnt"
+    SITE_LIMIT = "site-limit"
+
+
 # What each reason means to the person who sent the page view, and what to do about it; the
 # log says it, and the dashboard and the test page say the same.
-EXPLANATIONS = {
-    BOT: "sent by a crawler, a bot or an HTTP library such as curl or python-requests; to send one by hand, "
-    "give a browser's User-Agent: curl -A 'Mozilla/5.0 ...'",
-    HEADLESS: "sent by an automated browser: HeadlessChrome, Puppeteer, Playwright, Selenium and the like",
-    EMPTY_USER_AGENT: "sent without a User-Agent header",
-    PREFETCH: "a prefetch or prerender, which nobody may ever have seen",
-    DOMAIN_NOT_ALLOWED: "its domain is not in ALLOWED_DOMAINS",
-    GPC: "the browser asks not to be tracked with Global Privacy Control, Sec-GPC: 1, as Brave does by default; "
-    "RESPECT_GPC=false would count it",
-    DNT: "the browser sends Do Not Track, DNT: 1, and RESPECT_DNT is true",
-    SITE_LIMIT: "its domain would be a new site beyond MAX_SITES; set ALLOWED_DOMAINS to your sites, or raise "
-    "MAX_SITES",
+EXPLANATIONS: dict[str, str] = {
+    DropReason.BOT: "sent by a crawler, a bot or an HTTP library such as curl or python-requests; to send one "
+    "by hand, give a browser's User-Agent: curl -A 'Mozilla/5.0 ...'",
+    DropReason.HEADLESS: "sent by an automated browser: HeadlessChrome, Puppeteer, Playwright, Selenium and the like",
+    DropReason.EMPTY_USER_AGENT: "sent without a User-Agent header",
+    DropReason.PREFETCH: "a prefetch or prerender, which nobody may ever have seen",
+    DropReason.DOMAIN_NOT_ALLOWED: "its domain is not in ALLOWED_DOMAINS",
+    DropReason.GPC: "the browser asks not to be tracked with Global Privacy Control, Sec-GPC: 1, as Brave does by "
+    "default; RESPECT_GPC=false would count it",
+    DropReason.DNT: "the browser sends Do Not Track, DNT: 1, and RESPECT_DNT is true",
+    DropReason.SITE_LIMIT: "its domain would be a new site beyond MAX_SITES; set ALLOWED_DOMAINS to your sites, or "
+    "raise MAX_SITES",
 }
 # Drops for a domain outside ALLOWED_DOMAINS, or beyond MAX_SITES, are counted under this name,
 # not the one sent: invented names are not worth keeping, and a flood of them cannot grow the table.
+UNNAMED_REASONS = frozenset({DropReason.DOMAIN_NOT_ALLOWED, DropReason.SITE_LIMIT})
+# Counted per domain; the unnamed ones are counted for all such domains together (OTHER_DOMAINS).
+PER_DOMAIN_REASONS = tuple(reason for reason in DropReason if reason not in UNNAMED_REASONS)
 OTHER_DOMAINS = "*"
-UNNAMED_REASONS = frozenset({DOMAIN_NOT_ALLOWED, SITE_LIMIT})
 
 MAX_DOMAIN_LENGTH = 253
 HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
@@ -139,9 +146,9 @@ class BotDetector:
     def reason(self, user_agent: str | None) -> str | None:
         agent = (user_agent or "").strip()
         if not agent:
-            return EMPTY_USER_AGENT
+            return DropReason.EMPTY_USER_AGENT
         if len(agent) > MAX_USER_AGENT_LENGTH:
-            return BOT
+            return DropReason.BOT
         verdict = self._cache.get(agent)
         if verdict is None:
             self.misses += 1
@@ -152,8 +159,8 @@ class BotDetector:
     def _classify(self, agent: str) -> str:
         """"" for a person: the cache stores a string for every verdict."""
         if HEADLESS_PATTERN.search(agent):
-            return HEADLESS
-        return BOT if self._detect.is_crawler(agent) else ""
+            return DropReason.HEADLESS
+        return DropReason.BOT if self._detect.is_crawler(agent) else ""
 
     @property
     def cached(self) -> int:
@@ -290,7 +297,8 @@ class SiteLimit:
     @property
     def advice(self) -> str:
         return (f"MAX_SITES ({self.max_sites}) is reached: page views for further new domains are dropped "
-                f"({DROPPED_HEADER}: {SITE_LIMIT}); set ALLOWED_DOMAINS to the sites you run, or raise MAX_SITES")
+                f"({DROPPED_HEADER}: {DropReason.SITE_LIMIT}); set ALLOWED_DOMAINS to the sites you run, "
+                "or raise MAX_SITES")
 
     def __len__(self) -> int:
         return len(self._domains)
@@ -311,29 +319,28 @@ class PageviewFilter:
     def drop_reason(self, domain: str, headers: Mapping[str, str]) -> str | None:
         allowed = self.settings.allowed_domains
         if allowed is not None and not allowed.allows(domain):
-            return DOMAIN_NOT_ALLOWED
+            return DropReason.DOMAIN_NOT_ALLOWED
         if is_prefetch(headers):
-            return PREFETCH
+            return DropReason.PREFETCH
         reason = self.bots.reason(headers.get("User-Agent"))
         if reason is not None:
             return reason
         if self.settings.respect_gpc and headers.get("Sec-GPC", "").strip() == "1":
-            return GPC
+            return DropReason.GPC
         if self.settings.respect_dnt and headers.get("DNT", "").strip() == "1":
-            return DNT
+            return DropReason.DNT
         if not self.sites.admits(domain):
-            return SITE_LIMIT
+            return DropReason.SITE_LIMIT
         return None
 
 
 # -- drop counts ----------------------------------------------------------------------------------
 
-DROP_FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of the drop counts
 
 
 class DropCounter:
     """Drop counts per (domain, local day, reason), added up in memory and written in one
-    transaction every DROP_FLUSH_INTERVAL, so a dropped request never waits for the disk.
+    transaction every second (maintenance.Jobs), so a dropped request never waits for the disk.
     Between flushes the table holds at most the distinct keys of a second's requests."""
 
     def __init__(self, store: Store) -> None:
@@ -366,20 +373,6 @@ class DropCounter:
             for key, count in batch.items():  # kept for the next flush
                 self._pending[key] += count
             raise
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush every interval until stopped, then once more."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), DROP_FLUSH_INTERVAL)
-            except TimeoutError:
-                pass
-            try:
-                await self.flush()
-            except StorageUnavailableError as error:  # the store logs the outage; one line here
-                logger.warning("writing the drop counts failed (%s); they are kept for the next try", error)
-            except Exception:
-                logger.exception("writing the drop counts failed; they are kept for the next try")
 
 
 # -- rate limiting ----------------------------------------------------------------------------------

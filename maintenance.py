@@ -1,4 +1,5 @@
-"""Jobs beside serving: the daily retention, the DATA_DIR lock, `collector.py rebuild`, which
+"""Every job beside serving (retention, forgetting visitor keys and ephemeral salts, writing
+the drop counts, and their schedule), the DATA_DIR lock, `collector.py rebuild`, which
 recomputes the read model from the local event log, and `collector.py dead-letters --retry`.
 
 A module of its own so that collector.py stays the HTTP app and its configuration; the SQL
@@ -6,29 +7,96 @@ these jobs need lives in store.py (the event log) and readmodel.py (the read mod
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import logging
 import os
 import pwd
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from eventmodel import EventLimits
+from filters import DropCounter
 from pathways import Pathways
+from privacy import previous_day
 from readmodel import ReadModel
-from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, Store
+from store import DB_FILENAME, RETENTION_LAST_RUN, DeadLetter, StorageUnavailableError, Store
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILENAME = "collector.lock"
 RETENTION_INTERVAL = timedelta(days=1)
+MAINTENANCE_INTERVAL = 600.0  # seconds between runs of forgetting and retention
+DROP_FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of the drop counts
 
 Progress = Callable[[int, int], None]
+Clock = Callable[[], datetime]
+
+
+class Jobs:
+    """The jobs that run beside serving, started and stopped together: forgetting visitor keys,
+    retention and old salts at start-up, every MAINTENANCE_INTERVAL and just after each UTC
+    midnight (when an ephemeral salt's 48 hours end); the drop counts every second."""
+
+    def __init__(self, store: Store, read_model: ReadModel, drops: DropCounter, keep_days: int, clock: Clock, *,
+                 local_delivery: bool = True) -> None:
+        self.store, self.read_model, self.drops = store, read_model, drops
+        self.keep_days = keep_days
+        self.local_delivery = local_delivery  # whether the local sink delivers (logged events it has not stay)
+        self.clock = clock
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._maintain(), name="maintenance"),
+                       asyncio.create_task(self._write_drop_counts(), name="drop-counts")]
+
+    async def stop(self) -> None:
+        """Stop both; the drop counts' last flush writes what the final requests dropped."""
+        self._stop.set()
+        for task in self._tasks:
+            with suppress(Exception):
+                await task
+
+    async def _maintain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.run_once()
+            except Exception:
+                logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), maintenance_pause(self.clock()))
+
+    async def run_once(self) -> None:
+        now = self.clock()
+        today = now.astimezone(UTC).date()
+        await self.read_model.forget_expired_visitors(today)
+        await enforce_retention(self.store, self.read_model, self.keep_days, now, local_delivery=self.local_delivery)
+        await self.store.forget_salts(previous_day(today.isoformat()))
+
+    async def _write_drop_counts(self) -> None:
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), DROP_FLUSH_INTERVAL)
+            try:
+                await self.drops.flush()
+            except StorageUnavailableError as error:  # the store logs the outage; one line here
+                logger.warning("writing the drop counts failed (%s); they are kept for the next try", error)
+            except Exception:
+                logger.exception("writing the drop counts failed; they are kept for the next try")
+
+
+def maintenance_pause(now: datetime) -> float:
+    """Seconds to the next run: the interval, or just past the next UTC midnight if sooner."""
+    utc = now.astimezone(UTC)
+    midnight = datetime.combine(utc.date() + timedelta(days=1), time(), tzinfo=UTC)
+    return max(1.0, min(MAINTENANCE_INTERVAL, (midnight - utc).total_seconds() + 1))
 
 
 async def enforce_retention(

@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from filters import MAX_DOMAIN_LENGTH, PER_DOMAIN_REASONS, DropReason
 from pathways import (
     MAX_EVENT_NAME_LENGTH,
     MAX_EVENT_PROPS,
+    MAX_PATH_LENGTH,
     MAX_PROP_KEY_LENGTH,
     MAX_PROP_VALUE_LENGTH,
     MAX_UTM_LENGTH,
@@ -74,7 +76,7 @@ DOMAIN_PARAM = {
     "name": "domain", "in": "query", "required": True,
     "description": "The site, e.g. example.com; `(no site)` for received events whose domain was empty or not a "
     "hostname.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH},
 }
 DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
 READER_SECURITY: list[dict[str, list[str]]] = [{"statsToken": []}, {}]
@@ -155,9 +157,9 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["pathname", "referrer"],
         "additionalProperties": False,
         "properties": {
-            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048},
-            "referrer": {"type": "string", "maxLength": 2048},
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+            "pathname": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH},
+            "referrer": {"type": "string", "maxLength": MAX_PATH_LENGTH},
+            "domain": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
             "utm": {
                 "type": "object",
@@ -177,9 +179,10 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_NAME_LENGTH,
                      "description": "What happened, e.g. Signup, 404, Outbound Link: Click."},
-            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048, "description": "Where it happened."},
-            "referrer": {"type": "string", "maxLength": 2048, "description": "Empty when absent."},
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+            "pathname": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH,
+                         "description": "Where it happened."},
+            "referrer": {"type": "string", "maxLength": MAX_PATH_LENGTH, "description": "Empty when absent."},
+            "domain": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
             "props": {
                 "type": "object",
@@ -273,7 +276,7 @@ SCHEMAS: dict[str, Schema] = {
             "dropped": {
                 **ref("Dropped"),
                 "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
-                "(bot, headless, empty-user-agent, prefetch, gpc, dnt); `domain_not_allowed` and `site_limit`: "
+                f"({', '.join(PER_DOMAIN_REASONS)}); `domain_not_allowed` and `site_limit`: "
                 "page views the whole collector dropped for a domain outside ALLOWED_DOMAINS, or for a new "
                 "domain beyond MAX_SITES (kept under no name).",
             },
@@ -288,7 +291,8 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["total", "by_reason", "domain_not_allowed", "site_limit"],
         "properties": {
             "total": {"type": "integer", "minimum": 0},
-            "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            "by_reason": {"type": "object", "required": list(PER_DOMAIN_REASONS),
+                          "additionalProperties": {"type": "integer", "minimum": 0}},
             "domain_not_allowed": {"type": "integer", "minimum": 0},
             "site_limit": {"type": "integer", "minimum": 0},
         },
@@ -331,8 +335,8 @@ def collection_operation(summary: str, description: str, schema: str, what: str,
             "204": {
                 "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
                 "headers": {
-                    "X-Collector-Dropped": header(f"Why the {what} was not counted: bot, prefetch, gpc, dnt, "
-                                                  "domain-not-allowed, site-limit, ..."),
+                    "X-Collector-Dropped": header(f"Why the {what} was not counted.",
+                                                  schema={"enum": [str(reason) for reason in DropReason]}),
                     "Access-Control-Allow-Origin": CORS_ORIGIN,
                 },
             },
@@ -465,8 +469,8 @@ def paths() -> dict[str, Any]:
         ], json_answer("The statistics.", ref("Stats")))},
         "/api/sites": {"get": reader("The domains seen, a page at a time, in domain order.", [
             query("limit", "Sites per page, 1 to 1000 (100).", {"type": "string", "pattern": "^[0-9]+$"}),
-            query("after", "The previous page's `next`.", {"type": "string", "maxLength": 253}),
-            query("search", "Only domains that contain this text.", {"type": "string", "maxLength": 253}),
+            query("after", "The previous page's `next`.", {"type": "string", "maxLength": MAX_DOMAIN_LENGTH}),
+            query("search", "Only domains that contain this text.", {"type": "string", "maxLength": MAX_DOMAIN_LENGTH}),
         ], json_answer("A page of sites.", ref("Sites")))},
         "/api/dropped": {"get": reader(
             "Page views not counted so far, every site together, by reason (what an empty dashboard shows).", [],

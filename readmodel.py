@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 VISIT_GAP_MS = 30 * 60 * 1000
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
-VISITOR_CACHE_SIZE = 20_000  # visitors whose day is kept in memory (a few hundred bytes each)
+VISITOR_CACHE_SIZE = 10_000  # visitors whose day is kept in memory (about 300 bytes each)
+SMALL_SEEN = 16  # sightings kept in a tuple (smaller than a set) before a visitor gets a set
 DIMS_CACHE_SIZE = 50_000  # dictionary entries kept in memory
 REBUILD_BATCH = 1000
 NEXT_ID = "read_model_next_id"  # meta: the next raw row id (ids are never reused)
@@ -191,7 +193,20 @@ class Visitor:
     visit: int = 0  # the current visit: its first page view's id, its day, its page views
     visit_day: str = ""
     visit_views: int = 0
-    seen: set[int] = field(default_factory=set)  # (day, page or source id) pairs, for unique visitors
+    seen: tuple[int, ...] | set[int] = ()  # (day, page or source id) pairs, for unique visitors
+
+    def sighted(self, sighting: int) -> bool:
+        """Whether this is the first sighting; most visitors have a few, kept in a small tuple."""
+        seen = self.seen
+        if sighting in seen:
+            return False
+        if isinstance(seen, set):
+            seen.add(sighting)
+        elif len(seen) < SMALL_SEEN:
+            self.seen = (*seen, sighting)
+        else:
+            self.seen = {*seen, sighting}
+        return True
 
 
 PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
@@ -270,11 +285,8 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
-    seen = visitor.seen
     for counts, value in ((page, view.page), (source, view.src)):
-        sighting = view.day_number << 40 | value  # dictionary ids are unique across kinds
-        if sighting not in seen:
-            seen.add(sighting)
+        if visitor.sighted(view.day_number << 40 | value):  # dictionary ids are unique across kinds
             counts[1] += 1
     if visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
         visit = tally.days[(domain, visitor.visit_day)]
@@ -365,7 +377,8 @@ class ReadModel:
             payload = event.payload
             view = self._view(payload, int(event.valid_time.timestamp() * 1000))
             key = key64(payload["domain"], payload["visitorHash"])
-            by_visitor.setdefault(key, (payload["sessionContext"]["dailySaltRotation"], []))[1].append(view)
+            salt_day = sys.intern(payload["sessionContext"]["dailySaltRotation"])  # one string per day, not per visitor
+            by_visitor.setdefault(key, (salt_day, []))[1].append(view)
         self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
         known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
         # Before any is remembered: remembering one may push another of this batch out of the cache.
@@ -386,23 +399,21 @@ class ReadModel:
 
     def _advance(self, conn: sqlite3.Connection, visitor: Visitor | None, salt_day: str, views: list[View],
                  key: int, batch: _Batch) -> Visitor:
-        """Fold a visitor's new page views into its visits. In time order (the usual case) this
-        is O(1) per view; a view older than the last one replays the visitor's whole day from
-        its raw rows, and takes back what the old replay had counted."""
+        """Fold a visitor's new page views into its visits: in time order (the usual case) O(1)
+        per view, else by replaying the visitor's day."""
         if visitor is None:
             visitor = Visitor(views[0].id, salt_day)
             batch.new_visitors.append((key, visitor.id, salt_day))
-            earlier: list[View] = []
-        elif in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
-            return visitor
-        else:
-            earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
-        if not earlier and in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            batch.rows.extend(view.row(visitor.id) for view in views)
-            return visitor
+        if not in_time_order(visitor, views):
+            return self._replay_day(conn, visitor, views, batch)
+        replay(visitor, views, batch.tally)
+        batch.rows.extend(view.row(visitor.id) for view in views)
+        return visitor
+
+    def _replay_day(self, conn: sqlite3.Connection, visitor: Visitor, views: list[View], batch: _Batch) -> Visitor:
+        """A view older than the visitor's last one: replay its raw rows with the new views in
+        time order, take back what the old replay counted, and renumber the visits that moved."""
+        earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
         stored = {view.id: view.visit for view in earlier}
         batch.tally.add(_replayed(visitor, earlier)[1], sign=-1)
         again, tally = _replayed(visitor, sorted(earlier + views, key=lambda v: (v.ts_ms, v.id)))

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from filters import NO_SITE
+from filters import NO_SITE, OTHER_DOMAINS, PER_DOMAIN_REASONS, DropReason
 from pathways import MAX_EVENT_NAME_LENGTH
 
 PERIODS = ("today", "yesterday", "7d", "30d", "month", "12mo", "custom")
@@ -241,11 +241,7 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime)
     return int(next(iter(rows))[0])
 
 
-# Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
-DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
-OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed or beyond MAX_SITES
-DOMAIN_NOT_ALLOWED = "domain-not-allowed"
-SITE_LIMIT = "site-limit"
+DROP_REASONS = tuple(str(reason) for reason in PER_DOMAIN_REASONS)
 
 
 async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:
@@ -262,7 +258,7 @@ async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dic
     for name, reason, count in rows:
         if name != OTHER_DOMAINS:
             by_reason[reason] = by_reason.get(reason, 0) + count
-        elif reason == SITE_LIMIT:
+        elif reason == DropReason.SITE_LIMIT:
             beyond_limit += count
         else:
             not_allowed += count
@@ -277,9 +273,9 @@ async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
     by_reason = dict.fromkeys(DROP_REASONS, 0)
     not_allowed = beyond_limit = 0
     for reason, count in rows:
-        if reason == SITE_LIMIT:
+        if reason == DropReason.SITE_LIMIT:
             beyond_limit += count
-        elif reason == DOMAIN_NOT_ALLOWED:
+        elif reason == DropReason.DOMAIN_NOT_ALLOWED:
             not_allowed += count
         else:
             by_reason[reason] = by_reason.get(reason, 0) + count

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import collector, fixed_rate_wrk, process_cpu_seconds  # noqa: E402
+from run import collector, cpu_seconds, fixed_rate_wrk  # noqa: E402
 
 from readmodel import ReadModel  # noqa: E402
 from store import DB_FILENAME, Store  # noqa: E402
@@ -107,14 +107,14 @@ def measure(data_dir: Path, seconds: float, exporters: int) -> dict[str, Any]:
     first = last - timedelta(days=YEARS_DAYS - 1)
     with collector(data_dir, RAW_RETENTION_DAYS="3650") as (url, pid):
         fixed_rate_wrk(url, 2)  # warm-up
-        cpu_before = process_cpu_seconds(pid)
+        cpu_before = cpu_seconds(pid)
         baseline = fixed_rate_wrk(url, seconds)
-        cpu_baseline = process_cpu_seconds(pid) - cpu_before
+        cpu_baseline = cpu_seconds(pid) - cpu_before
         with Exporters(url, exporters, first, last) as running:
             time.sleep(1)  # every exporter has started its first export
-            cpu_before = process_cpu_seconds(pid)
+            cpu_before = cpu_seconds(pid)
             loaded = fixed_rate_wrk(url, seconds)
-            cpu_loaded = process_cpu_seconds(pid) - cpu_before
+            cpu_loaded = cpu_seconds(pid) - cpu_before
             exports, exported, failures = running.done, running.bytes, running.failures
         wal = data_dir / (DB_FILENAME + "-wal")
         wal_mb = wal.stat().st_size / 1e6 if wal.exists() else 0.0

@@ -8,9 +8,12 @@ from pathlib import Path
 from browser import PageErrors, new_page
 from conftest import Start
 from helpers import drained, query
+from playwright.async_api import Browser
 
 
-async def test_the_test_page_sends_a_page_view_without_errors(start_collector: Start, data_dir: Path, browser) -> None:
+async def test_the_test_page_sends_a_page_view_without_errors(
+    start_collector: Start, data_dir: Path, browser: Browser
+) -> None:
     client = await start_collector()
     errors = PageErrors()
     context, page = await new_page(browser, errors)

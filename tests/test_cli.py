@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import BROWSER_UA
-from test_process import ROOT, running  # noqa: F401  (running is a fixture)
+from test_process import ROOT, Running, running  # noqa: F401  (running is a fixture)
 
 import collector
 from config import SETTINGS, load_config
@@ -92,7 +92,9 @@ def test_dotenv_values_are_taken_as_written_and_unknown_names_are_named(
     assert collector.read_dotenv(tmp_path / "absent") == {}
 
 
-async def test_a_dotenv_file_configures_the_collector_and_the_environment_wins(running, tmp_path: Path) -> None:  # noqa: F811
+async def test_a_dotenv_file_configures_the_collector_and_the_environment_wins(
+    running: Running, tmp_path: Path  # noqa: F811
+) -> None:
     (tmp_path / ".env").write_text(f"STATS_TOKEN={DOTENV_TOKEN}\nTIMEZONE=Europe/Copenhagen\n")
     process = running(STATS_TOKEN=ENV_TOKEN)
     await process.start()
@@ -109,7 +111,7 @@ async def test_a_dotenv_file_configures_the_collector_and_the_environment_wins(r
     assert "settings read from" in process.log_path.read_text()
 
 
-async def test_start_up_says_where_the_dashboard_the_test_page_and_the_snippet_are(running) -> None:  # noqa: F811
+async def test_start_up_says_where_the_dashboard_the_test_page_and_the_snippet_are(running: Running) -> None:  # noqa: F811
     process = running("serve")  # the default command, named
     await process.start()
     log = process.log_path.read_text()
@@ -124,7 +126,7 @@ async def test_start_up_says_where_the_dashboard_the_test_page_and_the_snippet_a
                 assert answer.status == 200, path
 
 
-async def test_addresses_are_only_said_once_the_collector_listens(running, tmp_path: Path) -> None:  # noqa: F811
+async def test_addresses_are_only_said_once_the_collector_listens(running: Running, tmp_path: Path) -> None:  # noqa: F811
     first = running()
     await first.start()
     env = {**first.env, "DATA_DIR": str(tmp_path / "second")}  # the same port, which is taken

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock
-from playwright.async_api import Page, Request
+from playwright.async_api import Browser, Page, Request
 from test_stats import FIXTURE, NOW, TZ, seed
 
 from readmodel import ReadModel
@@ -94,7 +94,7 @@ async def assert_shows(page: Page, stats: dict[str, Any]) -> None:
 
 
 async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     await seed(data_dir, FIXTURE)
     await seed_drops(data_dir)
@@ -151,7 +151,7 @@ async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
 
 
 async def test_the_dashboard_loads_in_at_most_four_same_origin_requests(
-    start_collector: Start, data_dir: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, browser: Browser  # noqa: F811
 ) -> None:
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ, STATS_TOKEN=TOKEN)
@@ -173,7 +173,7 @@ async def test_the_dashboard_loads_in_at_most_four_same_origin_requests(
 
 
 async def test_a_remote_reader_without_a_configured_token_sees_how_to_set_one(
-    start_collector: Start, data_dir: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, browser: Browser  # noqa: F811
 ) -> None:
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ)
@@ -187,7 +187,7 @@ async def test_a_remote_reader_without_a_configured_token_sees_how_to_set_one(
 
 
 async def test_the_site_picker_works_with_any_number_of_sites(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     """5,000 sites (a collector without ALLOWED_DOMAINS, flooded up to a raised MAX_SITES): the
     picker builds one page of options, and the search box finds the others."""
@@ -227,7 +227,7 @@ async def test_the_site_picker_works_with_any_number_of_sites(
     assert errors.messages == []
 
 
-async def test_with_few_sites_there_is_no_search_box(start_collector: Start, data_dir: Path, browser) -> None:  # noqa: F811
+async def test_with_few_sites_there_is_no_search_box(start_collector: Start, data_dir: Path, browser: Browser) -> None:  # noqa: F811
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ, STATS_TOKEN=TOKEN)
     errors = PageErrors()

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from dotenv import dotenv_values
 from helpers import poll
-from test_process import running  # noqa: F401  (a fixture)
+from test_process import Running, running  # noqa: F401  (a fixture)
 
 import collector
 from config import SETTINGS, load_config
@@ -137,7 +137,7 @@ def readme_curl_example() -> str:
     return command
 
 
-async def test_the_readme_curl_example_counts_a_page_view(running) -> None:  # noqa: F811
+async def test_the_readme_curl_example_counts_a_page_view(running: Running) -> None:  # noqa: F811
     process = running()
     await process.start()
     base = collector.base_url(load_config({}))

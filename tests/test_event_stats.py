@@ -228,7 +228,8 @@ async def test_a_batch_that_rolls_back_leaves_nothing_behind(tmp_path: Path) -> 
 
 async def test_names_and_values_beyond_the_bounds_count_under_other(tmp_path: Path) -> None:
     at = utc(2025, 6, 10, 9)
-    steps = [  # (name, props) -> what they count under, with 2 names and 3 property rows a day
+    # (name, props) -> what they count under, with 2 names and 3 property rows a day
+    steps: list[tuple[str, dict[str, Any]]] = [
         ("A", {"k": 1}),  # A; (A, k, 1): 1 row
         ("B", {"k": 1}),  # B; (B, k, 1): 2 rows
         ("C", {"k": 9}),  # a third name: (other), and no properties

@@ -12,7 +12,7 @@ from typing import Any
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock
-from playwright.async_api import Page
+from playwright.async_api import Browser, Page
 from test_event_stats import FIXTURE, NOW, deliver, view
 
 TOKEN = "dashboard-token-0123456789"
@@ -70,7 +70,7 @@ def expected_properties(event: dict[str, Any]) -> list[tuple[str, list[list[str]
 
 
 async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_properties(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     await deliver(data_dir, FIXTURE + QUIET)
     client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)
@@ -120,7 +120,7 @@ async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_pro
 
 
 async def test_a_site_without_events_says_so(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     await deliver(data_dir, FIXTURE + QUIET)
     client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from helpers import BROWSER_UA
-from test_process import ROOT, free_port, running, send_pageviews  # noqa: F401  (running is a fixture)
+from test_process import ROOT, Running, free_port, running, send_pageviews  # noqa: F401  (running is a fixture)
 
 PAGEVIEW = b'{"pathname": "/", "referrer": "", "domain": "example.com"}'
 
@@ -22,7 +22,9 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-async def test_the_data_directory_and_its_files_are_private_whatever_the_umask(running, tmp_path: Path) -> None:  # noqa: F811
+async def test_the_data_directory_and_its_files_are_private_whatever_the_umask(
+    running: Running, tmp_path: Path  # noqa: F811
+) -> None:
     process = running()
     permissive = os.umask(0)  # the child inherits it: what it creates would be 0777 and 0666
     try:
@@ -64,7 +66,7 @@ async def test_a_data_directory_it_cannot_write_stops_it_with_one_line_saying_wh
     assert "Traceback" not in done.stderr and "SECRET_KEY" not in done.stderr
 
 
-async def test_the_log_says_why_a_page_view_was_not_counted(running, tmp_path: Path) -> None:  # noqa: F811
+async def test_the_log_says_why_a_page_view_was_not_counted(running: Running, tmp_path: Path) -> None:  # noqa: F811
     process = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true")
     await process.start()
     async with aiohttp.ClientSession(headers={"Content-Type": "text/plain"}) as session:

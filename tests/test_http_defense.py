@@ -12,9 +12,8 @@ import re
 import time
 
 import pytest
-from aiohttp.test_utils import TestClient
 from conftest import Start
-from helpers import raw_exchange
+from helpers import Client, raw_exchange
 
 from collector import STATIC_DIR
 from http_defense import CLIENT_MAX_SIZE, LINGERING_TIME, MAX_HEADERS, MAX_LINE_SIZE
@@ -22,8 +21,9 @@ from http_defense import CLIENT_MAX_SIZE, LINGERING_TIME, MAX_HEADERS, MAX_LINE_
 PAGEVIEW = json.dumps({"pathname": "/", "referrer": "", "domain": "example.com"}).encode()
 
 
-async def exchange(client: TestClient, raw: bytes, timeout: float = 10) -> bytes:
-    return await raw_exchange(str(client.host), int(client.port), raw, timeout)
+async def exchange(client: Client, raw: bytes, timeout: float = 10) -> bytes:
+    assert client.port is not None
+    return await raw_exchange(str(client.host), client.port, raw, timeout)
 
 
 def status_of(answer: bytes) -> int:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from helpers import BROWSER_UA, poll
+from playwright.async_api import Browser
 from test_docs import quick_start_commands
 from test_process import free_port
 
@@ -98,7 +99,9 @@ async def started() -> AsyncIterator[Callable[..., Started]]:
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT + 120)
-async def test_a_wheel_installed_in_a_fresh_venv_serves_its_pages(tmp_path: Path, started) -> None:
+async def test_a_wheel_installed_in_a_fresh_venv_serves_its_pages(
+    tmp_path: Path, started: Callable[..., Started]
+) -> None:
     source = copy_checkout(tmp_path / "checkout")
     await run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), ".", cwd=source)
     [wheel] = (tmp_path / "dist").glob("flow_analytics_collector-*.whl")
@@ -132,7 +135,7 @@ async def test_a_wheel_installed_in_a_fresh_venv_serves_its_pages(tmp_path: Path
 
 @pytest.mark.timeout(INSTALL_TIMEOUT + 180)
 async def test_the_quick_start_gets_a_newcomer_to_the_first_counted_page_view(
-    tmp_path: Path, started, browser  # noqa: F811
+    tmp_path: Path, started: Callable[..., Started], browser: Browser  # noqa: F811
 ) -> None:
     """The README's first command, run as written in a fresh copy; then what it prints is all
     there is to go on: the test page, then the dashboard, which shows the page view."""

@@ -282,7 +282,7 @@ EXPORT_HEADER = ("date", "pathname", "pageviews", "visitors")
 # Mostly the characters that matter to CSV and to spreadsheets, and any other (no lone surrogates:
 # a page view's text cannot hold one).
 CSV_CHARACTERS = st.sampled_from(',"\r\n\t=+-@\' /')
-CELL_TEXT = st.text(alphabet=st.one_of(CSV_CHARACTERS, st.characters(blacklist_categories=("Cs",))), min_size=1,
+CELL_TEXT = st.text(alphabet=st.one_of(CSV_CHARACTERS, st.characters(exclude_categories=["Cs"])), min_size=1,
                     max_size=30)
 
 

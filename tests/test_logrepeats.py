@@ -43,7 +43,9 @@ def fail(log: logging.Logger, count: int) -> None:
         log.exception("outbox commit of %d events failed", count)
 
 
-def test_a_repeated_error_is_written_once_then_with_its_count(logged) -> None:
+def test_a_repeated_error_is_written_once_then_with_its_count(
+    logged: tuple[logging.Logger, io.StringIO, Clock]
+) -> None:
     log, stream, clock = logged
     for count in range(100):  # the arguments differ; the failure is the same
         fail(log, count)
@@ -57,7 +59,7 @@ def test_a_repeated_error_is_written_once_then_with_its_count(logged) -> None:
     assert stream.getvalue().count("Traceback") == 1  # the repeat leaves out the traceback
 
 
-def test_different_errors_and_info_lines_are_not_held_back(logged) -> None:
+def test_different_errors_and_info_lines_are_not_held_back(logged: tuple[logging.Logger, io.StringIO, Clock]) -> None:
     log, stream, _ = logged
     fail(log, 1)
     log.error("something else")

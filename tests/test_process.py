@@ -58,7 +58,7 @@ class CollectorProcess:
                 assert self.process is not None and self.process.poll() is None, self.log_path.read_text()
                 try:
                     async with session.get(self.url + "/health") as response:
-                        body = await response.json()
+                        body: dict[str, Any] = await response.json()
                         if ready(body):
                             return body
                 except aiohttp.ClientError:
@@ -74,8 +74,11 @@ class CollectorProcess:
         return code
 
 
+Running = Callable[..., CollectorProcess]
+
+
 @pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Callable[..., CollectorProcess]]:
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
     made: list[CollectorProcess] = []
 
     def make(*args: str, **env: str) -> CollectorProcess:
@@ -102,7 +105,9 @@ async def send_pageviews(url: str, count: int, headers: dict[str, str] | None = 
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(running, tmp_path: Path) -> None:
+async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(
+    running: Running, tmp_path: Path
+) -> None:
     collector = running(RATE_LIMIT_PER_SECOND="0")  # all from one address, as fast as it goes
     await collector.start()
     statuses = await send_pageviews(collector.url, 300)
@@ -120,7 +125,7 @@ async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(
     assert collector.stop(signal.SIGTERM) == 0
 
 
-async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running, tmp_path: Path) -> None:
+async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running: Running, tmp_path: Path) -> None:
     collector = running(RATE_LIMIT_PER_SECOND="0")
     await collector.start()
     assert await send_pageviews(collector.url, 100) == [204] * 100
@@ -146,7 +151,9 @@ KNOWN_AGENT = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4_1 like Mac OS X) AppleWe
 
 
 @pytest.mark.parametrize("mode", ["seed", "ephemeral"])
-async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path, mode: str) -> None:
+async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(
+    running: Running, tmp_path: Path, mode: str
+) -> None:
     collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true", PRIVACY_MODE=mode)
     await collector.start()
     url = collector.url + "/api/pageview"
@@ -202,7 +209,7 @@ async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running,
 
 
 
-async def test_main_applies_the_server_limits_and_timeouts(running, tmp_path: Path) -> None:
+async def test_main_applies_the_server_limits_and_timeouts(running: Running, tmp_path: Path) -> None:
     collector = running(BODY_TIMEOUT_MS="300", KEEPALIVE_TIMEOUT_MS="500")
     await collector.start()
     long_line = b"GET /health?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: c\r\n\r\n"

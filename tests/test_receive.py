@@ -249,9 +249,10 @@ async def test_the_dead_letters_command_lists_them_and_retries_each_exactly_once
 
 async def test_retrying_dead_letters_takes_the_data_dir_lock(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector()
+    config = load_config({"DATA_DIR": str(data_dir)})
     with pytest.raises(DataDirBusyError):
         await retry_dead_letters(data_dir, ZoneInfo("UTC"), lambda store: collector.wire_pathways(
-            store, load_config({"DATA_DIR": str(data_dir)})))
+            store, collector.new_read_model(store, config), config))
     await client.close()
 
 

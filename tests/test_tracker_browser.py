@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from browser import PageErrors, new_page
 from conftest import Start
-from helpers import SECRET, drained, query
+from helpers import SECRET, Client, drained, query
 from playwright.async_api import Browser, Page, Request, Response
 
 import privacy
@@ -41,7 +40,7 @@ class Setup:
     loads the script from the collector's origin, except /first-party/*, which loads it through
     the site's own /stats/ proxy."""
 
-    collector: TestClient
+    collector: Client
     browser: Browser
     site_port: int
     errors: PageErrors = field(default_factory=PageErrors)
@@ -117,7 +116,7 @@ PROXIED_REQUEST_HEADERS = ("Accept-Encoding", "Content-Type", "If-None-Match", "
 PROXIED_RESPONSE_HEADERS = ("Cache-Control", "Content-Encoding", "Content-Type", "ETag")
 
 
-def proxy_to(collector: TestClient, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+def proxy_to(collector: Client, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """What docs/tracker.md's nginx or Caddy lines do: forward to the collector, say who asked."""
 
     async def forward(request: web.Request) -> web.Response:
@@ -137,7 +136,8 @@ async def view(page: Page, action: str) -> dict[str, Any]:
         await page.evaluate(action)
     response = await info.value
     assert response.status == 204
-    return json.loads(response.request.post_data or "null")
+    sent: dict[str, Any] = json.loads(response.request.post_data or "null")
+    return sent
 
 
 def pageview_rows(data_dir: Path) -> list[tuple[str, str, str]]:
@@ -512,7 +512,7 @@ async def test_the_test_page_buttons_drive_the_real_script(
     await page.wait_for_function(f"{recorded} === 5")
     await page.get_by_role("button", name="Opt this browser out").click()
     await page.get_by_role("button", name="Pricing").click()
-    assert "this browser sends nothing" in await page.text_content("#console")
+    assert "this browser sends nothing" in (await page.text_content("#console") or "")
     await page.get_by_role("button", name="Opt this browser back in").click()
     async with page.expect_response(answered):
         await page.get_by_role("button", name="Home").click()

@@ -13,7 +13,7 @@ import pytest
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock, drained, poll
-from playwright.async_api import Page, Request
+from playwright.async_api import Browser, Page, Request
 from test_dashboard_browser import wait_loaded
 from test_stats import FIXTURE, NOW, TZ, seed
 
@@ -38,7 +38,7 @@ async def dropped_total(client: Any) -> int:
 
 
 async def test_an_empty_dashboard_welcomes_and_turns_into_the_dashboard_by_itself(
-    start_collector: Start, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     client = await start_collector()
     origin = str(client.make_url("/")).rstrip("/")
@@ -104,7 +104,7 @@ async def _equals(value: Any, expected: Any) -> bool:
     ({}, "204 counted"),
 ])
 async def test_the_test_page_says_whether_a_page_view_was_counted_and_why_not(
-    start_collector: Start, tmp_path: Path, browser, headers: dict[str, str], expected: str  # noqa: F811
+    start_collector: Start, tmp_path: Path, browser: Browser, headers: dict[str, str], expected: str  # noqa: F811
 ) -> None:
     client = await start_collector()
     errors = PageErrors()
@@ -127,11 +127,11 @@ async def test_the_test_page_says_whether_a_page_view_was_counted_and_why_not(
 @pytest.mark.parametrize("page_file", ["dashboard.html", "test.html"])
 def test_both_pages_can_explain_every_drop_reason(page_file: str) -> None:
     html = (ROOT / "static" / page_file).read_text()
-    assert [reason for reason in filters.REASONS if f'"{reason}": "' not in html] == []
+    assert [reason for reason in filters.DropReason if f'"{reason}": "' not in html] == []
 
 
 async def test_tables_keep_their_own_height_and_bars_follow_the_page_views_beside_them(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ)
@@ -166,7 +166,9 @@ async def table_rows(page: Page, rows: Any) -> list[tuple[int, float]]:
     ]
 
 
-async def test_one_filtered_page_view_is_one_page_view(start_collector: Start, data_dir: Path, browser) -> None:  # noqa: F811
+async def test_one_filtered_page_view_is_one_page_view(
+    start_collector: Start, data_dir: Path, browser: Browser  # noqa: F811
+) -> None:
     await seed(data_dir, FIXTURE)
     client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ)
     assert await send(client, **{"User-Agent": "curl/8.5.0"}) == "bot"
