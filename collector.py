@@ -1342,6 +1342,9 @@ def serve_on(config: Config, loop: asyncio.AbstractEventLoop) -> int:
         if message is None:
             raise
         return start_failed(message, 1)
+    finally:
+        if not loop.is_closed():  # run_app closes it, unless building the app failed first
+            loop.close()
     return 0
 
 
