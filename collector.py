@@ -1,15 +1,18 @@
 """The privacy-first analytics collector: configuration, the HTTP app, and main().
 
-Run it with `python collector.py`. With no configuration it collects into a local SQLite
-event log under ./data; see env.example for every setting.
+Run it with `flow-analytics-collector` (installed) or `python collector.py`; `--help` lists the
+commands and every setting. With no configuration it collects into a local SQLite event log
+under ./data.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import errno
+import gc
 import gzip
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -17,10 +20,11 @@ import os
 import socket
 import sqlite3
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,27 +32,33 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import MultiMapping
+from dotenv import dotenv_values
+from multidict import CIMultiDict, MultiMapping
 
 import dimensions
 import filters
 import http_defense
+import logrepeats
 import openapi
 import privacy
 import stats
 from config import (
+    DEFAULTS,
     IGNORED_SETTINGS,
     MIN_STATS_TOKEN_LENGTH,
+    SETTINGS,
     Config,
     ConfigError,
     IPNetwork,
     load_config,
     with_secret_key,
 )
+from eventmodel import EventLimits
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, FilterSettings, normalize_host
 from maintenance import (
     DataDirBusyError,
-    enforce_retention,
+    DataDirError,
+    Jobs,
     lock_data_dir,
     progress_bar,
     rebuild,
@@ -58,6 +68,7 @@ from pathways import (
     DIMENSION_FIELDS,
     EVENT_PROPS,
     MAX_EVENT_NAME_LENGTH,
+    MAX_PATH_LENGTH,
     MAX_UTM_LENGTH,
     UTM_KEYS,
     VISITOR_EVENT,
@@ -67,7 +78,6 @@ from pathways import (
     ContractError,
     Emitter,
     EnvelopeError,
-    Event,
     FlowcoreSink,
     LocalSink,
     Outcome,
@@ -76,10 +86,18 @@ from pathways import (
     UnknownPathwayError,
     parse_envelope,
     secret_matches,
-    wait_any,
 )
 from readmodel import ReadModel, local_day_hour
-from store import DB_FILENAME, Store, StoreClosedError, read_dead_letters
+from store import (
+    DB_FILENAME,
+    DatabaseUnusableError,
+    ReadersBusyError,
+    StorageUnavailableError,
+    Store,
+    StoreClosedError,
+    read_dead_letters,
+    unusable,
+)
 
 __version__ = "0.1.0"
 
@@ -87,12 +105,11 @@ logger = logging.getLogger("collector")
 
 SERVICE_NAME = "flow-analytics-collector"
 MAX_PAGEVIEW_BYTES = 8 * 1024
-MAX_PATH_LENGTH = 2048
 LOCAL_BATCH_SIZE = 500  # events per local delivery transaction
 LOCAL_BUSY_BATCH_SIZE = 100  # the same while page views wait for their commit
-MAINTENANCE_INTERVAL = 600.0  # seconds between runs of the visitor-hash clean-up
-# No client address and no user agent: the access log must not undo what hashing protects.
-ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs'
+# No client address and no user agent: the access log must not undo what hashing protects. The
+# last field is why a page view was not counted (X-Collector-Dropped), "-" for any other answer.
+ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs %{X-Collector-Dropped}o'
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Clock = Callable[[], datetime]
@@ -127,6 +144,13 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(400, str(error))
     except StoreClosedError:
         response = error_response(503, "the collector is shutting down; try again")
+    except StorageUnavailableError:  # the store logged it once; /health names it
+        response = error_response(503, "the collector cannot write to its database right now (its disk is full or "
+                                  f"failing); nothing was stored; try again in {STORAGE_RETRY_AFTER} s",
+                                  {"Retry-After": str(STORAGE_RETRY_AFTER)})
+    except ReadersBusyError:
+        response = error_response(503, "too many statistics requests at once; try again in a second",
+                                  {"Retry-After": "1"})
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -138,6 +162,9 @@ async def errors_and_cors(request: web.Request, handler: Handler) -> web.StreamR
     if request.path in CORS_PATHS:
         add_cors_headers(request, response)
     return response
+
+
+STORAGE_RETRY_AFTER = 30  # seconds: a full disk is not fixed in less
 
 
 def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
@@ -171,12 +198,18 @@ def load_script(*paths: Path) -> Script:
 
 
 def strip_script(source: str) -> str:
-    """The source without its indentation, blank lines and whole-line // comments: the
-    script stays readable in the repository and small on the wire, with no build step.
-    Line by line is safe because the file has no multi-line literals or block comments
-    (a test checks)."""
-    lines = (line.strip() for line in source.splitlines())
-    return "".join(line + "\n" for line in lines if line and not line.startswith("//"))
+    """The source without its indentation, blank lines and whole-line // comments, and without
+    the line breaks that JavaScript does not need (after { ; , and before }: no semicolon is
+    ever inserted there): the script stays readable in the repository and small on the wire,
+    with no build step. Line by line is safe because the file has no multi-line literals or
+    block comments, and a line with a // after its code keeps its line break (a test checks)."""
+    lines = [line.strip() for line in source.splitlines()]
+    code = [line for line in lines if line and not line.startswith("//")]
+    joined = []
+    for line, following in zip(code, [*code[1:], ""], strict=True):
+        joinable = line.endswith(("{", ";", ",")) or following.startswith("}")
+        joined.append(line if joinable and "//" not in line else line + "\n")
+    return "".join(joined)
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -230,6 +263,8 @@ def script_handler(script: Script) -> Handler:
 # answers 204 and says why), then the visitor hash and the write. The steps are shared below.
 
 CORS_PATHS = {"/api/pageview", "/api/event"}
+# A counted page view's or event's answer, but for CORS: built once, copied into each response.
+COUNTED = CIMultiDict(http_defense.api_headers())
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain", "utm")
 EVENT_FIELDS = ("name", "pathname", "domain", "referrer", "props")
 BODY_TYPES = ("application/json", "text/plain")
@@ -300,7 +335,7 @@ async def pageview(request: web.Request) -> web.Response:
     if app[CONFIG].event_version == "v1":
         payload.update(derived_dimensions(request, ip), utm=dict(fields.utm))
     await app[PATHWAYS].write(tracked_contract(app[CONFIG]), payload, now)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=COUNTED)
 
 
 def tracked_contract(config: Config) -> Contract:
@@ -315,7 +350,7 @@ def derived_dimensions(request: web.Request, ip: str) -> dict[str, str | None]:
     if config.event_version != "v1":
         return dict.fromkeys(DIMENSION_FIELDS)
     found = request.app[DIMENSIONS].derive(ip, request.headers.get("User-Agent"),
-                                           cdn_country(request.remote, request.headers, config))
+                                           cdn_country(request.remote, request.headers, request.app[PROXY_RANGES]))
     return {"country": found.country, "browser": found.browser, "os": found.os, "device": found.device}
 
 
@@ -343,13 +378,13 @@ async def event(request: web.Request) -> web.Response:
         **derived_dimensions(request, ip),
     }
     await app[PATHWAYS].write(VISITOR_EVENT, payload, now)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=COUNTED)
 
 
 def admit(request: web.Request, what: str) -> str:
     """The client's address, once the rate limit (shared by page views and events) and the
     content type let the request in."""
-    ip = client_ip(request.remote, request.headers, request.app[CONFIG].trusted_proxies)
+    ip = client_ip(request.remote, request.headers, request.app[PROXY_RANGES])
     wait = request.app[LIMITER].retry_after(ip)
     if wait is not None:
         raise ApiError(429, f"too many {what} from this address; try again in {wait} s", {"Retry-After": str(wait)})
@@ -369,6 +404,8 @@ async def visitor_hash(request: web.Request, ip: str, domain: str, day: str) -> 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes the limit, and with 408 when it does not
     arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
+    if request.content.is_eof():  # the whole body came with the headers (the usual case): no timer
+        return await _read_limited(request, limit)
     timeout = request.app[CONFIG].body_timeout
     try:
         async with asyncio.timeout(timeout):
@@ -522,9 +559,12 @@ def _address(text: str) -> tuple[int, str] | None:
     return (_V4_TAG if address.version == 4 else 0) | int(address), str(address)
 
 
-@lru_cache(maxsize=8)
-def _ranges(proxies: tuple[IPNetwork, ...]) -> tuple[tuple[int, int], ...]:
-    """Each trusted network as (network number, mask), both tagged like _address's numbers."""
+ProxyRanges = tuple[tuple[int, int], ...]
+
+
+def proxy_ranges(proxies: tuple[IPNetwork, ...]) -> ProxyRanges:
+    """Each trusted network as (network number, mask), both tagged like _address's numbers:
+    worked out once at start-up (hashing the networks per request was a measurable cost)."""
     return tuple(
         ((_V4_TAG if net.version == 4 else 0) | int(net.network_address), _V4_TAG | int(net.netmask))
         for net in proxies
@@ -535,10 +575,9 @@ def _trusted(number: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(number & mask == network for network, mask in ranges)
 
 
-def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNetwork, ...]) -> str:
+def client_ip(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str:
     """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
     address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
-    ranges = _ranges(proxies)
     peer_address = _address(peer or "")
     if peer_address is None:
         return peer or "unknown"
@@ -554,13 +593,13 @@ def client_ip(peer: str | None, headers: MultiMapping[str], proxies: tuple[IPNet
     return peer_address[1]
 
 
-def cdn_country(peer: str | None, headers: MultiMapping[str], config: Config) -> str | None:
+def cdn_country(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str | None:
     """CF-IPCountry, believed only from a trusted proxy (anyone else could name any country)."""
     value = headers.get("CF-IPCountry")
     if value is None:
         return None
     peer_address = _address(peer or "")
-    return value if peer_address is not None and _trusted(peer_address[0], _ranges(config.trusted_proxies)) else None
+    return value if peer_address is not None and _trusted(peer_address[0], ranges) else None
 
 
 def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int], ...]) -> str | None:
@@ -620,16 +659,18 @@ ENDPOINTS = {
     "POST /api/transformer": "Flowcore delivers events here (X-Secret); enabled by FLOWCORE_TRANSFORMER_SECRET.",
     "GET /health": "Status, mode, version, backlog and the read model's lag in seconds, dead letters, last processed "
     "event.",
-    "GET /script.js": "The tracker script to put on a site's pages (see the README).",
+    "GET /script.js": "The tracker script to put on a site's pages (see docs/tracker.md).",
     "GET /script.clicks.js": "The tracker script with click tracking: tagged elements, outbound links, downloads "
     "(docs/events.md).",
     "GET /test.html": "A test page that sends page views to this collector.",
     "GET /api/stats": "Statistics of a domain over a period: ?domain=&period=today|yesterday|7d|30d|month|12mo|"
-    "custom&from=&to=&limit=&filter=<dimension>:<value> (repeatable). Needs STATS_TOKEN, or a loopback client.",
-    "GET /api/sites": "The domains seen, with their first and last day.",
+    "custom&from=&to=&limit=&filter=<dimension>:<value> (repeatable, AND), and event= for one custom event's "
+    "properties. Needs STATS_TOKEN, or a loopback client.",
+    "GET /api/sites": "The domains seen, with their first and last day: ?limit= (100) &after= (the previous page's "
+    "next) &search= (part of the domain).",
     "GET /api/current-visitors": "Distinct visitors of ?domain= in the last five minutes.",
-    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=pages|sources|countries|browsers|os|"
-    "devices|utm_sources|utm_mediums|utm_campaigns|entry_pages|exit_pages.",
+    "GET /api/dropped": "Page views not counted so far, every site together, by reason.",
+    "GET /api/export": "CSV of ?domain=&from=&to=, daily totals or table=" + "|".join(stats.EXPORT_TABLES[1:]) + ".",
     "GET /dashboard": "The statistics dashboard.",
     "GET /openapi.json": "The OpenAPI 3.1 document of every endpoint and every error.",
     "GET /swagger": "Swagger UI over /openapi.json, when the swagger extra is installed.",
@@ -649,9 +690,21 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(5):
             counts = await store.health(local_delivery=config.flowcore is None)
+            if store.write_failure is not None:
+                with suppress(StorageUnavailableError):
+                    await store.probe_write()  # so it says ok again once the disk is back, traffic or not
     except Exception as error:
         logger.error("health check: the database does not answer: %s", error)
         return web.json_response({"status": "unavailable", **about, "database": "unavailable"}, status=503)
+    failure = store.write_failure
+    if failure is not None:
+        return web.json_response({
+            "status": "unavailable", **about, "database": "not writable",
+            "write_error": failure.error,
+            "write_error_since": datetime.fromtimestamp(failure.since, UTC).isoformat(timespec="seconds"),
+            "failed_writes": failure.count,
+            "backlog": counts.backlog,
+        }, status=503, headers={"Retry-After": str(STORAGE_RETRY_AFTER)})
     body: dict[str, Any] = {
         "status": "ok",
         **about,
@@ -663,15 +716,21 @@ async def health(request: web.Request) -> web.Response:
         "last_processed_at": counts.last_processed_at,
         "group_commit": {"commits": counts.commits, "events": counts.committed_events},
         "retention_last_run": counts.retention_last_run,
+        "sites": sites_health(request.app[FILTER].sites),
+        "statistics": store.statistics_load(),
     }
     sink = request.app[SINK]
-    if isinstance(sink, FlowcoreSink):
-        contract = tracked_contract(config)
-        body["flowcore"] = {"target": sink.settings.events_url(contract.flow_type, contract.event_type),
-                            **asdict(sink.status)}
-        if sink.status.halted:
-            body["status"] = "halted"
+    body.update(sink.describe())
+    if sink.halted:
+        body["status"] = "halted"
     return web.json_response(body)
+
+
+def sites_health(sites: filters.SiteLimit) -> dict[str, Any]:
+    status: dict[str, Any] = {"counted": len(sites), "max": sites.max_sites, "limit_reached": sites.reached}
+    if sites.reached:
+        status["advice"] = sites.advice
+    return status
 
 
 async def test_page(request: web.Request) -> web.FileResponse:
@@ -680,35 +739,44 @@ async def test_page(request: web.Request) -> web.FileResponse:
 
 # -- statistics: /api/stats, /api/sites, /api/current-visitors, /api/export, /dashboard --------------------------
 
-STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit", "filter"})
+STATS_PARAMETERS = frozenset({"domain", "period", "from", "to", "limit", "event", "filter"})
 REPEATABLE = frozenset({"filter"})  # filter=<dimension>:<value>, as often as needed (AND)
+SITES_PARAMETERS = frozenset({"limit", "after", "search"})
 EXPORT_PARAMETERS = frozenset({"domain", "from", "to", "table"})
 PRIVATE = {"Cache-Control": "no-store"}
-LOOPBACK_ONLY = (
-    "the statistics answer only clients on this machine; to read them from elsewhere, set STATS_TOKEN "
-    f"to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send 'Authorization: Bearer <token>'"
+SET_A_TOKEN = (
+    f"set STATS_TOKEN to a secret of at least {MIN_STATS_TOKEN_LENGTH} characters, restart, and send "
+    "'Authorization: Bearer <token>'"
 )
+LOOPBACK_ONLY = "the statistics answer only clients on this machine; to read them from elsewhere, " + SET_A_TOKEN
+FORWARDED_REFUSED = ("the statistics answer only clients on this machine, and this request came through a proxy "
+                     "(it has a forwarding header); behind a reverse proxy, " + SET_A_TOKEN)
+# Headers a proxy adds; a request that has any of them is not judged to be local, whoever sent it.
+FORWARDING_HEADERS = ("X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP", "Forwarded")
 
 
 def require_reader(request: web.Request) -> None:
-    """With STATS_TOKEN: the bearer token, compared in constant time. Without: loopback clients
-    only, judged on the address a trusted proxy forwarded, so a proxy on this machine does not
-    make every visitor local."""
+    """With STATS_TOKEN: the bearer token, compared in constant time. Without: loopback only,
+    and loopback means the socket: a loopback peer with no forwarding header at all. A forwarded
+    address never grants access, since whoever can reach a trusted proxy (or is on a trusted
+    private range) can write one; and a proxy on this machine makes every visitor's socket local."""
     config = request.app[CONFIG]
     if config.stats_token:
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not _token_matches(config.stats_token, token.strip()):
+        if scheme.lower() != "bearer" or not secret_matches(config.stats_token, token.strip()):
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
-    address = parse_ip(client_ip(request.remote, request.headers, config.trusted_proxies))
-    if address is None or not address.is_loopback:
+    if not is_loopback_socket(request.remote):
         raise ApiError(403, LOOPBACK_ONLY)
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        raise ApiError(403, FORWARDED_REFUSED)
 
 
-def _token_matches(expected: str, given: str) -> bool:
-    # surrogateescape: a header that is not valid UTF-8 is compared as its bytes, never a 500
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
+def is_loopback_socket(peer: str | None) -> bool:
+    """Whether the socket peer is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x)."""
+    address = parse_ip(peer) if peer else None
+    return address is not None and address.is_loopback
 
 
 def query_params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
@@ -746,27 +814,48 @@ async def stats_api(request: web.Request) -> web.Response:
     period = params.get("period", stats.DEFAULT_PERIOD)
     span = stats.period_range(period, local_now(request).date(), params.get("from"), params.get("to"))
     limit = stats.parse_limit(params.get("limit"))
+    event_name = stats.parse_event_name(params.get("event"))
     filters = stats.parse_filters(request.query.getall("filter", []))
-    config, store = request.app[CONFIG], request.app[STORE]
-    body = await stats.overview(store.reader, domain, period, span, limit, request.app[CLOCK](), config.timezone,
-                                filters=filters)
+    config = request.app[CONFIG]
+    async with request.app[STORE].reading() as db:
+        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.timezone,
+                                    filters, event_name)
     return web.json_response(body, headers=PRIVATE)
 
 
 async def sites_api(request: web.Request) -> web.Response:
+    """A page of the sites; `next` is the `after` of the following page (null on the last)."""
+    require_reader(request)
+    params = query_params(request, SITES_PARAMETERS)
+    limit = stats.parse_sites_limit(params.get("limit"))
+    after = params.get("after", "")
+    search = params.get("search", "")
+    for name, value in (("after", after), ("search", search)):
+        if len(value) > MAX_DOMAIN_LENGTH:
+            raise ApiError(400, f"{name} must be at most {MAX_DOMAIN_LENGTH} characters long")
+    async with request.app[STORE].reading() as db:
+        body = await stats.sites(db, limit, after, search)
+    return web.json_response(body, headers=PRIVATE)
+
+
+async def dropped_api(request: web.Request) -> web.Response:
     require_reader(request)
     query_params(request, frozenset())
-    return web.json_response({"sites": await stats.sites(request.app[STORE].reader)}, headers=PRIVATE)
+    return web.json_response(await stats.dropped_so_far(request.app[STORE].reader), headers=PRIVATE)
 
 
 async def current_visitors_api(request: web.Request) -> web.Response:
     require_reader(request)
     domain = domain_param(query_params(request, frozenset({"domain"})))
-    count = await stats.current_visitors(request.app[STORE].reader, domain, request.app[CLOCK]())
+    async with request.app[STORE].reading() as db:
+        count = await stats.current_visitors(db, domain, request.app[CLOCK]())
     return web.json_response({"domain": domain, "current_visitors": count}, headers=PRIVATE)
 
 
-async def export_api(request: web.Request) -> web.Response:
+async def export_api(request: web.Request) -> web.StreamResponse:
+    """The CSV, streamed a block of days at a time: each block is one short query on a
+    statistics connection, taken for that block only, so a slow client holds no connection
+    and no read snapshot, and a ten-year export never holds the event loop for long."""
     require_reader(request)
     params = query_params(request, EXPORT_PARAMETERS)
     domain = domain_param(params)
@@ -774,14 +863,21 @@ async def export_api(request: web.Request) -> web.Response:
     table = params.get("table", "daily")
     if table not in stats.EXPORT_TABLES:
         raise ApiError(400, f"table must be one of {', '.join(stats.EXPORT_TABLES)}, not {table[:32]!r}")
-    rows = await stats.export_rows(request.app[STORE].reader, table, domain, span)
+    store = request.app[STORE]
+    blocks = stats.export_blocks(table, span)
+    async with store.reading() as db:  # the first block before the answer starts: a refusal is still a 503
+        text = stats.export_header(table) + await stats.export_block(db, table, domain, blocks[0])
     disposition = f'attachment; filename="{stats.export_filename(domain, table, span)}"'
-    return web.Response(
-        text=stats.to_csv(stats.EXPORT_HEADERS[table], rows),
-        content_type="text/csv",
-        charset="utf-8",
-        headers={**PRIVATE, "Content-Disposition": disposition},
-    )
+    response = web.StreamResponse(headers={**PRIVATE, "Content-Disposition": disposition})
+    response.content_type, response.charset = "text/csv", "utf-8"
+    await response.prepare(request)
+    await response.write(text.encode())
+    for block in blocks[1:]:
+        async with store.reading(may_refuse=False) as db:
+            text = await stats.export_block(db, table, domain, block)
+        await response.write(text.encode())
+    await response.write_eof()
+    return response
 
 
 SWAGGER_MISSING = ("Swagger UI is not installed here: pip install '.[swagger]' and restart; the OpenAPI document "
@@ -818,9 +914,18 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 # -- the application ---------------------------------------------------------------------------------------------
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+def static_dir() -> Path:
+    """static/ beside this file in a checkout (and an editable install); in an installed wheel,
+    the package directory pyproject.toml installs it as."""
+    here = Path(__file__).resolve().parent
+    checkout = here / "static"
+    return checkout if checkout.is_dir() else here / "flow_analytics_collector_static"
+
+
+STATIC_DIR = static_dir()
 CLICKS_SCRIPT = (STATIC_DIR / "script.js", STATIC_DIR / "script.clicks.js")
 CONFIG = web.AppKey("config", Config)
+PROXY_RANGES: web.AppKey[ProxyRanges] = web.AppKey("proxy_ranges")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STORE = web.AppKey("store", Store)
 READ_MODEL = web.AppKey("read_model", ReadModel)
@@ -830,9 +935,9 @@ SINK: web.AppKey[Sink] = web.AppKey("sink")
 FILTER = web.AppKey("filter", filters.PageviewFilter)
 LIMITER = web.AppKey("limiter", filters.RateLimiter)
 DROPS = web.AppKey("drops", filters.DropCounter)
+SESSION: web.AppKey[aiohttp.ClientSession | None] = web.AppKey("session")
 HASHER = web.AppKey("hasher", privacy.VisitorHasher)
 DIMENSIONS = web.AppKey("dimensions", dimensions.DimensionReader)
-SALTS: web.AppKey[privacy.DailySalts | None] = web.AppKey("salts")
 
 
 def utc_now() -> datetime:
@@ -852,9 +957,11 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
     http_defense.install(app, PAGES)
     app[CONFIG] = config
+    app[PROXY_RANGES] = proxy_ranges(config.trusted_proxies)
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
-        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector()
+        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector(),
+        filters.SiteLimit(config.max_sites),
     )
     app[LIMITER] = filters.RateLimiter(
         config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
@@ -863,8 +970,10 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
         app[DIMENSIONS] = dimensions.DimensionReader(config.geoip_database)
     except ValueError as error:
         raise ConfigError(f"GEOIP_DATABASE: {error}") from None
-    app.cleanup_ctx.append(data_dir_lock)
-    app.cleanup_ctx.append(runtime)
+    # One context per resource, opened in this order and closed in the reverse: a failure half
+    # way through start-up closes exactly what was opened.
+    for context in (data_dir_lock, database, outbound_session, delivery, background_jobs):
+        app.cleanup_ctx.append(context)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/script.js", script_handler(load_script(STATIC_DIR / "script.js")))
@@ -878,6 +987,7 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app.router.add_get("/api/stats", stats_api)
     app.router.add_get("/api/sites", sites_api)
     app.router.add_get("/api/current-visitors", current_visitors_api)
+    app.router.add_get("/api/dropped", dropped_api)
     app.router.add_get("/api/export", export_api)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/openapi.json", openapi.handler(__version__))
@@ -886,45 +996,22 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     return app
 
 
-async def runtime(app: web.Application) -> AsyncIterator[None]:
-    """Open the store, start the emitter and the maintenance job; on the way out, stop
-    them in order: the emitter finishes its request, pending commits land, the file closes."""
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """The store with its read model and router, and what hashes visitors; closed last."""
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
     store = Store(config.data_dir / DB_FILENAME, config.timezone)
-    read_model = ReadModel(store)
-    await store.open()
-    pathways = wire_pathways(store, read_model, config)
-    session = aiohttp.ClientSession() if config.flowcore else None
-    sink: Sink
-    if config.flowcore and session:
-        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
-        batch_size = config.flowcore.batch_size
-    else:
-        sink, batch_size = LocalSink(store, pathways), LOCAL_BATCH_SIZE
-    emitter = Emitter(store, sink, batch_size, LOCAL_BUSY_BATCH_SIZE)
-    app[STORE], app[PATHWAYS], app[EMITTER], app[SINK] = store, pathways, emitter, sink
-    app[READ_MODEL] = read_model
-    salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
-    app[SALTS], app[HASHER] = salts, privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
-    app[DROPS] = filters.DropCounter(store)
-    emitter.start()
-    stop_maintenance = asyncio.Event()
-    maintenance = asyncio.create_task(
-        run_maintenance(store, read_model, config, app[CLOCK], stop_maintenance), name="maintenance"
-    )
-    drop_counts = asyncio.create_task(app[DROPS].run(stop_maintenance), name="drop-counts")
+    read_model = new_read_model(store, config)
     try:
+        await store.open()
+        app[FILTER].sites.load(await read_model.counted_domains())  # MAX_SITES counts the sites already kept
+        pathways = wire_pathways(store, read_model, config)
+        app[STORE], app[READ_MODEL], app[PATHWAYS] = store, read_model, pathways
+        salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
+        app[HASHER] = privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
+        app[DROPS] = filters.DropCounter(store)
         yield
     finally:
-        stop_maintenance.set()
-        with suppress(Exception):
-            await maintenance
-        with suppress(Exception):
-            await drop_counts  # its last flush writes what the final requests dropped
-        await emitter.stop()
-        if session is not None:
-            await session.close()
         await store.close()
         logger.info("stopped; the database is closed")
 
@@ -936,39 +1023,64 @@ def wire_pathways(store: Store, read_model: ReadModel, config: Config) -> Pathwa
         pathways.register(contract)
         pathways.handle(contract, read_model.record_pageviews)
     pathways.register(VISITOR_EVENT)
-    pathways.handle(VISITOR_EVENT, events_not_counted_yet)
+    pathways.handle(VISITOR_EVENT, read_model.events.record)
     return pathways
 
 
-def events_not_counted_yet(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
-    """PLACEHOLDER handler of visitor.event.v0, until the read model counts custom events
-    (issue 14, points 3 and 4, after the read model moves to readmodel.py): the read model's
-    handler replaces it. The router has claimed each event (pathway_state) in this transaction,
-    so an event is still de-duplicated, and the event log keeps it for `rebuild` to replay
-    into the read model's tables once they exist."""
+def new_read_model(store: Store, config: Config) -> ReadModel:
+    """The read model with the configured bounds on custom events (before the store opens)."""
+    return ReadModel(store, event_limits=event_limits(config))
 
 
-async def run_maintenance(store: Store, read_model: ReadModel, config: Config, clock: Clock,
-                          stop: asyncio.Event) -> None:
-    """At start-up, then every MAINTENANCE_INTERVAL and just after each UTC midnight (when an
-    ephemeral salt's 48 hours end)."""
-    while not stop.is_set():
-        try:
-            today = clock().astimezone(UTC).date()
-            await read_model.forget_expired_visitors(today)
-            await enforce_retention(store, read_model, config.raw_retention_days, clock(),
-                                    local_delivery=config.flowcore is None)
-            await store.forget_salts(privacy.previous_day(today.isoformat()))
-        except Exception:
-            logger.exception("maintenance failed; it runs again in %d s", MAINTENANCE_INTERVAL)
-        await wait_any(stop, timeout=maintenance_pause(clock()))
+def event_limits(config: Config) -> EventLimits:
+    return EventLimits(config.event_names_per_day, config.event_property_values_per_day)
 
 
-def maintenance_pause(now: datetime) -> float:
-    """Seconds to the next run: the interval, or just past the next UTC midnight if sooner."""
-    utc = now.astimezone(UTC)
-    midnight = datetime.combine(utc.date() + timedelta(days=1), time(), tzinfo=UTC)
-    return max(1.0, min(MAINTENANCE_INTERVAL, (midnight - utc).total_seconds() + 1))
+async def outbound_session(app: web.Application) -> AsyncIterator[None]:
+    """The one HTTP client session, in Flowcore mode."""
+    session = aiohttp.ClientSession() if app[CONFIG].flowcore else None
+    app[SESSION] = session
+    try:
+        yield
+    finally:
+        if session is not None:
+            await session.close()
+
+
+async def delivery(app: web.Application) -> AsyncIterator[None]:
+    """The sink and the emitter that drains the outbox into it; on the way out the emitter
+    finishes its request, and what is left waits in the outbox."""
+    config, store, session = app[CONFIG], app[STORE], app[SESSION]
+    sink: Sink
+    if config.flowcore is not None and session is not None:  # a batch is one request to the webhook
+        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
+        batch_size = config.flowcore.batch_size
+        busy_batch_size = batch_size
+    else:
+        sink, batch_size = LocalSink(store, app[PATHWAYS]), LOCAL_BATCH_SIZE
+        busy_batch_size = LOCAL_BUSY_BATCH_SIZE
+    emitter = Emitter(store, sink, batch_size, busy_batch_size)
+    app[SINK], app[EMITTER] = sink, emitter
+    emitter.start()
+    try:
+        yield
+    finally:
+        await emitter.stop()
+
+
+async def background_jobs(app: web.Application) -> AsyncIterator[None]:
+    """Retention, forgetting, salts and drop counts (maintenance.py); stopped first."""
+    config = app[CONFIG]
+    jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], config.raw_retention_days, app[CLOCK],
+                local_delivery=config.flowcore is None)
+    jobs.start()
+    # What start-up made lives as long as the process: out of the collector's way, so its
+    # collections only walk what requests make.
+    gc.freeze()
+    try:
+        yield
+    finally:
+        await jobs.stop()
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
@@ -988,9 +1100,8 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
 def log_start(config: Config) -> None:
     """The mode and where events go; never a key or a secret."""
     logger.info(
-        "%s %s: mode %s, data in %s, listening on %s:%d, days in %s",
-        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.host, config.port,
-        config.timezone.key,
+        "%s %s: mode %s, data in %s, days in %s",
+        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.timezone.key,
     )
     if config.flowcore is not None:
         contract = tracked_contract(config)
@@ -1004,7 +1115,6 @@ def log_start(config: Config) -> None:
                     config.transformer_secret_header)
     for name in config.ignored_settings:
         logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
-        logger.info("POST /api/transformer is enabled")
     countries = f"GEOIP_DATABASE {config.geoip_database}" if config.geoip_database else "the built-in registry data"
     logger.info("page views become %s events%s", tracked_contract(config).event_type,
                 "" if config.event_version == "v0" else f"; countries from {countries}")
@@ -1015,6 +1125,31 @@ def log_start(config: Config) -> None:
         f"{config.rate_limit_per_second:g}/s, burst {config.rate_limit_burst}" if config.rate_limit_per_second
         else "off",
     )
+
+
+def base_url(config: Config) -> str:
+    """The collector's address as a browser on this machine reaches it."""
+    host = config.host
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine's own name is the one to open
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
+
+
+def log_addresses(config: Config) -> None:
+    """Where to look next, once the collector listens: the first thing a newcomer needs."""
+    logger.info("listening on %s:%d", config.host, config.port)
+    base = base_url(config)
+    readers = ""
+    if not config.stats_token:
+        readers = " (from this machine only, unless STATS_TOKEN is set)"
+        if any(Path(marker).exists() for marker in ("/.dockerenv", "/run/.containerenv")):  # host is not loopback
+            readers = " (set STATS_TOKEN to open it: in a container, a browser on the host is not this machine)"
+    logger.info("dashboard: %s/dashboard%s", base, readers)
+    logger.info("test page: %s/test.html", base)
+    logger.info('snippet for your pages: <script defer src="%s/script.js"></script> '
+                "(with the address your visitors reach this collector at)", base)
 
 
 # -- the data directory's lock, and rebuild ---------------------------------------------------------------------
@@ -1031,16 +1166,21 @@ async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
 
 def rebuild_command(config: Config) -> int:
     try:
-        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr)))
+        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr),
+                                      event_limits=event_limits(config)))
     except DataDirBusyError:
         print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
-              "`python collector.py rebuild` again", file=sys.stderr)
+              "the rebuild again", file=sys.stderr)
+        return 1
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("rebuild failed", exc_info=True)
+        print(f"collector rebuild: {error}", file=sys.stderr)
         return 1
     if summary.from_day is None:
         print("rebuild: the local event log is empty; the read model is unchanged")
     else:
         print(f"rebuild: recomputed the read model from {summary.from_day} ({config.timezone.key} days) by "
-              f"replaying {summary.replayed} logged page views; aggregates of earlier days were kept"
+              f"replaying {summary.replayed} logged page views and custom events; aggregates of earlier days were kept"
               + (f" ({summary.skipped} older logged events not replayed)" if summary.skipped else ""))
     return 0
 
@@ -1053,7 +1193,12 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         print(f"collector dead-letters: there is no database in {config.data_dir}", file=sys.stderr)
         return 1
     if not retry:
-        letters = asyncio.run(read_dead_letters(path))
+        try:
+            letters = asyncio.run(read_dead_letters(path))
+        except sqlite3.DatabaseError as error:
+            logger.debug("reading the dead letters failed", exc_info=True)
+            print(f"collector dead-letters: {unusable(path, error)}", file=sys.stderr)
+            return 1
         for letter in letters:
             print(f"{letter.event_id}  {letter.pathway}  {letter.attempts} attempts, last at {letter.failed_at}: "
                   f"{letter.error}")
@@ -1063,11 +1208,15 @@ def dead_letters_command(config: Config, retry: bool) -> int:
     try:
         results = asyncio.run(
             retry_dead_letters(config.data_dir, config.timezone,
-                               lambda store: wire_pathways(store, ReadModel(store), config))
+                               lambda store: wire_pathways(store, new_read_model(store, config), config))
         )
     except DataDirBusyError:
         print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
               "`python collector.py dead-letters --retry` again", file=sys.stderr)
+        return 1
+    except (DataDirError, DatabaseUnusableError) as error:
+        logger.debug("retrying the dead letters failed", exc_info=True)
+        print(f"collector dead-letters: {error}", file=sys.stderr)
         return 1
     for result in results:
         outcome = "processed" if result.error is None else f"failed again: {result.error}"
@@ -1077,31 +1226,102 @@ def dead_letters_command(config: Config, retry: bool) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: tuple[list[str], ...] = ([], ["rebuild"], ["dead-letters"], ["dead-letters", "--retry"])
+# -- the command line ----------------------------------------------------------------------------------------
+
+DOTENV_FILE = ".env"
+SERVE, REBUILD, DEAD_LETTERS = "serve", "rebuild", "dead-letters"
+
+
+def command_line() -> argparse.ArgumentParser:
+    """`--help` names every command and every setting with its default, from config.SETTINGS."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [-h] [--version] [COMMAND]",
+        description="A privacy-first web analytics collector: anonymous page views into SQLite (or Flowcore),\n"
+        "statistics in a dashboard. Without a command it serves.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    commands.add_parser(SERVE, help="collect page views and serve the dashboard (the default)")
+    commands.add_parser(REBUILD, help="recompute the statistics from the local event log (stop the collector first)")
+    dead_letters = commands.add_parser(DEAD_LETTERS, help="list the events whose handler kept failing")
+    dead_letters.add_argument("--retry", action="store_true",
+                              help="run each once more, after a fix (stop the collector first)")
+    # A further command adds its parser here and a branch in run_command().
+    return parser
+
+
+def settings_help(width: int = 100) -> str:
+    lines = [
+        "settings:",
+        "  Read once at start-up from the environment, and from a .env file in the working directory",
+        "  (the environment wins). A bad value stops start-up with a message naming it.",
+        "",
+    ]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.name}={setting.default}" if setting.default else f"  {setting.name} (unset)")
+        lines += textwrap.wrap(setting.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The settings in a .env file, parsed by python-dotenv as written: no ${VAR} expansion, so a
+    secret with a $ in it stays whole and the file means what `docker run --env-file` reads.
+    A name that is no setting is ignored with a warning (a typo would otherwise pass silently)."""
+    if not path.is_file():
+        return {}
+    values = {name: value for name, value in dotenv_values(path, interpolate=False).items() if value is not None}
+    known = set(DEFAULTS) | set(IGNORED_SETTINGS)  # the original's, which start-up reports as ignored
+    unknown = sorted(set(values) - known)
+    if unknown:
+        logger.warning("%s: ignoring %s: not a setting (see --help)", path, ", ".join(unknown))
+    logger.info("settings read from %s (the environment wins)", path.resolve())
+    return {name: value for name, value in values.items() if name in known}
+
+
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    if args.command == REBUILD:
+        return rebuild_command(config)
+    if args.command == DEAD_LETTERS:
+        return dead_letters_command(config, retry=args.retry)
+    return serve(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = list(sys.argv[1:] if argv is None else argv)
-    if command not in COMMANDS:
-        print("usage: python collector.py [rebuild | dead-letters [--retry]]", file=sys.stderr)
-        return 2
+    logrepeats.install([h for h in logging.getLogger().handlers if h not in existing])  # ours only, not a host's
     try:
-        config = load_config(os.environ)
+        args = command_line().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
+        return done.code if isinstance(done.code, int) else 2
+    try:
+        config = load_config({**read_dotenv(Path(DOTENV_FILE)), **os.environ})
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
-    if command == ["rebuild"]:
-        return rebuild_command(config)
-    if command[:1] == ["dead-letters"]:
-        return dead_letters_command(config, retry=command[1:] == ["--retry"])
+    return run_command(args, config)
+
+
+def serve(config: Config) -> int:
     log_start(config)
     try:
         loop = new_event_loop(config.event_loop)
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
+    return serve_on(config, loop)
+
+
+def serve_on(config: Config, loop: asyncio.AbstractEventLoop) -> int:
+    """Run the app until stopped. What stops start-up is one line on stderr and a non-zero
+    exit status, never a traceback (that goes to the log at DEBUG) and never a hang."""
+    before, after = logrepeats.raise_descriptor_limit()
+    if after > before:
+        logger.info("file descriptors: raised the soft limit from %d to %d (the hard limit)", before, after)
+    loop.set_exception_handler(logrepeats.LoopErrors())
     try:
         web.run_app(
             create_app(config),
@@ -1111,16 +1331,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=10.0,
-            print=None,
+            print=lambda _banner: log_addresses(config),  # called once the socket listens
             **http_defense.server_options(config.keepalive_timeout),
         )
     except DataDirBusyError as error:
-        print(f"collector: {error}; stop it first", file=sys.stderr)
-        return 1
+        return start_failed(f"{error}; stop it first", 1)
     except ConfigError as error:
-        print(f"collector: configuration error: {error}", file=sys.stderr)
-        return 2
+        return start_failed(f"configuration error: {error}", 2)
+    except (DataDirError, DatabaseUnusableError) as error:
+        return start_failed(str(error), 1)
+    except OSError as error:
+        message = listen_problem(config, error)
+        if message is None:
+            raise
+        return start_failed(message, 1)
+    finally:
+        if not loop.is_closed():  # run_app closes it, unless building the app failed first
+            loop.close()
     return 0
+
+
+def start_failed(message: str, status: int) -> int:
+    logger.debug("start-up failed", exc_info=True)
+    print(f"collector: {message}", file=sys.stderr)
+    return status
+
+
+def listen_problem(config: Config, error: OSError) -> str | None:
+    """One line for a socket that cannot be bound; None for any other OSError."""
+    where = f"{config.host}:{config.port}"
+    if isinstance(error, socket.gaierror):
+        return f"cannot listen on HOST={config.host}: the name does not resolve ({error.strerror}); set HOST to an " \
+               "address of this machine, e.g. 0.0.0.0 or 127.0.0.1"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use by another process; stop it, or set PORT"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: HOST is not an address of this machine; set HOST (0.0.0.0: every address)"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); set PORT"
+    return None
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RAW_RETENTION_DAYS",
         "30",
-        "Days of raw page view rows and local event log kept (whole local days, plus today); "
+        "Days of raw page view and custom event rows and local event log kept (whole local days, plus today); "
         "aggregates are kept for good.",
     ),
     Setting("EVENT_LOOP", "auto", "auto (uvloop when installed, see the speed extra), asyncio or uvloop."),
@@ -138,6 +138,12 @@ SETTINGS: tuple[Setting, ...] = (
         "subdomains but not itself); others are dropped. Empty: any domain.",
     ),
     Setting(
+        "MAX_SITES",
+        "1000",
+        "Distinct domains counted; a page view for a new domain beyond it is dropped (X-Collector-Dropped: "
+        "site-limit), so invented domains cannot grow the database. ALLOWED_DOMAINS is the better guard.",
+    ),
+    Setting(
         "ALLOWED_ORIGINS",
         "*",
         "Comma-separated origins that get CORS headers on /api/pageview (https://example.com, "
@@ -170,6 +176,19 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Path to a MaxMind or DB-IP country or city database (.mmdb) to look countries up in, instead of "
         "the built-in registry data. Read at start-up; never downloaded.",
+    ),
+    # -- custom events (issue 14) --
+    Setting(
+        "EVENT_NAMES_PER_DAY",
+        "100",
+        "Distinct custom event names counted per site and local day; events of further names that day count "
+        "under (other).",
+    ),
+    Setting(
+        "EVENT_PROPERTY_VALUES_PER_DAY",
+        "1000",
+        "Distinct (event, property, value) combinations counted per site and local day; further values count "
+        "under (other).",
     ),
 )
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
@@ -207,6 +226,7 @@ class Config:
     ignored_settings: tuple[str, ...] = ()  # IGNORED_SETTINGS that are set
     privacy_mode: str = privacy.SEED
     allowed_domains: DomainAllowList | None = None
+    max_sites: int = 1000
     allowed_origins: OriginAllowList = ANY_ORIGIN
     respect_gpc: bool = True
     respect_dnt: bool = False
@@ -217,6 +237,8 @@ class Config:
     keepalive_timeout: float = 75.0  # seconds
     event_version: str = "v1"
     geoip_database: Path | None = None
+    event_names_per_day: int = 100
+    event_property_values_per_day: int = 1000
 
     @property
     def mode(self) -> str:
@@ -250,6 +272,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         raw_retention_days=_integer("RAW_RETENTION_DAYS", get("RAW_RETENTION_DAYS"), 1, 36500),
         privacy_mode=_choice("PRIVACY_MODE", get("PRIVACY_MODE").lower(), privacy.PRIVACY_MODES),
         allowed_domains=_allowed_domains("ALLOWED_DOMAINS", get("ALLOWED_DOMAINS")),
+        max_sites=_integer("MAX_SITES", get("MAX_SITES"), 1, 10_000_000),
         allowed_origins=_allowed_origins("ALLOWED_ORIGINS", get("ALLOWED_ORIGINS")),
         respect_gpc=_boolean("RESPECT_GPC", get("RESPECT_GPC")),
         respect_dnt=_boolean("RESPECT_DNT", get("RESPECT_DNT")),
@@ -260,6 +283,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         keepalive_timeout=_integer("KEEPALIVE_TIMEOUT_MS", get("KEEPALIVE_TIMEOUT_MS"), 1, 3_600_000) / 1000,
         event_version=_choice("EVENT_VERSION", get("EVENT_VERSION").lower(), EVENT_VERSIONS),
         geoip_database=Path(get("GEOIP_DATABASE")) if get("GEOIP_DATABASE") else None,
+        event_names_per_day=_integer("EVENT_NAMES_PER_DAY", get("EVENT_NAMES_PER_DAY"), 1, 100_000),
+        event_property_values_per_day=_integer("EVENT_PROPERTY_VALUES_PER_DAY", get("EVENT_PROPERTY_VALUES_PER_DAY"),
+                                               1, 1_000_000),
     )
 
 
@@ -399,6 +425,7 @@ def _write_private_atomically(path: Path, text: str) -> None:
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
+            os.fchmod(file.fileno(), 0o600)  # the umask may have taken bits from the mode above
             file.write(text)
             file.flush()
             os.fsync(file.fileno())

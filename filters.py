@@ -8,7 +8,6 @@ a number) that DropCounter hands to the store."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -17,6 +16,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -28,16 +28,42 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DROPPED_HEADER = "X-Collector-Dropped"
-BOT = "bot"
-HEADLESS = "headless"
-EMPTY_USER_AGENT = "empty-user-agent"
-PREFETCH = "prefetch"
-DOMAIN_NOT_ALLOWED = "domain-not-allowed"
-GPC = "gpc"
-DNT = "dnt"
-REASONS = (BOT, HEADLESS, EMPTY_USER_AGENT, PREFETCH, DOMAIN_NOT_ALLOWED, GPC, DNT)
-# Drops for a domain outside ALLOWED_DOMAINS are counted under this name, not the one sent:
-# invented names are not worth keeping, and a flood of them cannot grow the table.
+
+
+class DropReason(StrEnum):
+    """Why a page view was not counted: the X-Collector-Dropped header, the drop counts,
+    /api/stats, /api/dropped, the dashboard and the OpenAPI document all name them from here."""
+
+    BOT = "bot"
+    HEADLESS = "headless"
+    EMPTY_USER_AGENT = "empty-user-agent"
+    PREFETCH = "prefetch"
+    DOMAIN_NOT_ALLOWED = "domain-not-allowed"
+    GPC = "gpc"
+    DNT = "dnt"
+    SITE_LIMIT = "site-limit"
+
+
+# What each reason means to the person who sent the page view, and what to do about it; the
+# log says it, and the dashboard and the test page say the same.
+EXPLANATIONS: dict[str, str] = {
+    DropReason.BOT: "sent by a crawler, a bot or an HTTP library such as curl or python-requests; to send one "
+    "by hand, give a browser's User-Agent: curl -A 'Mozilla/5.0 ...'",
+    DropReason.HEADLESS: "sent by an automated browser: HeadlessChrome, Puppeteer, Playwright, Selenium and the like",
+    DropReason.EMPTY_USER_AGENT: "sent without a User-Agent header",
+    DropReason.PREFETCH: "a prefetch or prerender, which nobody may ever have seen",
+    DropReason.DOMAIN_NOT_ALLOWED: "its domain is not in ALLOWED_DOMAINS",
+    DropReason.GPC: "the browser asks not to be tracked with Global Privacy Control, Sec-GPC: 1, as Brave does by "
+    "default; RESPECT_GPC=false would count it",
+    DropReason.DNT: "the browser sends Do Not Track, DNT: 1, and RESPECT_DNT is true",
+    DropReason.SITE_LIMIT: "its domain would be a new site beyond MAX_SITES; set ALLOWED_DOMAINS to your sites, or "
+    "raise MAX_SITES",
+}
+# Drops for a domain outside ALLOWED_DOMAINS, or beyond MAX_SITES, are counted under this name,
+# not the one sent: invented names are not worth keeping, and a flood of them cannot grow the table.
+UNNAMED_REASONS = frozenset({DropReason.DOMAIN_NOT_ALLOWED, DropReason.SITE_LIMIT})
+# Counted per domain; the unnamed ones are counted for all such domains together (OTHER_DOMAINS).
+PER_DOMAIN_REASONS = tuple(reason for reason in DropReason if reason not in UNNAMED_REASONS)
 OTHER_DOMAINS = "*"
 
 MAX_DOMAIN_LENGTH = 253
@@ -120,9 +146,9 @@ class BotDetector:
     def reason(self, user_agent: str | None) -> str | None:
         agent = (user_agent or "").strip()
         if not agent:
-            return EMPTY_USER_AGENT
+            return DropReason.EMPTY_USER_AGENT
         if len(agent) > MAX_USER_AGENT_LENGTH:
-            return BOT
+            return DropReason.BOT
         verdict = self._cache.get(agent)
         if verdict is None:
             self.misses += 1
@@ -133,8 +159,8 @@ class BotDetector:
     def _classify(self, agent: str) -> str:
         """"" for a person: the cache stores a string for every verdict."""
         if HEADLESS_PATTERN.search(agent):
-            return HEADLESS
-        return BOT if self._detect.is_crawler(agent) else ""
+            return DropReason.HEADLESS
+        return DropReason.BOT if self._detect.is_crawler(agent) else ""
 
     @property
     def cached(self) -> int:
@@ -238,48 +264,104 @@ class FilterSettings:
     respect_dnt: bool
 
 
+class SiteLimit:
+    """MAX_SITES: the distinct domains counted. A page view that would be counted for a domain
+    not seen before, once the limit is reached, is dropped instead, so invented domains cannot
+    grow the database without bound. Knows the domains already counted (`load` at start-up);
+    the first refusal is logged once."""
+
+    def __init__(self, max_sites: int) -> None:
+        self.max_sites = max_sites
+        self._domains: set[str] = set()
+        self.reached = False
+
+    def load(self, domains: set[str]) -> None:
+        self._domains = set(domains)
+        if len(self._domains) >= self.max_sites:
+            self._reach()
+
+    def admits(self, domain: str) -> bool:
+        if domain in self._domains:
+            return True
+        if len(self._domains) >= self.max_sites:
+            if not self.reached:
+                self._reach()
+            return False
+        self._domains.add(domain)
+        return True
+
+    def _reach(self) -> None:
+        self.reached = True
+        logger.warning("%s", self.advice)
+
+    @property
+    def advice(self) -> str:
+        return (f"MAX_SITES ({self.max_sites}) is reached: page views for further new domains are dropped "
+                f"({DROPPED_HEADER}: {DropReason.SITE_LIMIT}); set ALLOWED_DOMAINS to the sites you run, "
+                "or raise MAX_SITES")
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+
 class PageviewFilter:
     """Why a valid page view is not counted, or None to count it. The order decides which
     reason a request with several is counted under: the domain first (so every other count
     belongs to an allowed site), then what the request is (prefetch, user agent), then what
-    the visitor asked for (GPC, DNT)."""
+    the visitor asked for (GPC, DNT), and last the site limit (so only a page view that would
+    be counted makes a new site)."""
 
-    def __init__(self, settings: FilterSettings, bots: BotDetector) -> None:
+    def __init__(self, settings: FilterSettings, bots: BotDetector, sites: SiteLimit | None = None) -> None:
         self.settings = settings
         self.bots = bots
+        self.sites = sites if sites is not None else SiteLimit(1_000_000)
 
     def drop_reason(self, domain: str, headers: Mapping[str, str]) -> str | None:
         allowed = self.settings.allowed_domains
         if allowed is not None and not allowed.allows(domain):
-            return DOMAIN_NOT_ALLOWED
+            return DropReason.DOMAIN_NOT_ALLOWED
         if is_prefetch(headers):
-            return PREFETCH
+            return DropReason.PREFETCH
         reason = self.bots.reason(headers.get("User-Agent"))
         if reason is not None:
             return reason
         if self.settings.respect_gpc and headers.get("Sec-GPC", "").strip() == "1":
-            return GPC
+            return DropReason.GPC
         if self.settings.respect_dnt and headers.get("DNT", "").strip() == "1":
-            return DNT
+            return DropReason.DNT
+        if not self.sites.admits(domain):
+            return DropReason.SITE_LIMIT
         return None
 
 
 # -- drop counts ----------------------------------------------------------------------------------
 
-DROP_FLUSH_INTERVAL = 1.0  # seconds: what a crash can lose of the drop counts
 
 
 class DropCounter:
     """Drop counts per (domain, local day, reason), added up in memory and written in one
-    transaction every DROP_FLUSH_INTERVAL, so a dropped request never waits for the disk.
+    transaction every second (maintenance.Jobs), so a dropped request never waits for the disk.
     Between flushes the table holds at most the distinct keys of a second's requests."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._explained: set[str] = set()
 
     def count(self, domain: str, day: str, reason: str) -> None:
-        self._pending[(OTHER_DOMAINS if reason == DOMAIN_NOT_ALLOWED else domain, day, reason)] += 1
+        self._pending[(OTHER_DOMAINS if reason in UNNAMED_REASONS else domain, day, reason)] += 1
+        self._log(domain, reason)
+
+    def _log(self, domain: str, reason: str) -> None:
+        """The first drop of each reason at INFO, with what it means (the first test by hand
+        with curl is dropped as a bot, and should say so); the others at DEBUG. The domain and
+        the reason only: never the address or the user agent."""
+        if reason not in self._explained:
+            self._explained.add(reason)
+            logger.info("not counted: a page view for %s, reason %s: %s. Further ones are logged at DEBUG",
+                        domain, reason, EXPLANATIONS[reason])
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("not counted: a page view for %s (%s)", domain, reason)
 
     async def flush(self) -> None:
         if not self._pending:
@@ -291,18 +373,6 @@ class DropCounter:
             for key, count in batch.items():  # kept for the next flush
                 self._pending[key] += count
             raise
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Flush every interval until stopped, then once more."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), DROP_FLUSH_INTERVAL)
-            except TimeoutError:
-                pass
-            try:
-                await self.flush()
-            except Exception:
-                logger.exception("writing the drop counts failed; they are kept for the next try")
 
 
 # -- rate limiting ----------------------------------------------------------------------------------

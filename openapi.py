@@ -17,9 +17,11 @@ from typing import Any
 from aiohttp import web
 
 import stats
+from filters import MAX_DOMAIN_LENGTH, PER_DOMAIN_REASONS, DropReason
 from pathways import (
     MAX_EVENT_NAME_LENGTH,
     MAX_EVENT_PROPS,
+    MAX_PATH_LENGTH,
     MAX_PROP_KEY_LENGTH,
     MAX_PROP_VALUE_LENGTH,
     MAX_UTM_LENGTH,
@@ -54,7 +56,11 @@ def header(description: str, required: bool = False, schema: Schema | None = Non
 
 
 INTERNAL = error("An unexpected error; the body never carries internal detail.")
-UNAVAILABLE = error("The collector is shutting down; try again.")
+RETRY_AFTER = {"Retry-After": header("Seconds to wait.", False, {"type": "string", "pattern": "^[0-9]+$"})}
+UNAVAILABLE = error("The collector is shutting down, or cannot write to its database (its disk is full or failing: "
+                    "then with Retry-After); try again.", RETRY_AFTER)
+READERS_BUSY = error("The collector is shutting down, or too many statistics requests are waiting (then with "
+                     "Retry-After: 1); try again.", RETRY_AFTER)
 NOT_FOUND = error("No such endpoint (also answered for any path not listed here).")
 READER_ERRORS = {
     "400": error("A parameter is unknown, repeated, missing or malformed; the message names it."),
@@ -62,15 +68,16 @@ READER_ERRORS = {
         "STATS_TOKEN is set and the request lacks 'Authorization: Bearer <token>' or has a wrong one.",
         {"WWW-Authenticate": header("Bearer realm=\"statistics\"", required=True)},
     ),
-    "403": error("STATS_TOKEN is not set and the client is not on loopback."),
+    "403": error("STATS_TOKEN is not set, and the request did not come from a loopback socket without any "
+                 "forwarding header (X-Forwarded-For, X-Real-IP, CF-Connecting-IP, Forwarded)."),
     "500": INTERNAL,
-    "503": UNAVAILABLE,
+    "503": READERS_BUSY,
 }
 DOMAIN_PARAM = {
     "name": "domain", "in": "query", "required": True,
     "description": "The site, e.g. example.com; `(no site)` for received events whose domain was empty or not a "
     "hostname.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH},
 }
 DAY = {"type": "string", "description": "A day, YYYY-MM-DD."}
 READER_SECURITY: list[dict[str, list[str]]] = [{"statsToken": []}, {}]
@@ -120,6 +127,44 @@ BREAKDOWN_SCHEMAS: dict[str, Schema] = {
 }
 
 
+def event_figures(extra: dict[str, Schema] | None = None) -> Schema:
+    """A custom event's figures over the period."""
+    properties: dict[str, Schema] = {
+        "name": {"type": "string", "description": "The event name; (other) holds the names beyond "
+                 "EVENT_NAMES_PER_DAY on a site and day."},
+        "count": {"type": "integer", "minimum": 0, "description": "Events."},
+        "visitors": {"type": "integer", "minimum": 0,
+                     "description": "Unique visitors with the event, summed over days."},
+        "conversion_rate": {"type": ["number", "null"], "minimum": 0, "description": (
+            "visitors in percent of the period's visitors (totals.visitors), one decimal; null when the "
+            "period had none. Above 100 only if events came from visitors with no page view counted that day.")},
+        **(extra or {}),
+    }
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+EVENT_PROPERTIES: Schema = {
+    "type": "array",
+    "description": "Each property the event carried, by events; a property's values by events, at most `limit` "
+    "of them. (other) holds the values beyond EVENT_PROPERTY_VALUES_PER_DAY on a site and day (and, as the "
+    "property, properties first seen after it).",
+    "items": {
+        "type": "object",
+        "required": ["name", "count", "values"],
+        "properties": {
+            "name": {"type": "string"},
+            "count": {"type": "integer", "minimum": 0, "description": "Events that carried the property."},
+            "values": {"type": "array", "items": {
+                "type": "object", "required": ["value", "count"],
+                "properties": {"value": {"type": "string", "description": "A string as sent; a number or "
+                                         "boolean as JSON writes it."},
+                               "count": {"type": "integer", "minimum": 0}},
+            }},
+        },
+    },
+}
+
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -136,9 +181,9 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["pathname", "referrer"],
         "additionalProperties": False,
         "properties": {
-            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048},
-            "referrer": {"type": "string", "maxLength": 2048},
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+            "pathname": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH},
+            "referrer": {"type": "string", "maxLength": MAX_PATH_LENGTH},
+            "domain": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
             "utm": {
                 "type": "object",
@@ -158,9 +203,10 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_NAME_LENGTH,
                      "description": "What happened, e.g. Signup, 404, Outbound Link: Click."},
-            "pathname": {"type": "string", "minLength": 1, "maxLength": 2048, "description": "Where it happened."},
-            "referrer": {"type": "string", "maxLength": 2048, "description": "Empty when absent."},
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+            "pathname": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH,
+                         "description": "Where it happened."},
+            "referrer": {"type": "string", "maxLength": MAX_PATH_LENGTH, "description": "Empty when absent."},
+            "domain": {"type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH,
                        "description": "A hostname; when absent, the host of Origin, else of Referer."},
             "props": {
                 "type": "object",
@@ -207,7 +253,10 @@ SCHEMAS: dict[str, Schema] = {
             "status": {"enum": ["ok", "halted", "unavailable"]},
             "mode": {"enum": ["local", "flowcore"]},
             "version": {"type": "string"},
-            "database": {"enum": ["ok", "unavailable"]},
+            "database": {"enum": ["ok", "unavailable", "not writable"]},
+            "write_error": {"type": "string", "description": "While writes fail: what SQLite said."},
+            "write_error_since": {"type": "string"},
+            "failed_writes": {"type": "integer", "minimum": 0},
             "backlog": {"type": "integer"},
             "lag_seconds": {"type": "number", "minimum": 0, "description": (
                 "How far the read model is behind: the age of the oldest event accepted and not yet counted "
@@ -217,13 +266,16 @@ SCHEMAS: dict[str, Schema] = {
             "last_processed_at": {"type": ["string", "null"]},
             "group_commit": {"type": "object"},
             "retention_last_run": {"type": ["string", "null"]},
+            "sites": {"type": "object", "description": "Sites counted, MAX_SITES, whether it is reached."},
+            "statistics": {"type": "object", "description": "Statistics connections: how many, busy, waiting."},
             "flowcore": {"type": "object"},
         },
     },
     "Stats": {
         "type": "object",
         "required": ["domain", "period", "from", "to", "previous", "timezone", "interval", "totals", "series",
-                     "pages", "sources", *BREAKDOWN_SCHEMAS, "filters", "filtered_from", "current_visitors"],
+                     "pages", "sources", *BREAKDOWN_SCHEMAS, "filters", "filtered_from", "current_visitors",
+                     "events"],
         "properties": {
             "domain": {"type": "string"},
             "period": {"type": "string"},
@@ -259,27 +311,40 @@ SCHEMAS: dict[str, Schema] = {
             },
             "current_visitors": {"type": "integer", "minimum": 0},
             "dropped": {
-                "type": "object",
+                **ref("Dropped"),
                 "description": "Page views not counted in the period: `total` and `by_reason` for this domain "
-                "(bot, headless, empty-user-agent, prefetch, gpc, dnt), and `domain_not_allowed`: page views "
-                "the whole collector dropped for a domain outside ALLOWED_DOMAINS (kept under no name).",
-                "required": ["total", "by_reason", "domain_not_allowed"],
-                "properties": {
-                    "total": {"type": "integer", "minimum": 0},
-                    "by_reason": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
-                    "domain_not_allowed": {"type": "integer", "minimum": 0},
-                },
+                f"({', '.join(PER_DOMAIN_REASONS)}); `domain_not_allowed` and `site_limit`: "
+                "page views the whole collector dropped for a domain outside ALLOWED_DOMAINS, or for a new "
+                "domain beyond MAX_SITES (kept under no name).",
             },
+            "events": {"type": "array", "items": event_figures(),
+                       "description": "Custom events of the period, by visitors, then events; at most `limit`."},
+            "event": {**event_figures({"properties": EVENT_PROPERTIES}),
+                      "description": "With ?event=: that event's figures (zeros if it was not seen) and properties."},
+        },
+    },
+    "Dropped": {
+        "type": "object",
+        "required": ["total", "by_reason", "domain_not_allowed", "site_limit"],
+        "properties": {
+            "total": {"type": "integer", "minimum": 0},
+            "by_reason": {"type": "object", "required": list(PER_DOMAIN_REASONS),
+                          "additionalProperties": {"type": "integer", "minimum": 0}},
+            "domain_not_allowed": {"type": "integer", "minimum": 0},
+            "site_limit": {"type": "integer", "minimum": 0},
         },
     },
     "Sites": {
         "type": "object",
-        "required": ["sites"],
-        "properties": {"sites": {"type": "array", "items": {
-            "type": "object", "required": ["domain", "first_day", "last_day", "pageviews"],
-            "properties": {"domain": {"type": "string"}, "first_day": DAY, "last_day": DAY,
-                           "pageviews": {"type": "integer"}},
-        }}},
+        "required": ["sites", "next"],
+        "properties": {
+            "sites": {"type": "array", "items": {
+                "type": "object", "required": ["domain", "first_day", "last_day", "pageviews"],
+                "properties": {"domain": {"type": "string"}, "first_day": DAY, "last_day": DAY,
+                               "pageviews": {"type": "integer"}},
+            }},
+            "next": {"type": ["string", "null"], "description": "The `after` of the next page; null on the last."},
+        },
     },
     "CurrentVisitors": {
         "type": "object",
@@ -307,8 +372,8 @@ def collection_operation(summary: str, description: str, schema: str, what: str,
             "204": {
                 "description": "Counted, or dropped and not counted (then X-Collector-Dropped says why).",
                 "headers": {
-                    "X-Collector-Dropped": header(f"Why the {what} was not counted: bot, prefetch, gpc, dnt, "
-                                                  "domain, ..."),
+                    "X-Collector-Dropped": header(f"Why the {what} was not counted.",
+                                                  schema={"enum": [str(reason) for reason in DropReason]}),
                     "Access-Control-Allow-Origin": CORS_ORIGIN,
                 },
             },
@@ -365,7 +430,8 @@ def transformer_operation() -> Schema:
                          "collector wrote it), or its validTime or salt day is before 2000 or after tomorrow."),
             "500": INTERNAL,
             "503": error("The handler kept failing: the event is kept in the dead letters; deliver it again "
-                         "after Retry-After seconds. Or the collector is shutting down.",
+                         "after Retry-After seconds. Or the collector cannot write to its database (its disk is "
+                         "full or failing; nothing was kept, no attempt counted), or is shutting down.",
                          {"Retry-After": header("Seconds to wait before delivering the event again.")}),
         },
     }
@@ -408,7 +474,8 @@ def paths() -> dict[str, Any]:
         "/api/transformer": {"post": transformer_operation()},
         "/health": {"get": {"summary": "Status, mode, version, backlog, dead letters.", "responses": {
             "200": json_answer("The collector works.", ref("Health")),
-            "503": json_answer("The database does not answer.", ref("Health")),
+            "503": json_answer("The database does not answer, or writes fail (then `write_error` says why, with "
+                               "Retry-After).", ref("Health"), RETRY_AFTER),
             "500": INTERNAL}}},
         "/": {"get": {"summary": "The service and its endpoints.", "responses": {
             "200": json_answer("Name, version, mode and endpoints.", ref("Index")), "500": INTERNAL}}},
@@ -432,7 +499,8 @@ def paths() -> dict[str, Any]:
             DOMAIN_PARAM, period,
             query("from", "First day, YYYY-MM-DD (custom).", DAY),
             query("to", "Last day, YYYY-MM-DD (custom).", DAY),
-            query("limit", "Rows of each list, 1 to 1000.", {"type": "string", "pattern": "^[0-9]+$"}),
+            query("limit", "Rows of each list, and values of each event property, 1 to 1000.",
+                  {"type": "string", "pattern": "^[0-9]+$"}),
             {**query("filter", "`<dimension>:<value>`, as often as needed: every number then counts only the page "
                      "views (and the visits whose first page view) match every filter, from the raw rows "
                      f"(see filtered_from). Dimensions: {', '.join(stats.FILTER_DIMENSIONS)}. An empty value "
@@ -441,17 +509,27 @@ def paths() -> dict[str, Any]:
                      {"type": "array", "maxItems": stats.MAX_FILTERS, "items": {
                          "type": "string", "pattern": f"^({'|'.join(stats.FILTER_DIMENSIONS)}):"}}),
              "style": "form", "explode": True},
+            query("event", "A custom event's name: the answer gains `event`, its figures and properties.",
+                  {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_NAME_LENGTH}),
         ], json_answer("The statistics.", ref("Stats")))},
-        "/api/sites": {"get": reader("The domains seen.", [], json_answer("The sites.", ref("Sites")))},
+        "/api/sites": {"get": reader("The domains seen, a page at a time, in domain order.", [
+            query("limit", "Sites per page, 1 to 1000 (100).", {"type": "string", "pattern": "^[0-9]+$"}),
+            query("after", "The previous page's `next`.", {"type": "string", "maxLength": MAX_DOMAIN_LENGTH}),
+            query("search", "Only domains that contain this text.", {"type": "string", "maxLength": MAX_DOMAIN_LENGTH}),
+        ], json_answer("A page of sites.", ref("Sites")))},
+        "/api/dropped": {"get": reader(
+            "Page views not counted so far, every site together, by reason (what an empty dashboard shows).", [],
+            json_answer("The counts over every kept day.", ref("Dropped")))},
         "/api/current-visitors": {"get": reader("Distinct visitors in the last five minutes.", [DOMAIN_PARAM],
                                                 json_answer("The count.", ref("CurrentVisitors")))},
         "/api/export": {"get": reader("CSV export.", [
             DOMAIN_PARAM,
             {**query("from", "First day, YYYY-MM-DD.", DAY), "required": True},
             {**query("to", "Last day, YYYY-MM-DD.", DAY), "required": True},
-            query("table", "daily (default), pages, sources, or a list of /api/stats by day (countries, browsers, "
+            query("table", "daily (default), pages, sources, a list of /api/stats by day (countries, browsers, "
                   "os, devices, utm_sources, utm_mediums, utm_campaigns, entry_pages, exit_pages: the value, page "
-                  "views, visitors, visits and bounces; an unknown value is empty).",
+                  "views, visitors, visits and bounces; an unknown value is empty), events (per day and name: "
+                  "events, visitors) or event_properties (per day, name, property and value: events).",
                   {"enum": list(stats.EXPORT_TABLES)}),
         ], {"description": "CSV with a header row.", "content": {"text/csv": {"schema": {"type": "string"}}},
             "headers": {"Content-Disposition": header("attachment; filename=...", True)}})},

@@ -16,19 +16,30 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import aiohttp
 
 from config import FlowcoreSettings
-from filters import NO_SITE, normalize_host
-from store import LOCAL_CURSOR, DeadLetter, LoggedEvent, OutboxRow, Store, StoreClosedError, iso_ms, put_meta
+from filters import MAX_DOMAIN_LENGTH, NO_SITE, normalize_host
+from store import (
+    LOCAL_CURSOR,
+    DeadLetter,
+    LoggedEvent,
+    OutboxRow,
+    StorageUnavailableError,
+    Store,
+    StoreClosedError,
+    iso_ms,
+    put_meta,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_EVENT_ID_LENGTH = 128
+MAX_PATH_LENGTH = 2048  # a pathname or a referrer, in characters: /api/pageview, the contract and the OpenAPI document
 # Flowcore takes at most 64 KB per event; staying well under it leaves room for the envelope.
 MAX_PAYLOAD_BYTES = 48 * 1024
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one instance: json.dumps builds one per call
@@ -236,9 +247,9 @@ VISITOR_TRACKED = Contract(
     schema=Obj(
         {
             "visitorHash": Text(64, 64, re.compile(r"[0-9a-f]{64}"), "64 lowercase hex characters"),
-            "domain": Text(1, 253),
-            "pathname": Text(1, 2048),
-            "referrer": Text(0, 2048),
+            "domain": Text(1, MAX_DOMAIN_LENGTH),
+            "pathname": Text(1, MAX_PATH_LENGTH),
+            "referrer": Text(0, MAX_PATH_LENGTH),
             "sessionContext": Obj(
                 {"dailySaltRotation": Text(10, 10, re.compile(r"\d{4}-\d{2}-\d{2}"), "a date as YYYY-MM-DD")}
             ),
@@ -551,6 +562,8 @@ class Pathways:
         self.contract_for(event).validate(event.payload)
         try:
             processed = await self.store.write(lambda conn: self.process_batch(conn, [event]))
+        except StorageUnavailableError:
+            raise  # the disk failed, not the handler: no attempt is counted, nothing is dead-lettered
         except Exception as error:
             return await self._failed(event, error, self.max_attempts)
         return Outcome.PROCESSED if processed else Outcome.DUPLICATE
@@ -573,8 +586,8 @@ class Pathways:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self._receive_once(event)
-            except StoreClosedError:
-                raise
+            except (StoreClosedError, StorageUnavailableError):
+                raise  # not the handler's failure: no attempt is counted, nothing is dead-lettered
             except Exception as failure:
                 error = failure
                 logger.warning("event %s (%s) failed, attempt %d of %d: %s: %s", event.event_id, event.key,
@@ -610,7 +623,7 @@ class Pathways:
         try:
             event = self.read(parse_envelope(json.loads(letter.envelope)))
             await self._receive_once(event, retrying=True)
-        except StoreClosedError:
+        except (StoreClosedError, StorageUnavailableError):
             raise
         except Exception as failure:
             message = f"{type(failure).__name__}: {failure}"
@@ -623,6 +636,8 @@ class Pathways:
         one by one (with retries and dead letters) when any fails."""
         try:
             await self._process_together(events)
+        except StorageUnavailableError:
+            raise  # no event failed: the disk did; the batch is tried again as it is
         except Exception as error:
             logger.warning("a batch of %d events failed (%s); processing them one by one", len(events), error)
             for event in events:
@@ -631,12 +646,15 @@ class Pathways:
     async def _process_together(self, events: Sequence[Event]) -> None:
         await self.store.write(lambda conn: self.process_batch(conn, events))
 
-    def process_batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> int:
+    def process_batch(self, conn: sqlite3.Connection, events: Sequence[Event], *, checked: bool = False) -> int:
         """Route events inside the caller's transaction (on the store's writer thread) and return
         how many were new (the others were processed before); any failure is raised, for the
-        caller to roll back."""
+        caller to roll back. `checked`: our own events, which `write` validated already (the
+        contract check is for what comes from outside)."""
         for event in events:
-            self.contract_for(event).validate(event.payload)
+            contract = self.contract_for(event)
+            if not checked:
+                contract.validate(event.payload)
         new = self.store.claim_events(conn, {e.event_id: e.key for e in events})
         by_key: dict[str, list[Event]] = {}
         for event in events:
@@ -687,6 +705,13 @@ class Sink(Protocol):
     def interrupt(self) -> None:
         """Cut short any waiting (backoff, a halt) because the collector is stopping."""
 
+    def describe(self) -> dict[str, Any]:
+        """What /health shows of the sink: sections to add to its answer."""
+
+    @property
+    def halted(self) -> bool:
+        """Whether sending has stopped until a restart (/health then says so)."""
+
 
 class LocalSink:
     """The embedded event log: assigns ids and times as Flowcore would, writes the local event
@@ -724,6 +749,8 @@ class LocalSink:
             try:  # the usual case: log, route and move the cursor in ONE transaction
                 await self.store.write(lambda conn: self._log_and_route(conn, logged))
                 return
+            except StorageUnavailableError:
+                raise
             except Exception as error:
                 logger.warning("a batch of %d events failed (%s); taking them one by one", len(logged), error)
         await self.store.move_to_event_log(logged)
@@ -731,7 +758,7 @@ class LocalSink:
 
     def _log_and_route(self, conn: sqlite3.Connection, logged: Sequence[LoggedEvent]) -> None:
         self.store.log_events(conn, logged)
-        self.pathways.process_batch(conn, [Event.from_log(item) for item in logged])
+        self.pathways.process_batch(conn, [Event.from_log(item) for item in logged], checked=True)
         put_meta(conn, self.CURSOR, str(logged[-1].seq))
 
     async def _deliver(self, logged: Sequence[LoggedEvent]) -> None:
@@ -742,6 +769,13 @@ class LocalSink:
 
     def interrupt(self) -> None:
         """Nothing to cut short: the local sink never waits on anything but the database."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}  # the store's backlog and lag say it all
+
+    @property
+    def halted(self) -> bool:
+        return False
 
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -790,6 +824,15 @@ class FlowcoreSink:
 
     def interrupt(self) -> None:
         self._interrupted.set()
+
+    def describe(self) -> dict[str, Any]:
+        contract = VISITOR_TRACKED if self.send_v0 else VISITOR_TRACKED_V1  # the page views' event type
+        target = self.settings.events_url(contract.flow_type, contract.event_type)
+        return {"flowcore": {"target": target, **asdict(self.status)}}
+
+    @property
+    def halted(self) -> bool:
+        return self.status.halted
 
     async def send(self, rows: Sequence[OutboxRow]) -> None:
         if self.send_v0:
@@ -1007,6 +1050,10 @@ class Emitter:
         """Run one step of the sink; on failure log it and pause, and report it."""
         try:
             await step
+        except StorageUnavailableError as error:  # the store logs the outage once; its events wait
+            logger.debug("the %s is waiting for the disk: %s", type(self.sink).__name__, error)
+            await wait_any(self._stopped, timeout=1.0)
+            return False
         except Exception:
             logger.exception("the %s failed; its events are kept and will be tried again", type(self.sink).__name__)
             await wait_any(self._stopped, timeout=1.0)

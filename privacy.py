@@ -63,8 +63,6 @@ def previous_day(day: str) -> str:
 class SaltStore(Protocol):
     async def salt_for_day(self, day: str, candidate: bytes, keep_from: str) -> bytes: ...
 
-    async def forget_salts(self, keep_from: str) -> int: ...
-
 
 class DailySalts:
     """The ephemeral mode's salt of the UTC day, held in memory: the store is asked once a day
@@ -85,11 +83,6 @@ class DailySalts:
                 salt = await self._store.salt_for_day(day, secrets.token_bytes(SALT_BYTES), previous_day(day))
                 self._day, self._salt = day, salt
         return self._salt
-
-    async def forget_old(self, today: str) -> int:
-        """Delete every salt older than yesterday's: a salt lives through its own day and the
-        next, at most 48 hours from the start of its day."""
-        return await self._store.forget_salts(previous_day(today))
 
 
 class VisitorHasher:

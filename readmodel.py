@@ -16,6 +16,9 @@ duration and its exit page, updated as the visit goes on; every row of a visit c
 entry page and campaign. So a filtered query finds everything it counts in the rows it matches
 (stats.py), and a visitor's rows can always be replayed into the same numbers.
 
+Custom events are counted beside the page views, by `EventCounts` (eventmodel.py), which this
+lends dictionary ids, visitor numbers and row ids.
+
 Everything here runs on the store's writer thread, inside the router's transaction."""
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,15 +37,17 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
-from store import Migration, Store, get_meta, put_meta, split_sql
+from eventmodel import EventCounts, EventLimits
+from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
+from store import DatabaseUnusableError, Migration, Store, get_meta, put_meta, split_sql, unusable
 
 logger = logging.getLogger(__name__)
 
 VISIT_GAP_MS = 30 * 60 * 1000
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
-VISITOR_CACHE_SIZE = 20_000  # visitors whose day is kept in memory (a few hundred bytes each)
+VISITOR_CACHE_SIZE = 10_000  # visitors whose day is kept in memory (about 300 bytes each)
+SMALL_SEEN = 16  # sightings kept in a tuple (smaller than a set) before a visitor gets a set
 DIMS_CACHE_SIZE = 50_000  # dictionary entries kept in memory
 REBUILD_BATCH = 1000
 NEXT_ID = "read_model_next_id"  # meta: the next raw row id (ids are never reused)
@@ -340,8 +346,31 @@ class Visitor:
     visit_day: str = ""
     visit_views: int = 0
     first: View | None = None  # the current visit's first page view
-    seen: set[int] = field(default_factory=set)  # (dimension, day, value id), for unique visitors
+    seen: tuple[int, ...] | set[int] = ()  # (dimension, day, value id), for unique visitors
     exits: dict[int, int] = field(default_factory=dict)  # (day, exit page) -> its visits ending there
+
+    def sighted(self, sighting: int) -> bool:
+        """Whether this is the first sighting; most visitors have a few, kept in a small tuple."""
+        seen = self.seen
+        if sighting in seen:
+            return False
+        if isinstance(seen, set):
+            seen.add(sighting)
+        elif len(seen) < SMALL_SEEN:
+            self.seen = (*seen, sighting)
+        else:
+            self.seen = {*seen, sighting}
+        return True
+
+    def sighted_all(self, sightings: tuple[int, ...]) -> None:
+        """Sightings known to be new (those of a day the visitor had not been seen in)."""
+        seen = self.seen
+        if isinstance(seen, set):
+            seen.update(sightings)
+        elif len(seen) + len(sightings) <= SMALL_SEEN:
+            self.seen = seen + sightings
+        else:
+            self.seen = {*seen, *sightings}
 
 
 PAGEVIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(5)
@@ -469,11 +498,8 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
-    seen = visitor.seen
     for counts, value in ((page, view.page), (source, view.src)):
-        sighting = view.day_number << 40 | value  # dictionary ids are unique across kinds
-        if sighting not in seen:
-            seen.add(sighting)
+        if visitor.sighted(view.day_number << 40 | value):  # dictionary ids are unique across kinds
             counts[1] += 1
     first = visitor.first
     combinations = tally.combinations
@@ -532,19 +558,18 @@ def _see_dimensions(visitor: Visitor, view: View, first: View, key: tuple[str, .
                     new_day: bool) -> None:
     """A visitor counts once per day and value of each dimension. On its first view of a day
     every value is new, and counts with the view's combination."""
-    seen, day_bits = visitor.seen, view.day_number << 40
+    day_bits = view.day_number << 40
     sightings = (COUNTRY_TAG | day_bits | view.country_id, BROWSER_TAG | day_bits | view.browser_id,
                  OS_TAG | day_bits | view.os_id, DEVICE_TAG | day_bits | view.device_id,
                  UTM_SOURCE_TAG | day_bits | first.utm_source_id, UTM_MEDIUM_TAG | day_bits | first.utm_medium_id,
                  UTM_CAMPAIGN_TAG | day_bits | first.utm_campaign_id, ENTRY_PAGE_TAG | day_bits | first.page)
     if new_day:
-        seen.update(sightings)
+        visitor.sighted_all(sightings)
         tally.combinations[key][3] += 1
         return
     domain, day = view.domain, view.day
     for dimension, value, sighting in zip(COMBINED, key[2:], sightings, strict=True):
-        if sighting not in seen:
-            seen.add(sighting)
+        if visitor.sighted(sighting):
             tally.dimensions[(domain, dimension, day, value)][1] += 1
 
 
@@ -621,12 +646,14 @@ class _Batch:
 
 
 class ReadModel:
-    """The visitor.tracked handler, its retention and forgetting, and the replay behind rebuild.
+    """The visitor.tracked handler, its retention and forgetting, and the replay behind rebuild;
+    `events` is the visitor.event handler (eventmodel.py).
 
     Constructed before the store opens, it brings its schema to the store. Its caches are
     touched only on the store's writer thread; a rolled-back transaction empties them."""
 
-    def __init__(self, store: Store, *, cache_size: int = VISITOR_CACHE_SIZE) -> None:
+    def __init__(self, store: Store, *, cache_size: int = VISITOR_CACHE_SIZE,
+                 event_limits: EventLimits | None = None) -> None:
         self.store = store
         self.tz = store.tz
         self._cache_size = cache_size
@@ -635,6 +662,7 @@ class ReadModel:
         self._next_id: int | None = None
         store.add_migrations(MIGRATIONS)
         store.add_rollback_hook(self._forget_cached)
+        self.events = EventCounts(self, store, event_limits or EventLimits())
 
     def _forget_cached(self) -> None:
         self._visitors.clear()
@@ -652,7 +680,8 @@ class ReadModel:
             payload = event.payload
             view = self._view(payload, int(event.valid_time.timestamp() * 1000))
             key = key64(payload["domain"], payload["visitorHash"])
-            by_visitor.setdefault(key, (payload["sessionContext"]["dailySaltRotation"], []))[1].append(view)
+            salt_day = sys.intern(payload["sessionContext"]["dailySaltRotation"])  # one string per day, not per visitor
+            by_visitor.setdefault(key, (salt_day, []))[1].append(view)
         self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
         known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
         # Before any is remembered: remembering one may push another of this batch out of the cache.
@@ -682,23 +711,22 @@ class ReadModel:
 
     def _advance(self, conn: sqlite3.Connection, visitor: Visitor | None, salt_day: str, views: list[View],
                  key: int, batch: _Batch) -> Visitor:
-        """Fold a visitor's new page views into its visits. In time order (the usual case) this
-        is O(1) per view; a view older than the last one replays the visitor's whole day from
-        its raw rows, and takes back what the old replay had counted."""
+        """Fold a visitor's new page views into its visits: in time order (the usual case) O(1)
+        per view, else by replaying the visitor's day."""
         if visitor is None:
             visitor = Visitor(views[0].id, salt_day)
             batch.new_visitors.append((key, visitor.id, salt_day))
-            earlier: list[View] = []
-        elif in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            _add_rows(batch, visitor.id, views)
-            return visitor
-        else:
-            earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
-        if not earlier and in_time_order(visitor, views):
-            replay(visitor, views, batch.tally)
-            _add_rows(batch, visitor.id, views)
-            return visitor
+        if not in_time_order(visitor, views):
+            return self._replay_day(conn, visitor, views, batch)
+        replay(visitor, views, batch.tally)
+        _add_rows(batch, visitor.id, views)
+        return visitor
+
+    def _replay_day(self, conn: sqlite3.Connection, visitor: Visitor, views: list[View], batch: _Batch) -> Visitor:
+        """A view older than the visitor's last one: replay its raw rows with the new views in
+        time order, take back what the old replay counted, and write again the rows whose visit
+        columns moved."""
+        earlier = self._rows_of(conn, [visitor.id]).get(visitor.id, [])
         batch.tally.add(_replayed(visitor, earlier)[1], sign=-1)
         again, tally = _replayed(visitor, sorted(earlier + views, key=lambda v: (v.ts_ms, v.id)))
         batch.tally.add(tally)
@@ -791,6 +819,45 @@ class ReadModel:
             view.utm_campaign_id = dims.get((UTM_CAMPAIGN, view.utm_campaign)) or self._dim(conn, UTM_CAMPAIGN,
                                                                                              view.utm_campaign)
 
+    # -- what the custom events share (eventmodel.Shared) ---------------------------------------------
+
+    def local_day(self, ts_ms: int) -> tuple[str, int]:
+        day, _, number = local_day_hour(ts_ms, self.tz)
+        return day, number
+
+    def dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
+        return self._dims.get((kind, value)) or self._dim(conn, kind, value)
+
+    def take_ids(self, conn: sqlite3.Connection, count: int) -> int:
+        if self._next_id is None:
+            self._next_id = int(get_meta(conn, NEXT_ID) or 1)
+        first, self._next_id = self._next_id, self._next_id + count
+        put_meta(conn, NEXT_ID, str(self._next_id))
+        return first
+
+    def visitor_numbers(self, conn: sqlite3.Connection,
+                        visitors: Mapping[tuple[str, str], str]) -> dict[tuple[str, str], int]:
+        """The number the rows of each (domain, visitor hash) carry, given with its salt day: from
+        the cache, else the file, else a new one, linked as a first page view links it (an event
+        can come before the visitor's first page view, which then finds the link)."""
+        keys = {who: key64(*who) for who in visitors}
+        numbers = {who: cached.id for who, key in keys.items() if (cached := self._visitors.get(key)) is not None}
+        missing = [key for who, key in keys.items() if who not in numbers]
+        stored: dict[int, int] = dict(conn.execute(
+            "SELECT visitor_key, visitor FROM visitors WHERE visitor_key IN (SELECT value FROM json_each(?))",
+            (json.dumps(missing),),
+        ).fetchall()) if missing else {}
+        new = [who for who, key in keys.items() if who not in numbers and key not in stored]
+        numbers.update((who, stored[key]) for who, key in keys.items() if key in stored)
+        first = self.take_ids(conn, len(new)) if new else 0
+        links = []
+        for number, who in enumerate(new, start=first):
+            numbers[who] = number
+            links.append((keys[who], number, visitors[who]))
+            self._remember(keys[who], Visitor(number, visitors[who]))  # no page views yet
+        conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", links)
+        return numbers
+
     def _dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
         row = conn.execute("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)).fetchone()
         dim_id = int(row[0]) if row else int(
@@ -798,6 +865,23 @@ class ReadModel:
         )
         self._dims[(kind, value)] = dim_id
         return dim_id
+
+    # -- the sites counted (MAX_SITES) ----------------------------------------------------------------
+
+    async def counted_domains(self) -> set[str]:
+        """Every domain with a counted page view (one index seek per domain of daily_stats, not
+        a scan of every day), and every domain of an event still in the outbox on its way here.
+        Read at start-up: a file too damaged to read them raises DatabaseUnusableError."""
+        try:
+            rows = await self.store.reader.execute_fetchall(
+                "WITH RECURSIVE d(domain) AS (SELECT min(domain) FROM daily_stats UNION ALL SELECT "
+                "(SELECT min(domain) FROM daily_stats WHERE domain > d.domain) FROM d WHERE d.domain IS NOT NULL) "
+                "SELECT domain FROM d WHERE domain IS NOT NULL "
+                "UNION SELECT DISTINCT payload ->> '$.domain' FROM outbox"
+            )
+        except sqlite3.DatabaseError as error:
+            raise DatabaseUnusableError(unusable(self.store.path, error)) from error
+        return {str(row[0]) for row in rows if row[0] is not None}
 
     # -- forgetting, retention and rebuild --------------------------------------------------------
 
@@ -839,23 +923,33 @@ class ReadModel:
         return total
 
     async def rebuild(self, from_day: str, progress: Callable[[int, int], None]) -> tuple[int, int]:
-        """Recompute the read model from from_day on by replaying the logged page views that live
-        processing counted, in log order, through the same handler, in ONE transaction: a
-        failed rebuild changes nothing. Returns (replayed, replayable)."""
+        """Recompute the read model from from_day on by replaying the logged page views, then the
+        logged custom events, that live processing counted, each in log order, through the same
+        handlers, in ONE transaction: a failed rebuild changes nothing. Returns (replayed,
+        replayable).
+
+        Page views first: an event finds its visitor's number whether its page views came before
+        or after it (live, whichever came first made the link), and what the events' tables hold
+        depends only on the order of the events among themselves."""
         return await self.store.write(lambda conn: self._replay_log(conn, from_day, progress))
 
     def _replay_log(self, conn: sqlite3.Connection, from_day: str, progress: Callable[[int, int], None]
                     ) -> tuple[int, int]:
         self._clear(conn, from_day)
-        kind = (VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type)  # in log order, whichever was written
-        total, done, replayed, seq = self.store.count_replayable(conn, kind), 0, 0, 0
+        # Page views of both versions in log order, whichever was written, then the custom events.
+        handlers = (((VISITOR_TRACKED.event_type, VISITOR_TRACKED_V1.event_type), self.record_pageviews),
+                    ((VISITOR_EVENT.event_type,), self.events.record))
+        total = sum(self.store.count_replayable(conn, kinds) for kinds, _ in handlers)
+        done = replayed = 0
         progress(done, total)
-        while batch := self.store.replayable_events(conn, kind, seq, REBUILD_BATCH):
-            events = [event for event in map(Event.from_log, batch) if self._local_day(event) >= from_day]
-            if events:
-                self.record_pageviews(conn, events)
-            seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
-            progress(done, total)
+        for kinds, handler in handlers:
+            seq = 0
+            while batch := self.store.replayable_events(conn, kinds, seq, REBUILD_BATCH):
+                events = [event for event in map(Event.from_log, batch) if self._local_day(event) >= from_day]
+                if events:
+                    handler(conn, events)
+                seq, done, replayed = batch[-1].seq, done + len(batch), replayed + len(events)
+                progress(done, total)
         return replayed, total
 
     def _clear(self, conn: sqlite3.Connection, from_day: str) -> None:
@@ -867,6 +961,7 @@ class ReadModel:
         conn.execute("DELETE FROM hourly_stats WHERE hour >= ?", (from_day,))
         conn.execute("DELETE FROM pageview_rows WHERE day >= ?", (day_number(date.fromisoformat(from_day)),))
         conn.execute("DELETE FROM visitors")
+        self.events.clear(conn, from_day, day_number(date.fromisoformat(from_day)))
 
     def _local_day(self, event: Event) -> str:
         return local_day_hour(int(event.valid_time.timestamp() * 1000), self.tz)[0]

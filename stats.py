@@ -1,5 +1,6 @@
 """Statistics for the site owner: periods, and the read-only queries over the read model behind
-/api/stats, /api/sites and /api/export. Every query runs on the store's reader connection.
+/api/stats, /api/sites and /api/export. Every query runs on a statistics connection of the
+store (Store.reading), never on the one the emitter reads the outbox with.
 
 A module of its own because store.py already carries the writer, the outbox and the read
 model's arithmetic; this one only reads what those wrote."""
@@ -17,7 +18,8 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from filters import NO_SITE
+from filters import NO_SITE, OTHER_DOMAINS, PER_DOMAIN_REASONS, DropReason
+from pathways import MAX_EVENT_NAME_LENGTH
 
 PERIODS = ("today", "yesterday", "7d", "30d", "month", "12mo", "custom")
 DEFAULT_PERIOD = "30d"
@@ -26,7 +28,7 @@ MAX_LIMIT = 1000
 MAX_RANGE_DAYS = 3660  # ten years: a longer range is a typo, and its zero-filled series would be huge
 CURRENT_WINDOW_MS = 5 * 60 * 1000
 EXPORT_TABLES = ("daily", "pages", "sources", "countries", "browsers", "os", "devices", "utm_sources", "utm_mediums",
-                 "utm_campaigns", "entry_pages", "exit_pages")
+                 "utm_campaigns", "entry_pages", "exit_pages", "events", "event_properties")
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection): quote it.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 VISITORS_LABEL = "Unique visitors (summed over days)"
@@ -248,37 +250,56 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime,
     return int(next(iter(rows))[0])
 
 
-# Drop reasons as filters.py names them (a copy: stats.py reads, and needs no filter code).
-DROP_REASONS = ("bot", "headless", "empty-user-agent", "prefetch", "gpc", "dnt")
-OTHER_DOMAINS = "*"  # where filters.DropCounter counts page views for domains not allowed
+DROP_REASONS = tuple(str(reason) for reason in PER_DOMAIN_REASONS)
 
 
 async def dropped(db: aiosqlite.Connection, domain: str, span: DateRange) -> dict[str, Any]:
     """Page views not counted over the range: this domain's, by reason (every reason listed,
-    zeros included), and those for any domain outside ALLOWED_DOMAINS (their names are not kept)."""
+    zeros included), and those for any domain outside ALLOWED_DOMAINS or beyond MAX_SITES
+    (their names are not kept)."""
     rows = await db.execute_fetchall(
         "SELECT domain, reason, sum(count) FROM dropped_pageviews WHERE domain IN (?, ?) AND day BETWEEN ? AND ? "
         "GROUP BY 1, 2",
         (domain, OTHER_DOMAINS, span.first.isoformat(), span.last.isoformat()),
     )
     by_reason = dict.fromkeys(DROP_REASONS, 0)
-    other = 0
+    not_allowed = beyond_limit = 0
     for name, reason, count in rows:
-        if name == OTHER_DOMAINS:
-            other += count
+        if name != OTHER_DOMAINS:
+            by_reason[reason] = by_reason.get(reason, 0) + count
+        elif reason == DropReason.SITE_LIMIT:
+            beyond_limit += count
+        else:
+            not_allowed += count
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": not_allowed,
+            "site_limit": beyond_limit}
+
+
+async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
+    """Page views not counted on any kept day, every site together: what an empty dashboard
+    shows a newcomer whose first page views were dropped (a curl without a browser's user agent)."""
+    rows = await db.execute_fetchall("SELECT reason, sum(count) FROM dropped_pageviews GROUP BY reason")
+    by_reason = dict.fromkeys(DROP_REASONS, 0)
+    not_allowed = beyond_limit = 0
+    for reason, count in rows:
+        if reason == DropReason.SITE_LIMIT:
+            beyond_limit += count
+        elif reason == DropReason.DOMAIN_NOT_ALLOWED:
+            not_allowed += count
         else:
             by_reason[reason] = by_reason.get(reason, 0) + count
-    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": other}
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "domain_not_allowed": not_allowed,
+            "site_limit": beyond_limit}
 
 
 async def overview(
     db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
-    filters: Sequence[Filter] = (),
+    filters: Sequence[Filter] = (), event: str | None = None,
 ) -> dict[str, Any]:
     """The whole answer of /api/stats; with filters, its numbers count only the page views and
-    visits that match them all (see `filtered`)."""
+    visits that match them all (see `filtered`); with `event`, that event's properties too."""
     before = span.previous()
-    answer = {
+    answer: dict[str, Any] = {
         "domain": domain,
         "period": period,
         "from": span.first.isoformat(),
@@ -288,20 +309,23 @@ async def overview(
         "interval": "hour" if span.days == 1 else "day",
     }
     if filters:
-        return {**answer, **await filtered(db, domain, span, limit, now, tz, filters),
-                "dropped": await dropped(db, domain, span)}
-    return {
-        **answer,
-        "totals": totals_json(await totals(db, domain, span), await totals(db, domain, before)),
+        return await _filtered_overview(db, domain, span, limit, now, tz, filters, event, answer)
+    current = await totals(db, domain, span)
+    answer |= {
+        "totals": totals_json(current, await totals(db, domain, before)),
         "series": await series(db, domain, span, tz),
         "pages": await top(db, "page_stats", domain, span, limit),
         "sources": await top(db, "source_stats", domain, span, limit),
         **{name: await breakdown(db, name, domain, span, limit) for name in BREAKDOWNS},
         "current_visitors": await current_visitors(db, domain, now),
         "dropped": await dropped(db, domain, span),
+        "events": await events(db, domain, span, limit, current.visitors),
         "filters": [],
         "filtered_from": None,
     }
+    if event is not None:
+        answer["event"] = await event_breakdown(db, domain, span, event, limit, current.visitors)
+    return answer
 
 
 # -- breakdowns: countries, browsers, systems, devices, campaigns, entry and exit pages ---------------------
@@ -369,16 +393,23 @@ MAX_FILTER_VALUE_LENGTH = 2048
 
 @dataclass(frozen=True)
 class FilterDimension:
-    """What `filter=<name>:<value>` matches: raw page view rows whose `column` holds the value's
-    id in `dims` (under `kind`). Another kind of filter (an event a visitor did that day, say)
-    is another `predicate` over the row `r`: the query needs nothing else."""
+    """What `filter=<name>:<value>` matches: raw page view rows `r` for which `condition` holds,
+    given the value's id in `dims` (under `kind`); by default, rows whose `column` holds it."""
 
     name: str
     column: str
     kind: str
+    condition: str = ""
 
     def predicate(self, value_id: int) -> tuple[str, tuple[int, ...]]:
-        return f"r.{self.column} = ?", (value_id,)
+        return self.condition or f"r.{self.column} = ?", (value_id,)
+
+
+# event:<name>: the page views of the visitors who did the event that day (one seek of the
+# event rows' key: site, day, name, visitor). The visitor hash lives one day, so "that day" is
+# all that can be known; see docs/events.md.
+DID_EVENT_THAT_DAY = ("EXISTS (SELECT 1 FROM event_rows e WHERE e.site = r.site AND e.day = r.day AND e.name = ? "
+                      "AND e.visitor = r.visitor)")
 
 
 FILTER_DIMENSIONS = {dimension.name: dimension for dimension in (
@@ -392,6 +423,7 @@ FILTER_DIMENSIONS = {dimension.name: dimension for dimension in (
     FilterDimension("utm_medium", "utm_medium", "utm_medium"),
     FilterDimension("utm_campaign", "utm_campaign", "utm_campaign"),
     FilterDimension("entry_page", "entry", "page"),
+    FilterDimension("event", "", "event", DID_EVENT_THAT_DAY),
 )}
 
 
@@ -430,7 +462,7 @@ NOTHING = -1  # a value no row holds: the filter matches nothing
 async def dim_id(db: aiosqlite.Connection, kind: str, value: str | None) -> int:
     """The dictionary id of a value; 0 for unknown, NOTHING for a value never seen."""
     if value is None:
-        return 0
+        return 0 if kind != "event" else NOTHING  # every event has a name
     rows = list(await db.execute_fetchall("SELECT id FROM dims WHERE kind = ? AND value = ?", (kind, value)))
     return int(rows[0][0]) if rows else NOTHING
 
@@ -556,6 +588,43 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
     }
 
 
+async def _filtered_overview(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int, now: datetime,
+                             tz: ZoneInfo, filters: Sequence[Filter], event: str | None, answer: dict[str, Any]
+                             ) -> dict[str, Any]:
+    answer |= await filtered(db, domain, span, limit, now, tz, filters)
+    visitors = answer["totals"]["visitors"]["value"]
+    rows = await matching_rows(db, domain, span, filters)
+    answer["dropped"] = await dropped(db, domain, span)
+    answer["events"] = await filtered_events(db, rows, domain, span, limit, visitors)
+    if event is not None:
+        found = await filtered_events(db, rows, domain, span, 1, visitors, event)
+        answer["event"] = {**(found[0] if found else {"name": event, "count": 0, "visitors": 0,
+                                                     "conversion_rate": conversion_rate(0, visitors)}),
+                           "properties": None}
+    return answer
+
+
+async def filtered_events(db: aiosqlite.Connection, rows: RowSet, domain: str, span: DateRange, limit: int,
+                          all_visitors: int, name: str | None = None) -> list[dict[str, Any]]:
+    """The custom events of the visitors with a matching page view, on the days they had one
+    (a visitor is known one day at a time), from the raw event rows; `name` for one event."""
+    only = ""
+    params: list[Any] = [*rows.params, await dim_id(db, "site", domain), day_number(span.first),
+                         day_number(span.last)]
+    if name is not None:
+        only = " AND e.name = ?"
+        params.append(await dim_id(db, "event", name))
+    found = await db.execute_fetchall(
+        f"WITH m AS MATERIALIZED ({rows.sql}) SELECT n.value, count(*) AS count, count(DISTINCT e.day << 32 | "
+        "e.visitor) AS people FROM event_rows e JOIN dims n ON n.id = e.name WHERE e.site = ? AND e.day BETWEEN ? "
+        f"AND ?{only} AND (e.day, e.visitor) IN (SELECT day, visitor FROM m) GROUP BY e.name "
+        "ORDER BY people DESC, count DESC, n.value LIMIT ?",
+        (*params, limit),
+    )
+    return [{"name": value, "count": count, "visitors": people,
+             "conversion_rate": conversion_rate(people, all_visitors)} for value, count, people in found]
+
+
 def _hours(span: DateRange, tz: ZoneInfo) -> tuple[list[str], list[int]]:
     """For a one-day period, its local hours and the first millisecond of each (a repeated hour
     of a fall-back day is one label, as the rollups count it); nothing otherwise."""
@@ -595,15 +664,96 @@ async def filtered_totals(db: aiosqlite.Connection, domain: str, span: DateRange
     return Totals(*found[0])
 
 
-async def sites(db: aiosqlite.Connection) -> list[dict[str, Any]]:
-    """Every domain with page views, by name; NO_SITE (received events without a usable domain)
-    last, so the dashboard never opens on it."""
+# -- custom events ----------------------------------------------------------------------------------
+
+
+def parse_event_name(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not 1 <= len(text) <= MAX_EVENT_NAME_LENGTH:
+        raise StatsParameterError(f"event must be an event name of 1 to {MAX_EVENT_NAME_LENGTH} characters")
+    return text
+
+
+def conversion_rate(visitors: int, all_visitors: int) -> float | None:
+    """Visitors with the event in percent of the period's visitors, both summed over days; None
+    when the period had no visitors. Above 100 only when events came from visitors with no page
+    view counted that day (a page without the page view tracker, say)."""
+    return round(100 * visitors / all_visitors, 1) if all_visitors else None
+
+
+async def events(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int,
+                 all_visitors: int) -> list[dict[str, Any]]:
+    """Each event name over the range: events, unique visitors (summed over days) and the
+    conversion rate; by visitors, then events. (other) holds the names beyond the daily bound."""
     rows = await db.execute_fetchall(
-        "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats GROUP BY domain "
-        "ORDER BY domain = ?, domain",
-        (NO_SITE,),
+        "SELECT name, sum(events) AS count, sum(visitors) AS people FROM event_stats "
+        "WHERE domain = ? AND day BETWEEN ? AND ? GROUP BY name ORDER BY people DESC, count DESC, name LIMIT ?",
+        (domain, span.first.isoformat(), span.last.isoformat(), limit),
     )
-    return [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows]
+    return [{"name": name, "count": count, "visitors": people, "conversion_rate": conversion_rate(people, all_visitors)}
+            for name, count, people in rows]
+
+
+async def event_breakdown(db: aiosqlite.Connection, domain: str, span: DateRange, name: str, limit: int,
+                          all_visitors: int) -> dict[str, Any]:
+    """One event over the range: its figures, and for each of its properties the events that
+    carried it and the top values (at most `limit` each), by events; zeros for a name not seen."""
+    params = (domain, span.first.isoformat(), span.last.isoformat(), name)
+    rows = await db.execute_fetchall(
+        "SELECT coalesce(sum(events), 0), coalesce(sum(visitors), 0) FROM event_stats "
+        "WHERE domain = ? AND day BETWEEN ? AND ? AND name = ?", params)
+    count, people = next(iter(rows))
+    values = await db.execute_fetchall(
+        "SELECT prop, value, sum(events) FROM event_prop_stats WHERE domain = ? AND day BETWEEN ? AND ? AND name = ? "
+        "GROUP BY prop, value", params)
+    by_property: dict[str, list[tuple[str, int]]] = {}
+    for prop, value, times in values:
+        by_property.setdefault(prop, []).append((value, times))
+    carried = {prop: sum(times for _, times in found) for prop, found in by_property.items()}
+    properties = [
+        {"name": prop, "count": carried[prop],
+         "values": [{"value": value, "count": times}
+                    for value, times in sorted(by_property[prop], key=lambda pair: (-pair[1], pair[0]))[:limit]]}
+        for prop in sorted(carried, key=lambda prop: (-carried[prop], prop))
+    ]
+    return {"name": name, "count": count, "visitors": people,
+            "conversion_rate": conversion_rate(people, all_visitors), "properties": properties}
+
+
+DEFAULT_SITES_LIMIT = 100
+
+
+def parse_sites_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_SITES_LIMIT
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        raise StatsParameterError(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {text[:32]!r}")
+    return int(text)
+
+
+SITE_COLUMNS = "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats"
+
+
+async def sites(db: aiosqlite.Connection, limit: int, after: str = "", search: str = "") -> dict[str, Any]:
+    """A page of the sites in domain order: those after the cursor `after` (the previous page's
+    `next`), whose domain contains `search`. The primary key (domain, day) gives the order, so a
+    page reads only its own sites' rows, however many sites there are. NO_SITE (received events
+    without a usable domain) comes after every other site, so the dashboard never opens on it."""
+    if after == NO_SITE:
+        return {"sites": [], "next": None}
+    needle = search.lower()
+    rows = list(await db.execute_fetchall(
+        f"{SITE_COLUMNS} WHERE domain > ? AND domain != ? AND instr(domain, ?) > 0 GROUP BY domain "
+        "ORDER BY domain LIMIT ?",
+        (after, NO_SITE, needle, limit + 1),
+    ))
+    if len(rows) <= limit:  # the last page of named sites: NO_SITE follows them
+        rows += await db.execute_fetchall(
+            f"{SITE_COLUMNS} WHERE domain = ? AND instr(domain, ?) > 0 GROUP BY domain", (NO_SITE, needle)
+        )
+    page = [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows[:limit]]
+    return {"sites": page, "next": page[-1]["domain"] if len(rows) > limit else None}
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -612,14 +762,106 @@ EXPORT_HEADERS = {
     "daily": ("date", "pageviews", "visitors", "visits", "bounces", "visit_duration_ms"),
     "pages": ("date", "pathname", "pageviews", "visitors"),
     "sources": ("date", "source", "pageviews", "visitors"),
+    "events": ("date", "name", "events", "visitors"),
+    "event_properties": ("date", "name", "property", "value", "events"),
     # dimension_stats, one table per list of /api/stats (an unknown value is empty)
     **{name: ("date", kind.key, "pageviews", "visitors", "visits", "bounces") for name, kind in BREAKDOWNS.items()},
 }
 
 
+@dataclass(frozen=True)
+class RollupExport:
+    """A table exported as its rollup's rows: the query (domain, first and last day as
+    parameters, the day first), and its text columns then its counts, as the CSV line has them."""
+
+    sql: str
+    texts: tuple[str, ...]
+    counts: tuple[str, ...]
+
+
+ROLLUP_EXPORTS = {
+    # The custom event tables: one row per day and name, or day, name, property and value.
+    "events": RollupExport("SELECT day, name, events, visitors FROM event_stats WHERE domain = ? AND day BETWEEN ? "
+                           "AND ? ORDER BY day, events DESC, visitors DESC, name", ("name",), ("events", "visitors")),
+    "event_properties": RollupExport("SELECT day, name, prop, value, events FROM event_prop_stats WHERE domain = ? AND "
+                                     "day BETWEEN ? AND ? ORDER BY day, name, prop, events DESC, value",
+                                     ("name", "prop", "value"), ("events",)),
+    # One per list of /api/stats: a row per day and value.
+    **{name: RollupExport(f"SELECT day, value, pageviews, visitors, visits, bounces FROM dimension_stats WHERE "
+                          f"domain = ? AND dimension = '{kind.dimension}' AND day BETWEEN ? AND ? "
+                          "ORDER BY day, pageviews DESC, visitors DESC, value",
+                          ("value",), ("pageviews", "visitors", "visits", "bounces"))
+       for name, kind in BREAKDOWNS.items()},
+}
+
+
+# Days per query of a streamed export: each query is short (its read snapshot too), and the
+# text it returns is small, so a ten-year export never holds the event loop for long.
+EXPORT_BLOCK_DAYS = {"daily": 366, **dict.fromkeys(EXPORT_TABLES[1:], 31)}
+CRLF = "char(13, 10)"  # RFC 4180 line ends
+
+
+def export_header(table: str) -> str:
+    return to_csv(EXPORT_HEADERS[table], [])
+
+
+def export_blocks(table: str, span: DateRange) -> list[DateRange]:
+    """The range cut into the blocks a streamed export queries one after the other."""
+    step = timedelta(days=EXPORT_BLOCK_DAYS[table])
+    blocks, first = [], span.first
+    while first <= span.last:
+        blocks.append(DateRange(first, min(span.last, first + step - timedelta(days=1))))
+        first += step
+    return blocks
+
+
+async def export_block(db: aiosqlite.Connection, table: str, domain: str, block: DateRange) -> str:
+    """One block of the CSV export, as text. SQLite writes each line (the same text to_csv
+    writes for export_rows; a test compares them), so the rows never become Python objects:
+    the work runs in the connection's thread, mostly without the GIL, not on the event loop."""
+    first, last = block.first.isoformat(), block.last.isoformat()
+    if table == "daily":
+        sql = (
+            "WITH RECURSIVE days(day) AS (SELECT ? UNION ALL SELECT date(day, '+1 day') FROM days WHERE day < ?) "
+            "SELECT days.day || ',' || coalesce(s.pageviews, 0) || ',' || coalesce(s.visitors, 0) || ',' || "
+            "coalesce(s.visits, 0) || ',' || coalesce(s.bounces, 0) || ',' || coalesce(s.duration_ms, 0) || "
+            f"{CRLF} FROM days LEFT JOIN daily_stats s ON s.domain = ? AND s.day = days.day ORDER BY days.day"
+        )
+        rows = await db.execute_fetchall(sql, (first, last, domain))
+    elif table in ROLLUP_EXPORTS:
+        export = ROLLUP_EXPORTS[table]
+        line = " || ',' || ".join(["day", *(_csv_text_sql(column) for column in export.texts), *export.counts])
+        sql = f"SELECT {line} || {CRLF} {export.sql[export.sql.index(' FROM '):]}"
+        rows = await db.execute_fetchall(sql, (domain, first, last))
+    else:
+        source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
+        sql = (
+            f"SELECT day || ',' || {_csv_text_sql(column)} || ',' || pageviews || ',' || visitors || {CRLF} "
+            f"FROM {source} WHERE domain = ? AND day BETWEEN ? AND ? ORDER BY day, pageviews DESC, visitors DESC, "
+            f"{column}"
+        )
+        rows = await db.execute_fetchall(sql, (domain, first, last))
+    return "".join([row[0] for row in rows])
+
+
+def _csv_text_sql(column: str) -> str:
+    """SQL for a text column as to_csv writes it: a leading formula character defused with an
+    apostrophe, then the cell quoted (quotes doubled) if it holds a comma, a quote or a line
+    break. char(39) is the apostrophe, char(34) the double quote. The usual cell needs
+    neither, and costs a substr, an instr and a GLOB (which stops at a NUL, hence the instr)."""
+    prefixes = "'=', '+', '-', '@', char(9), char(13)"
+    plain = (f"substr({column}, 1, 1) NOT IN ({prefixes}) AND instr({column}, char(0)) = 0 "
+             f"AND {column} NOT GLOB '*[,' || char(34, 13, 10) || ']*'")
+    safe = f"(CASE WHEN substr({column}, 1, 1) IN ({prefixes}) THEN char(39) || {column} ELSE {column} END)"
+    special = " OR ".join(f"instr({safe}, {char}) > 0" for char in ("','", "char(34)", "char(13)", "char(10)"))
+    quoted = f"char(34) || replace({safe}, char(34), char(34) || char(34)) || char(34)"
+    return f"(CASE WHEN {plain} THEN {column} WHEN {special} THEN {quoted} ELSE {safe} END)"
+
+
 async def export_rows(db: aiosqlite.Connection, table: str, domain: str, span: DateRange) -> list[Sequence[Any]]:
     """Rows of the CSV export: every day of the range for the daily totals (zeros included);
-    for pages and sources, one row per day and item that had page views."""
+    for pages and sources, one row per day and item that had page views. (The export streams
+    export_block's text; these rows are what that text must say.)"""
     params = (domain, span.first.isoformat(), span.last.isoformat())
     if table == "daily":
         rows = await db.execute_fetchall(
@@ -629,13 +871,8 @@ async def export_rows(db: aiosqlite.Connection, table: str, domain: str, span: D
         )
         found = {row[0]: tuple(row) for row in rows}
         return [found.get(day, (day, 0, 0, 0, 0, 0)) for day in span.dates()]
-    if table in BREAKDOWNS:
-        rows = await db.execute_fetchall(
-            "SELECT day, value, pageviews, visitors, visits, bounces FROM dimension_stats WHERE domain = ? AND "
-            "dimension = ? AND day BETWEEN ? AND ? ORDER BY day, pageviews DESC, visitors DESC, value",
-            (domain, BREAKDOWNS[table].dimension, *params[1:]),
-        )
-        return [tuple(row) for row in rows]
+    if table in ROLLUP_EXPORTS:
+        return [tuple(row) for row in await db.execute_fetchall(ROLLUP_EXPORTS[table].sql, params)]
     source, column = {"pages": ("page_stats", "pathname"), "sources": ("source_stats", "source")}[table]
     rows = await db.execute_fetchall(
         f"SELECT day, {column}, pageviews, visitors FROM {source} WHERE domain = ? AND day BETWEEN ? AND ? "

@@ -106,7 +106,8 @@ def rss_mb() -> float:
 
 def random_addresses(count: int, seed: int = 7) -> tuple[list[str], list[str]]:
     rnd = random.Random(seed)
-    v4, v6 = [], []
+    v4: list[str] = []
+    v6: list[str] = []
     while len(v4) < count:
         first = rnd.randint(1, 223)
         if first in (10, 127):
@@ -217,7 +218,7 @@ def agents_worker(name: str) -> dict[str, Any]:
             software = parser._classify(agent)
             return software.browser, software.os, software.device
 
-        cached = parser.parse
+        cached: Callable[[str], Any] = parser.parse
     else:
         from device_detector import DeviceDetector
 

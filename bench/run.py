@@ -7,13 +7,17 @@ process over loopback:
 2. the collector on its embedded default (a temporary DATA_DIR), with the same request mix:
    varied paths, referrers, domains and client addresses (X-Forwarded-For from the trusted
    loopback proxy), a real browser's user agent; its throughput as a fraction of the ceiling,
-   and how many database commits served how many requests; with asyncio's loop and, when
-   installed, uvloop;
-3. latency (p50, p99) at about 1,000 page views per second offered;
+   the CPU time per request of every thread of each process (/proc/PID/stat; the collector's
+   until its read model has caught up), how many database commits served how many requests,
+   and how long the read model takes to catch up after the burst; with asyncio's loop and,
+   when installed, uvloop;
+3. latency (p50, p99) at 1,000 page views per second offered by an open-loop client
+   (bench/open_loop.py: a fixed arrival rate), with the read model's lag sampled from /health;
 4. peak resident memory after N page views (1,000,000 by default), once the read model has
    caught up;
 5. the emitter's drain rate into a local fake Flowcore (a backlog prefilled in the outbox);
-6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days).
+6. the /api/stats timings of bench/stats_bench.py (1,000,000 page views over 90 days);
+7. page view latency while four clients export ten years of CSV in a loop (bench/readers_bench.py).
 
 It prints every figure; docs/performance.md records them. Nothing here is a test.
 """
@@ -44,6 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 LUA = BENCH / "pageviews.lua"
 SECRET = "benchmark-secret-key-0123456789abcdef"
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of every thread of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass
@@ -142,12 +155,12 @@ def collector(data_dir: Path, event_loop: str = "asyncio", **env: str) -> Iterat
 
 
 @contextmanager
-def bare_app(event_loop: str) -> Iterator[str]:
+def bare_app(event_loop: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"BENCH_UVLOOP": "1" if event_loop == "uvloop" else "0"}
-    with process([sys.executable, str(BENCH / "bare_app.py"), str(port)], env, url + "/"):
-        yield url
+    with process([sys.executable, str(BENCH / "bare_app.py"), str(port)], env, url + "/") as child:
+        yield url, child.pid
 
 
 def drained(url: str) -> bool:
@@ -156,18 +169,23 @@ def drained(url: str) -> bool:
 
 
 def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[str, Any]:
-    with bare_app(loop) as url:
+    with bare_app(loop) as (url, pid):
         wrk(url, 2, connections)  # warm-up
+        cpu = cpu_seconds(pid)
         ceiling = wrk(url, seconds, connections)
+        bare_cpu = cpu_seconds(pid) - cpu
     data_dir = work / f"throughput-{loop}"
     with collector(data_dir, loop) as (url, pid):
         wrk(url, 2, connections)
+        wait_until(lambda: drained(url), 600, "the read model catching up after the warm-up")
         before = get_json(url + "/health") or {}
+        cpu = cpu_seconds(pid)
         measured = wrk(url, seconds, connections)
         after = get_json(url + "/health") or {}
         catch_up_started = time.monotonic()
         wait_until(lambda: drained(url), 600, "the read model catching up")
         catch_up = time.monotonic() - catch_up_started
+        collector_cpu = cpu_seconds(pid) - cpu  # the /health polls while catching up add well under 1 %
     commits = after["group_commit"]["commits"] - before["group_commit"]["commits"]
     events = after["group_commit"]["events"] - before["group_commit"]["events"]
     return {
@@ -179,6 +197,10 @@ def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[
         "collector_p50_ms": measured.p50_ms,
         "collector_p99_ms": measured.p99_ms,
         "fraction_of_ceiling": round(measured.rate / ceiling.rate, 3),
+        "ceiling_cpu_us_per_request": round(bare_cpu / ceiling.requests * 1e6),
+        "collector_cpu_us_per_request": round(collector_cpu / measured.requests * 1e6),
+        "cpu_ratio": round((collector_cpu / measured.requests) / (bare_cpu / ceiling.requests), 2),
+        "lag_at_end_s": after.get("lag_seconds"),
         "errors": measured.errors + measured.non_2xx,
         "commits": commits,
         "events_committed": events,
@@ -187,13 +209,33 @@ def throughput(loop: str, seconds: float, connections: int, work: Path) -> dict[
     }
 
 
-def fixed_rate(seconds: float, work: Path, rate: int = 1000, connections: int = 50) -> dict[str, Any]:
+def fixed_rate_wrk(url: str, seconds: float, rate: int = 1000, connections: int = 50) -> WrkResult:
+    """wrk at about `rate` page views a second offered: connections with a think time
+    (bench/readers_bench.py's load)."""
     think_ms = max(1, round(connections * 1000 / rate) - 2)  # about 2 ms of service time per request
-    with collector(work / "latency") as (url, _):
-        wrk(url, 2, connections, BENCH_THINK_MS=str(think_ms))
-        result = wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
-    return {"offered_rps": rate, "achieved_rps": round(result.rate), "p50_ms": result.p50_ms,
-            "p99_ms": result.p99_ms, "errors": result.errors + result.non_2xx}
+    return wrk(url, seconds, connections, BENCH_THINK_MS=str(think_ms))
+
+
+def fixed_rate(seconds: float, work: Path, loop: str = "asyncio", rate: int = 1000) -> dict[str, Any]:
+    """An open-loop client at `rate` page views a second; the read model's lag sampled meanwhile."""
+    with collector(work / f"latency-{loop}", loop) as (url, pid):
+        port = int(url.rsplit(":", 1)[1])
+        command = [sys.executable, str(BENCH / "open_loop.py"), "127.0.0.1", str(port)]
+        subprocess.run([*command, "--rate", str(rate), "--seconds", "2"], capture_output=True, check=True)  # warm-up
+        load = subprocess.Popen([*command, "--rate", str(rate), "--seconds", str(seconds)], stdout=subprocess.PIPE,
+                                text=True)
+        lags = []
+        while load.poll() is None:
+            health = get_json(url + "/health")
+            if health is not None:
+                lags.append(float(health["lag_seconds"]))
+            time.sleep(0.25)
+        result: dict[str, Any] = json.loads(load.communicate()[0])
+        started = time.monotonic()
+        wait_until(lambda: drained(url), 600, "the read model catching up")
+        result.update(loop=loop, lag_max_s=max(lags, default=None), lag_samples=len(lags),
+                      catch_up_after_s=round(time.monotonic() - started, 2))
+    return result
 
 
 def memory(pageviews: int, connections: int, work: Path) -> dict[str, Any]:
@@ -266,10 +308,19 @@ def stats_timings(views: int) -> str:
     return output.strip()
 
 
+def readers_figures(seconds: float) -> str:
+    output = subprocess.run([sys.executable, str(BENCH / "readers_bench.py"), "--seconds", f"{seconds:g}"],
+                            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return output.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs: 8 s, 100,000 page views")
-    parser.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each throughput run (full speed)")
+    parser.add_argument("--latency-seconds", type=float, default=30.0, help="length of the open-loop run")
+    parser.add_argument("--rate", type=int, default=1000, help="page views a second offered in the open-loop run")
+    parser.add_argument("--only", choices=["throughput", "latency"], help="run only these figures")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--pageviews", type=int, default=1_000_000, help="page views for the memory run")
     parser.add_argument("--drain-events", type=int, default=100_000)
@@ -277,6 +328,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.pageviews, args.drain_events, args.stats_views = 8.0, 100_000, 20_000, 100_000
+        args.latency_seconds = 10.0
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -291,14 +343,20 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="collector-bench-") as tmp:
         work = Path(tmp)
-        for loop in loops:
+        for loop in loops if args.only in (None, "throughput") else ():
             results[f"throughput_{loop}"] = report(f"throughput ({loop})", throughput(loop, args.seconds,
                                                                                     args.connections, work))
-        results["latency"] = report("latency at ~1,000 page views/s", fixed_rate(args.seconds, work))
-        results["drain"] = report("emitter drain into a fake Flowcore", drain(args.drain_events, work))
-        results["memory"] = report(f"memory after {args.pageviews:,} page views",
-                                   memory(args.pageviews, args.connections, work))
-    print("\n== /api/stats (bench/stats_bench.py)\n" + stats_timings(args.stats_views))
+        for loop in loops if args.only in (None, "latency") else ():
+            results[f"latency_{loop}"] = report(f"open-loop latency at {args.rate:,} page views/s ({loop})",
+                                                fixed_rate(args.latency_seconds, work, loop, args.rate))
+        if args.only is None:
+            results["drain"] = report("emitter drain into a fake Flowcore", drain(args.drain_events, work))
+            results["memory"] = report(f"memory after {args.pageviews:,} page views",
+                                       memory(args.pageviews, args.connections, work))
+    if args.only is None:
+        print("\n== /api/stats (bench/stats_bench.py)\n" + stats_timings(args.stats_views))
+        print("\n== page views while four clients export ten years of CSV (bench/readers_bench.py)\n"
+              + readers_figures(args.seconds))
     print("\n" + json.dumps(results, indent=2))
     return 0
 

@@ -1,10 +1,9 @@
 // The collector's tracker: one anonymous page view per page shown, SPA navigations included,
 // and collector.event() for custom events (docs/events.md; click tracking is in script.clicks.js).
-// No cookie, no storage, and nothing thrown into the page. README.md, "The tracker script",
-// documents the attributes. Kept readable: the collector strips these line comments and the
+// No cookie, no storage, and nothing thrown into the page. docs/tracker.md documents the
+// attributes. Kept readable: the collector strips these line comments and the
 // indentation when it serves the file, and a test holds the gzipped result under 1,000 bytes.
 (function () {
-  "use strict";
   var w = window, d = document, l = location, h = history;
   try {
     // Included twice: the first copy already counts.
@@ -29,37 +28,24 @@
     };
     var last = bare(d.referrer), path, waiting = 1;
 
-    var ignored = function () {
-      try {
-        return localStorage.collector_ignore == "true";
-      } catch (e) {
-        // Storage is blocked, so no opt-out can have been set in it: undefined, not ignored.
-      }
-    };
-
     // Opted out or local: nothing leaves. A string body goes as text/plain: a simple request, so
     // no CORS preflight; keepalive: it outlives the page, so a click that navigates is still sent.
-    var send = function (url, body) {
-      if (skipped || ignored()) return;
+    var send = function (url, data) {
       try {
-        fetch(url, { method: "POST", body: body, keepalive: true }).catch(function () {});
-      } catch (e) {
-        navigator.sendBeacon(url, body);
-      }
+        if (skipped || localStorage.collector_ignore == "true") return;
+        // Storage blocked: no opt-out can have been set in it, so send.
+      } catch (e) {}
+      try {
+        data.domain = domain;
+        data = JSON.stringify(data);
+        fetch(url, { method: "POST", body: data, keepalive: true }).catch(function () {});
+      } catch (e) {}
     };
 
     var pageview = function (pathname, referrer) {
-      try {
-        var body = JSON.stringify({
-          pathname: pathname || l.pathname,
-          referrer: referrer == null ? last : referrer,
-          domain: domain,
-          utm: campaign()
-        });
-        path = l.pathname;
-        last = bare(l.href);
-        send(api, body);
-      } catch (e) {}
+      path = l.pathname;
+      send(api, { pathname: pathname || path, referrer: referrer == null ? last : referrer, utm: campaign() });
+      last = bare(l.href);
     };
 
     // SPA navigation: count a view when the path changes, not on every state update.
@@ -69,9 +55,9 @@
     ["pushState", "replaceState"].forEach(function (name) {
       var original = h[name];
       h[name] = function () {
-        var result = original.apply(this, arguments);
+        var r = original.apply(this, arguments);
         navigated();
-        return result;
+        return r;
       };
     });
     w.addEventListener("popstate", navigated);
@@ -93,14 +79,7 @@
 
     // Custom events go to the page views' address with "event" as its last segment.
     var event = function (name, props) {
-      try {
-        send(api.replace(/[^/]*$/, "event"), JSON.stringify({
-          name: name,
-          pathname: l.pathname,
-          domain: domain,
-          props: props || {}
-        }));
-      } catch (e) {}
+      send(api.replace(/[^/]*$/, "event"), { name: name, pathname: l.pathname, props: props || {} });
     };
 
     w.collector = { pageview: pageview, event: event };

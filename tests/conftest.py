@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from helpers import BROWSER_UA, SECRET
+from aiohttp.test_utils import TestServer
+from helpers import BROWSER_UA, SECRET, Client
 
 from collector import create_app, utc_now
 from config import Config, load_config
@@ -31,18 +31,19 @@ def make_config(data_dir: Path) -> Callable[..., Config]:
     return make
 
 
-Start = Callable[..., Awaitable[TestClient]]
+Start = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
 def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> Start:
-    async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> TestClient:
+    async def start(clock: Callable[[], datetime] = utc_now, **env: str) -> Client:
         config = make_config(**env)
         # The server limits main() gives the real process, so the tests meet the same ones. They
         # go to start_server(): TestServer's constructor (server_kwargs) does not pass them on.
         server = TestServer(create_app(config, clock=clock))
         await server.start_server(**server_options(config.keepalive_timeout))
         # Every request says it comes from a browser unless a test says otherwise.
-        return await aiohttp_client(server, headers={"User-Agent": BROWSER_UA})
+        client: Client = await aiohttp_client(server, headers={"User-Agent": BROWSER_UA})
+        return client
 
     return start

@@ -110,8 +110,8 @@ class FakeFlowcore:
         await self._site.start()
         if not self.port:
             server = self._site._server  # the port the OS chose, kept for a later restart
-            assert server is not None and server.sockets
-            self.port = server.sockets[0].getsockname()[1]
+            assert isinstance(server, asyncio.Server) and server.sockets
+            self.port = int(server.sockets[0].getsockname()[1])
 
     def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
         self._failures.extend([(status, retry_after)] * times)

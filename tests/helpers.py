@@ -11,10 +11,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from collector import EMITTER
 from store import DB_FILENAME
+
+Client = TestClient[web.Request, web.Application]  # the real app over real HTTP
 
 SECRET = "this-is-a-test-secret-key-of-40-chars!!"
 # A desktop browser's user agent: the collector drops page views from bots, HTTP libraries
@@ -47,7 +50,7 @@ async def poll(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10,
         await asyncio.sleep(0.01)
 
 
-async def drained(client: TestClient) -> None:
+async def drained(client: Client) -> None:
     """Wait until every committed page view has been through the emitter and the router."""
     await asyncio.wait_for(client.app[EMITTER].wait_drained(), 10)
 
@@ -60,8 +63,9 @@ def query(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[
         conn.close()
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0,
+        microsecond: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=UTC)
 
 
 async def raw_exchange(host: str, port: int, raw: bytes, timeout: float = 10) -> bytes:

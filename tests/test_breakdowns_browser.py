@@ -16,10 +16,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from browser import PageErrors, new_page
 from conftest import Start
-from helpers import FakeClock, drained
+from helpers import Client, FakeClock, drained
 from playwright.async_api import Browser, Page
 from test_breakdowns import FIXTURE, NOW, assert_narrower
 from test_stats import seed
@@ -48,7 +47,7 @@ def shown(name: str, row: dict[str, Any]) -> str:
     if name == "countries":
         return f"{flag(value)} {COUNTRY_NAMES[value]}".strip()
     if name == "devices":
-        return value.capitalize()
+        return str(value).capitalize()
     return str(value)
 
 
@@ -79,7 +78,7 @@ async def assert_lists(page: Page, stats: dict[str, Any]) -> None:
             assert await page.locator(f"[data-metric={name}]").text_content() == f"{figure['value']:,}", name
 
 
-async def api(client: TestClient, *filters: str, **params: str) -> dict[str, Any]:
+async def api(client: Client, *filters: str, **params: str) -> dict[str, Any]:
     query = [*{"domain": "example.com", "period": "today", **params}.items(), *(("filter", f) for f in filters)]
     response = await client.get("/api/stats", params=query)
     assert response.status == 200, await response.text()
@@ -221,7 +220,7 @@ async def test_a_tracked_page_view_shows_in_every_list_it_belongs_to_and_its_cam
     assert errors.messages == []
 
 
-def site_app(collector: TestClient) -> web.Application:
+def site_app(collector: Client) -> web.Application:
     """A site whose pages load the tracker through its own /stats/ proxy, which says the visitor
     came from KNOWN_ADDRESS (as a reverse proxy in front of the site would)."""
     page = html('<script defer src="/stats/script.js" data-api="/stats/api/pageview"></script>')

@@ -27,7 +27,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size) == (10, 50, 100_000)
 
 
-def test_the_default_data_dir_is_data_under_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+def test_the_default_data_dir_is_data_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_config({}).data_dir == Path("data")
 
@@ -65,14 +67,19 @@ def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str) -
         load_config({"DATA_DIR": str(tmp_path), name: value})
 
 
-def test_main_stops_with_the_message_on_a_bad_value(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_main_stops_with_the_message_on_a_bad_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env but the test's
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     monkeypatch.setenv("PORT", "-1")
     assert collector.main([]) == 2
     assert "PORT" in capsys.readouterr().err
 
 
-def test_main_stops_with_the_message_on_an_unreadable_geoip_database(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_main_stops_with_the_message_on_an_unreadable_geoip_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     monkeypatch.setenv("GEOIP_DATABASE", str(tmp_path / "missing.mmdb"))
     assert collector.main([]) == 2
@@ -88,7 +95,9 @@ def test_an_empty_trusted_proxies_trusts_no_one(tmp_path: Path) -> None:
     assert load_config({"DATA_DIR": str(tmp_path), "TRUSTED_PROXIES": ""}).trusted_proxies == ()
 
 
-def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(tmp_path: Path, caplog) -> None:
+def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     (tmp_path / "d").mkdir()
     config = load_config({"DATA_DIR": str(tmp_path / "d")})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -275,7 +276,7 @@ async def test_a_geoip_database_decides_the_events_country(
 # -- the transformer receives both versions ----------------------------------------------------------------
 
 
-def envelope(event_type: str, payload: dict[str, object], event_id: str) -> dict[str, object]:
+def envelope(event_type: str, payload: Mapping[str, object], event_id: str) -> dict[str, object]:
     return {"eventId": event_id, "timeBucket": "20250604100000", "flowType": "visitor.v0", "eventType": event_type,
             "metadata": {}, "payload": payload, "validTime": "2025-06-04T10:15:30.123Z"}
 

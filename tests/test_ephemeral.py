@@ -12,19 +12,19 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from aiohttp.test_utils import TestClient
 from conftest import Start
-from helpers import BROWSER_UA, SECRET, FakeClock, drained, poll, query, utc
+from helpers import BROWSER_UA, SECRET, Client, FakeClock, drained, poll, query, utc
 
 import privacy
-from collector import MAINTENANCE_INTERVAL, SALTS, maintenance_pause
+from collector import STORE
+from maintenance import MAINTENANCE_INTERVAL, maintenance_pause
 from store import DB_FILENAME, Store
 
 ADDRESS = "198.51.100.23"
 EPHEMERAL = {"PRIVACY_MODE": "ephemeral"}
 
 
-async def visit(client: TestClient, data_dir: Path, domain: str = "example.com", address: str = ADDRESS) -> str:
+async def visit(client: Client, data_dir: Path, domain: str = "example.com", address: str = ADDRESS) -> str:
     """Send one page view; return the visitor hash of the event it became."""
     response = await client.post(
         "/api/pageview",
@@ -128,7 +128,7 @@ async def test_once_its_salt_is_gone_a_hash_cannot_be_recomputed(start_collector
         await visit(client, data_dir, address=f"203.0.113.{day}")
     # What the maintenance job runs: the rows went at the first page view of 6 June, but the
     # WAL's older frames still held them until this truncates it (without it, this test fails).
-    assert await client.app[SALTS].forget_old("2025-06-07") == 0
+    assert await client.app[STORE].forget_salts(privacy.previous_day("2025-06-07")) == 0
 
     assert "2025-06-04" not in salts(data_dir)
     for name, content in database_bytes(data_dir).items():

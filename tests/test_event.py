@@ -1,7 +1,7 @@
 """POST /api/event over real HTTP: the visitor.event.v0 event it becomes, every way it can be
 refused (the contract's bounds on names and properties among them), the page view's rules
 (filters, rate limit, CORS, group commit), and the router's de-duplication, in local and
-Flowcore mode. The read model does not count events yet: they wait in the event log."""
+Flowcore mode. How the read model counts them: test_event_stats.py."""
 
 from __future__ import annotations
 

@@ -9,26 +9,27 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse
 from conftest import Start
-from helpers import BROWSER_UA, FakeClock, drained, query, utc
+from helpers import BROWSER_UA, Client, FakeClock, drained, query, utc
+from playwright.async_api import Browser
 
 import stats
 from collector import DROPS, LIMITER
 from config import ConfigError, load_config
-from filters import DOMAIN_NOT_ALLOWED, OTHER_DOMAINS, REASONS, BotDetector, RateLimiter, limiter_key
+from filters import UNNAMED_REASONS, BotDetector, DropReason, RateLimiter, limiter_key
 
 BODY = {"pathname": "/", "referrer": "", "domain": "example.com"}
 TABLES_A_PAGE_VIEW_TOUCHES = ("outbox", "event_log", "pathway_state", "pageview_rows", "daily_stats", "visitors",
                               "dims", "salts")
 
 
-async def post(client: TestClient, body: object = BODY, **headers: str):
+async def post(client: Client, body: object = BODY, **headers: str) -> ClientResponse:
     headers = {"Content-Type": "text/plain", "X-Forwarded-For": "198.51.100.23", **headers}
     return await client.post("/api/pageview", data=json.dumps(body), headers=headers)
 
 
-async def drop_counts(client: TestClient, data_dir: Path) -> list[tuple[str, str, str, int]]:
+async def drop_counts(client: Client, data_dir: Path) -> list[tuple[str, str, str, int]]:
     await client.app[DROPS].flush()  # what the collector does every second and at shutdown
     return query(data_dir, "SELECT domain, day, reason, count FROM dropped_pageviews ORDER BY 1, 2, 3")
 
@@ -317,7 +318,7 @@ def test_browsers_are_people(agent: str) -> None:
     assert BotDetector().reason(agent) is None
 
 
-async def test_a_headless_chromium_is_dropped(start_collector: Start, browser, data_dir: Path) -> None:
+async def test_a_headless_chromium_is_dropped(start_collector: Start, browser: Browser, data_dir: Path) -> None:
     """Debian's Chromium, headless and saying so in its user agent, loading the test page."""
     client = await start_collector()
     context = await browser.new_context()  # no user agent override, unlike the other page tests
@@ -351,6 +352,7 @@ async def test_api_stats_reports_the_drops_of_the_period(start_collector: Start,
         "total": 4,
         "by_reason": {"bot": 2, "headless": 0, "empty-user-agent": 0, "prefetch": 1, "gpc": 1, "dnt": 0},
         "domain_not_allowed": 1,
+        "site_limit": 0,
     }
     week = await (await client.get("/api/stats", params={"domain": "example.com", "period": "7d"})).json()
     assert week["dropped"]["total"] == 5 and week["dropped"]["by_reason"]["bot"] == 3
@@ -368,5 +370,5 @@ async def test_drop_counts_are_written_at_shutdown(start_collector: Start, data_
 
 
 def test_stats_knows_every_drop_reason() -> None:
-    assert set(stats.DROP_REASONS) == set(REASONS) - {DOMAIN_NOT_ALLOWED}
-    assert stats.OTHER_DOMAINS == OTHER_DOMAINS
+    assert set(stats.DROP_REASONS) == set(DropReason) - UNNAMED_REASONS
+    assert UNNAMED_REASONS == {DropReason.DOMAIN_NOT_ALLOWED, DropReason.SITE_LIMIT}

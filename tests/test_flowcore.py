@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from conftest import Start
 from fake_flowcore import FakeFlowcore
-from helpers import FakeClock, drained, poll, query, utc
+from helpers import Client, FakeClock, drained, poll, query, utc
 
 from config import ConfigError, load_config
-from pathways import OutboxRow, parse_retry_after, same_second_batches
-from store import DB_FILENAME
+from pathways import parse_retry_after, same_second_batches
+from store import DB_FILENAME, OutboxRow
 
 SECRET = "transformer-secret-for-tests"
 
@@ -46,18 +45,18 @@ def flowcore_env(fake: FakeFlowcore, **overrides: str) -> dict[str, str]:
     }
 
 
-async def pageview(client: TestClient, path: str, **headers: str) -> int:
+async def pageview(client: Client, path: str, **headers: str) -> int:
     body = json.dumps({"pathname": path, "referrer": "", "domain": "example.com"})
     response = await client.post("/api/pageview", data=body, headers={"Content-Type": "text/plain", **headers})
     return response.status
 
 
-async def health(client: TestClient) -> dict[str, Any]:
+async def health(client: Client) -> dict[str, Any]:
     return await (await client.get("/health")).json()  # type: ignore[no-any-return]
 
 
 
-def transformer_url(client: TestClient) -> str:
+def transformer_url(client: Client) -> str:
     return str(client.make_url("/api/transformer"))
 
 
@@ -113,7 +112,7 @@ async def test_the_full_loop_with_the_exact_payload_and_headers(
     assert body["last_processed_at"] is not None
 
 
-async def _backlog_is(client: TestClient, count: int) -> bool:
+async def _backlog_is(client: Client, count: int) -> bool:
     return bool((await health(client))["backlog"] == count)
 
 
@@ -151,7 +150,7 @@ async def test_an_outage_costs_nothing_but_delay(start_collector: Start, fake: F
     assert (await health(client))["flowcore"]["consecutive_failures"] == 0
 
 
-async def _failures_at_least(client: TestClient, count: int) -> bool:
+async def _failures_at_least(client: Client, count: int) -> bool:
     return bool((await health(client))["flowcore"]["consecutive_failures"] >= count)
 
 
@@ -189,7 +188,7 @@ async def test_a_refused_key_halts_sending_keeps_everything_and_shows_in_health(
     assert query(data_dir, "SELECT count(*) FROM outbox") == [(0,)]
 
 
-async def _halted(client: TestClient) -> bool:
+async def _halted(client: Client) -> bool:
     return bool((await health(client))["flowcore"]["halted"])
 
 
@@ -294,7 +293,7 @@ def test_a_half_configured_flowcore_stops_start_up(tmp_path: Path, env: dict[str
         load_config({"DATA_DIR": str(tmp_path), **env})
 
 
-def test_start_up_logs_the_mode_and_target_never_the_key(tmp_path: Path, caplog) -> None:
+def test_start_up_logs_the_mode_and_target_never_the_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
     from collector import log_start
@@ -330,7 +329,7 @@ def envelope(event_id: str = "6f0e2c90-4128-11f0-9d3a-7b1c2e4f5a61", **changes: 
     return event
 
 
-async def post_event(client: TestClient, body: Any, secret: str | None = SECRET) -> tuple[int, Any]:
+async def post_event(client: Client, body: Any, secret: str | None = SECRET) -> tuple[int, Any]:
     headers = {"X-Secret": secret} if secret is not None else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = await client.post("/api/transformer", data=data, headers={"Content-Type": "application/json", **headers})
@@ -467,7 +466,9 @@ async def test_an_answer_without_event_ids_halts_keeps_the_events_and_is_not_res
     assert len(fake.ingestions) == 1  # the platform stored it once; it was not sent again
 
 
-def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(tmp_path: Path, caplog) -> None:
+def test_the_originals_postgres_setting_is_reported_as_ignored_without_its_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     from collector import log_start

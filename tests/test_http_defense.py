@@ -12,9 +12,8 @@ import re
 import time
 
 import pytest
-from aiohttp.test_utils import TestClient
 from conftest import Start
-from helpers import raw_exchange
+from helpers import Client, raw_exchange
 
 from collector import STATIC_DIR
 from http_defense import CLIENT_MAX_SIZE, LINGERING_TIME, MAX_HEADERS, MAX_LINE_SIZE
@@ -22,8 +21,9 @@ from http_defense import CLIENT_MAX_SIZE, LINGERING_TIME, MAX_HEADERS, MAX_LINE_
 PAGEVIEW = json.dumps({"pathname": "/", "referrer": "", "domain": "example.com"}).encode()
 
 
-async def exchange(client: TestClient, raw: bytes, timeout: float = 10) -> bytes:
-    return await raw_exchange(str(client.host), int(client.port), raw, timeout)
+async def exchange(client: Client, raw: bytes, timeout: float = 10) -> bytes:
+    assert client.port is not None
+    return await raw_exchange(str(client.host), client.port, raw, timeout)
 
 
 def status_of(answer: bytes) -> int:
@@ -157,6 +157,7 @@ async def test_each_page_has_a_policy_with_the_hashes_of_its_own_inline_blocks(
     response = await client.get(path)
     html = await response.text()
     assert html == (STATIC_DIR / file).read_text()
+    # Every inline block, in order (the dashboard has its own script and style per panel group).
     scripts = " ".join(map(inline_hash, re.findall(r"<script>(.*?)</script>", html, re.S)))
     styles = " ".join(map(inline_hash, re.findall(r"<style>(.*?)</style>", html, re.S)))
     assert scripts and styles

@@ -81,6 +81,7 @@ async def test_the_fake_platform_s_data_core_is_the_one_the_manifest_declares() 
     from fake_flowcore import FakeFlowcore
 
     data_core = load("flowcore.yaml")["dataCore"]
-    declared = {f"{flow}/{event}" for flow, spec in data_core["flowTypes"].items() for event in spec["eventTypes"]}
+    declared = frozenset(f"{flow}/{event}" for flow, spec in data_core["flowTypes"].items()
+                         for event in spec["eventTypes"])
     fake = FakeFlowcore()
     assert (fake.data_core, fake.event_types) == (data_core["name"], declared)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
 from conftest import Start
+from helpers import Client, drained
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -93,7 +93,7 @@ def escape(path: str) -> str:
     return path.replace("~", "~0").replace("/", "~1")
 
 
-async def call(conformance: Conformance, client: TestClient, method: str, path: str, status: int,
+async def call(conformance: Conformance, client: Client, method: str, path: str, status: int,
                template: str | None = None, **kwargs: Any) -> None:
     response = await client.request(method, path, **kwargs)
     assert response.status == status, await response.text()
@@ -152,6 +152,15 @@ async def test_real_answers_of_every_endpoint_match_the_document(start_collector
     ]
     for method, path, status, kwargs in cases:
         await call(conformance, client, method, path, status, **kwargs)
+    await drained(client)  # the custom event above is counted: the answers list it, with its properties
+    response = await client.get("/api/stats", params={"domain": "example.com", "period": "today", "event": "Signup"})
+    body = await response.json()
+    assert ([e["name"] for e in body["events"]], len(body["event"]["properties"])) == (["Signup"], 2)
+    await conformance.check(response, "GET", "/api/stats")
+    await call(conformance, client, "GET", "/api/stats?domain=example.com&event=", 400)
+    for table in ("events", "event_properties"):
+        export = f"/api/export?domain=example.com&from=2025-06-01&to=2025-06-04&table={table}"
+        await call(conformance, client, "GET", export, 200)
     etag = (await client.get("/script.js")).headers["ETag"]
     await call(conformance, client, "GET", "/script.js", 304, headers={"If-None-Match": etag})
     await answer_408(conformance, client)
@@ -167,9 +176,9 @@ async def test_disabled_transformer_and_stats_token_answers_match_the_document(s
         await call(conformance, client, "GET", path, 200, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-async def answer_408(conformance: Conformance, client: TestClient) -> None:
+async def answer_408(conformance: Conformance, client: Client) -> None:
     """A body that stalls: read the raw answer, then check it as if a client had."""
-    app = client.server.app
+    app = client.app
     assert app is not None
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(b"POST /api/pageview HTTP/1.1\r\nHost: c\r\nContent-Type: text/plain\r\nContent-Length: 50\r\n\r\n{")

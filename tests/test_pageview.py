@@ -7,15 +7,17 @@ import asyncio
 import hashlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientResponse
 from conftest import Start
-from helpers import SECRET, FakeClock, drained, query, utc
+from helpers import SECRET, Client, FakeClock, drained, query, utc
 from multidict import CIMultiDict
 
 import privacy
-from collector import EMITTER, STORE, client_ip
+from collector import EMITTER, STORE, client_ip, proxy_ranges
 from config import load_config
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"
@@ -30,14 +32,14 @@ def independent_hash(ip: str, agent: str, day: str) -> str:
     return hashlib.sha256(f"{ip}:{agent}:{salt}".encode()).hexdigest()
 
 
-async def post(client, body: object, **headers: str):
+async def post(client: Client, body: object, **headers: str) -> ClientResponse:
     headers.setdefault("Content-Type", "text/plain")
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return await client.post("/api/pageview", data=data, headers=headers)
 
 
 def stored_events(data_dir: Path) -> int:
-    return query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)")[0][0]
+    return int(query(data_dir, "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log)")[0][0])
 
 
 async def test_a_page_view_becomes_an_anonymous_event_and_is_counted(start_collector: Start, data_dir: Path) -> None:
@@ -143,7 +145,7 @@ async def test_bad_input_is_refused_with_a_message_and_nothing_is_stored(
 async def test_a_body_over_the_limit_without_content_length_is_refused(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector()
 
-    async def chunks():
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(20):
             yield b" " * 1024
 
@@ -196,7 +198,7 @@ async def test_cors_preflight_and_reflected_origin(start_collector: Start) -> No
     assert refused.headers["Access-Control-Allow-Origin"] == "https://other.example"
 
 
-TRUSTED = load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).trusted_proxies
+TRUSTED = proxy_ranges(load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).trusted_proxies)
 
 
 @pytest.mark.parametrize(

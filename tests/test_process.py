@@ -29,11 +29,13 @@ def free_port() -> int:
 
 
 class CollectorProcess:
-    """`python collector.py` in a subprocess, its output appended to one log file."""
+    """`python collector.py [args]` in a subprocess, its output appended to one log file. It runs
+    in the log's directory, not the checkout, so a developer's .env there plays no part."""
 
-    def __init__(self, data_dir: Path, log_path: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, *args: str, **env: str) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DATA_DIR": str(data_dir), "HOST": "127.0.0.1", "PORT": str(self.port),
@@ -43,7 +45,8 @@ class CollectorProcess:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "collector.py")], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, str(ROOT / "collector.py"), *self.args], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.log_path.parent,
             )
         await self.poll_health(lambda body: body["status"] == "ok")
 
@@ -55,7 +58,7 @@ class CollectorProcess:
                 assert self.process is not None and self.process.poll() is None, self.log_path.read_text()
                 try:
                     async with session.get(self.url + "/health") as response:
-                        body = await response.json()
+                        body: dict[str, Any] = await response.json()
                         if ready(body):
                             return body
                 except aiohttp.ClientError:
@@ -71,12 +74,15 @@ class CollectorProcess:
         return code
 
 
+Running = Callable[..., CollectorProcess]
+
+
 @pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Callable[..., CollectorProcess]]:
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
     made: list[CollectorProcess] = []
 
-    def make(**env: str) -> CollectorProcess:
-        collector = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", **env)
+    def make(*args: str, **env: str) -> CollectorProcess:
+        collector = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", *args, **env)
         made.append(collector)
         return collector
 
@@ -99,7 +105,9 @@ async def send_pageviews(url: str, count: int, headers: dict[str, str] | None = 
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(running, tmp_path: Path) -> None:
+async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(
+    running: Running, tmp_path: Path
+) -> None:
     collector = running(RATE_LIMIT_PER_SECOND="0")  # all from one address, as fast as it goes
     await collector.start()
     statuses = await send_pageviews(collector.url, 300)
@@ -117,7 +125,7 @@ async def test_a_collector_killed_after_answering_loses_nothing_and_counts_once(
     assert collector.stop(signal.SIGTERM) == 0
 
 
-async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running, tmp_path: Path) -> None:
+async def test_sigterm_finishes_what_was_accepted_and_closes_cleanly(running: Running, tmp_path: Path) -> None:
     collector = running(RATE_LIMIT_PER_SECOND="0")
     await collector.start()
     assert await send_pageviews(collector.url, 100) == [204] * 100
@@ -143,7 +151,9 @@ KNOWN_AGENT = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4_1 like Mac OS X) AppleWe
 
 
 @pytest.mark.parametrize("mode", ["seed", "ephemeral"])
-async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running, tmp_path: Path, mode: str) -> None:
+async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(
+    running: Running, tmp_path: Path, mode: str
+) -> None:
     collector = running(LOG_LEVEL="DEBUG", ACCESS_LOG="true", PRIVACY_MODE=mode)
     await collector.start()
     url = collector.url + "/api/pageview"
@@ -199,7 +209,7 @@ async def test_no_ip_address_or_user_agent_reaches_the_files_or_the_log(running,
 
 
 
-async def test_main_applies_the_server_limits_and_timeouts(running, tmp_path: Path) -> None:
+async def test_main_applies_the_server_limits_and_timeouts(running: Running, tmp_path: Path) -> None:
     collector = running(BODY_TIMEOUT_MS="300", KEEPALIVE_TIMEOUT_MS="500")
     await collector.start()
     long_line = b"GET /health?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: c\r\n\r\n"

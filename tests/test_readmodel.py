@@ -19,7 +19,7 @@ import pytest
 from helpers import query, utc
 
 from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
-from readmodel import ReadModel
+from readmodel import ReadModel, Visitor
 from store import DB_FILENAME, Store, _Writer
 
 ROLLUPS = ("daily_stats", "hourly_stats", "page_stats", "source_stats", "dimension_stats")
@@ -247,16 +247,45 @@ def test_the_writer_alternates_so_urgent_jobs_never_starve_the_others() -> None:
     writer.start()
     order: list[str] = []
     started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+
+    def record(name: str) -> Callable[[], None]:
+        return lambda: order.append(name)
+
     try:
-        writer.submit(lambda: (started.set(), release.wait(10), None)[-1])
+        writer.submit(hold)
         assert started.wait(10)  # the writer is busy with it: what follows queues up
         for name in ("u1", "u2", "u3"):
-            writer.submit(lambda name=name: order.append(name), urgent=True)
+            writer.submit(record(name), urgent=True)
         for name in ("o1", "o2"):
-            writer.submit(lambda name=name: order.append(name))
+            writer.submit(record(name))
         writer.submit(done.set)
         release.set()
         assert done.wait(10)
     finally:
         writer.stop()
     assert order == ["u1", "o1", "u2", "o2", "u3"]
+
+
+def test_a_visitor_remembers_every_sighting_past_the_small_tuple() -> None:
+    visitor = Visitor(1, "2025-06-04")
+    sightings = [day << 40 | page for day in (20243, 20244) for page in range(20)]
+    assert [visitor.sighted(s) for s in sightings] == [True] * 40
+    assert isinstance(visitor.seen, set)
+    assert not any(visitor.sighted(s) for s in sightings)
+
+
+def imported_modules(module: str) -> set[str]:
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / f"{module}.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_the_store_knows_neither_the_router_nor_the_read_model_and_ingestion_never_imports_reporting() -> None:
+    assert not imported_modules("store") & {"pathways", "readmodel", "stats"}
+    assert not imported_modules("pathways") & {"readmodel", "stats"}

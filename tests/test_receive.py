@@ -237,6 +237,7 @@ async def test_the_dead_letters_command_lists_them_and_retries_each_exactly_once
     assert query(data_dir, "SELECT sum(pageviews) FROM daily_stats") == [(3,)]
     assert query(data_dir, "SELECT count(*) FROM pageviews WHERE pathname = '/boom'") == [(2,)]
 
+    monkeypatch.chdir(data_dir.parent)  # no .env but the test's
     monkeypatch.setenv("DATA_DIR", str(data_dir))  # and through main(), as an operator runs it
     monkeypatch.setenv("SECRET_KEY", SECRET_KEY)
     assert await asyncio.to_thread(collector.main, ["dead-letters", "--retry"]) == 0
@@ -248,9 +249,10 @@ async def test_the_dead_letters_command_lists_them_and_retries_each_exactly_once
 
 async def test_retrying_dead_letters_takes_the_data_dir_lock(start_collector: Start, data_dir: Path) -> None:
     client = await start_collector()
+    config = load_config({"DATA_DIR": str(data_dir)})
     with pytest.raises(DataDirBusyError):
         await retry_dead_letters(data_dir, ZoneInfo("UTC"), lambda store: collector.wire_pathways(
-            store, load_config({"DATA_DIR": str(data_dir)})))
+            store, collector.new_read_model(store, config), config))
     await client.close()
 
 

@@ -207,6 +207,7 @@ async def test_rebuild_refuses_while_the_collector_runs(
     client = await start_collector(TIMEZONE=TZ)
     with pytest.raises(DataDirBusyError):
         await rebuild(data_dir, ZoneInfo(TZ), utc(2025, 6, 10))
+    monkeypatch.chdir(data_dir.parent)  # no .env but the test's
     monkeypatch.setenv("DATA_DIR", str(data_dir))
     monkeypatch.setenv("SECRET_KEY", SECRET)
     assert await asyncio.to_thread(collector.main, ["rebuild"]) == 1
@@ -214,9 +215,6 @@ async def test_rebuild_refuses_while_the_collector_runs(
     await client.close()
 
 
-def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert collector.main(["rebuild-everything"]) == 2
-    assert "usage: python collector.py [rebuild | dead-letters [--retry]]" in capsys.readouterr().err
 
 
 async def test_the_rebuild_command_shows_a_progress_bar_on_a_terminal_and_a_summary(
@@ -227,7 +225,7 @@ async def test_the_rebuild_command_shows_a_progress_bar_on_a_terminal_and_a_summ
     controller, terminal = pty.openpty()
     try:
         done = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "collector.py", "rebuild"], cwd=ROOT, env=env,
+            subprocess.run, [sys.executable, str(ROOT / "collector.py"), "rebuild"], cwd=data_dir.parent, env=env,
             stdout=subprocess.PIPE, stderr=terminal, timeout=60, check=False,
         )
         bar = os.read(controller, 65536).decode()
@@ -238,7 +236,7 @@ async def test_the_rebuild_command_shows_a_progress_bar_on_a_terminal_and_a_summ
     assert done.stdout.decode().startswith("rebuild: recomputed the read model from 2025-06-08")
     assert f"] {len(VIEWS)}/{len(VIEWS)} events" in bar and "#" in bar
     piped = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "collector.py", "rebuild"], cwd=ROOT, env=env,
+        subprocess.run, [sys.executable, str(ROOT / "collector.py"), "rebuild"], cwd=data_dir.parent, env=env,
         capture_output=True, timeout=60, check=False,
     )
     assert piped.returncode == 0 and "events" not in piped.stderr.decode()  # no bar in a log

@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,11 +50,11 @@ def pageview(
     return Event(time_uuid(), "visitor.v0", "visitor.tracked.v0", at, payload)
 
 
-Pipeline = Callable[..., Any]
+OpenPipeline = Callable[..., Awaitable[Pathways]]
 
 
 @pytest.fixture
-async def open_pipeline(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def open_pipeline(tmp_path: Path) -> AsyncIterator[OpenPipeline]:
     """Factory: a store, its read model and a router on a fresh file; every one opened is closed
     afterwards. `handler`, if given, makes the handler from the read model."""
     opened: list[Store] = []
@@ -84,7 +84,9 @@ def day_row(path: Path, day: str, domain: str = "example.com") -> tuple[Any, ...
     return row
 
 
-async def test_visits_split_after_a_30_minute_gap_with_bounces_and_durations(open_pipeline, tmp_path: Path) -> None:
+async def test_visits_split_after_a_30_minute_gap_with_bounces_and_durations(
+    open_pipeline: OpenPipeline, tmp_path: Path
+) -> None:
     pathways = await open_pipeline()
     at = utc(2025, 6, 4, 10)
     events = [
@@ -105,7 +107,7 @@ async def test_visits_split_after_a_30_minute_gap_with_bounces_and_durations(ope
     ]
 
 
-async def test_events_out_of_order_give_the_same_read_model(open_pipeline, tmp_path: Path) -> None:
+async def test_events_out_of_order_give_the_same_read_model(open_pipeline: OpenPipeline, tmp_path: Path) -> None:
     at = utc(2025, 6, 4, 9, 50)
     rng = random.Random(7)
     events = []
@@ -126,7 +128,7 @@ async def test_events_out_of_order_give_the_same_read_model(open_pipeline, tmp_p
     assert read_model(tmp_path / "shuffled") == read_model(tmp_path / "in-order")
 
 
-async def test_the_same_event_twice_changes_the_counts_once(open_pipeline, tmp_path: Path) -> None:
+async def test_the_same_event_twice_changes_the_counts_once(open_pipeline: OpenPipeline, tmp_path: Path) -> None:
     pathways = await open_pipeline()
     event = pageview(utc(2025, 6, 4, 10))
     assert await pathways.process(event) is Outcome.PROCESSED
@@ -140,7 +142,7 @@ async def test_the_same_event_twice_changes_the_counts_once(open_pipeline, tmp_p
 
 
 async def test_a_handler_that_keeps_failing_ends_in_the_dead_letters_and_later_events_flow(
-    open_pipeline, tmp_path: Path
+    open_pipeline: OpenPipeline, tmp_path: Path
 ) -> None:
     def fails_on_boom(read_model: ReadModel) -> Callable[[sqlite3.Connection, Sequence[Event]], None]:
         def handle(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
@@ -170,7 +172,7 @@ async def test_a_handler_that_keeps_failing_ends_in_the_dead_letters_and_later_e
 
 
 async def test_a_dead_letter_of_local_delivery_is_counted_once_when_retried_after_a_fix(
-    open_pipeline, tmp_path: Path
+    open_pipeline: OpenPipeline, tmp_path: Path
 ) -> None:
     broken = [True]
 
@@ -196,7 +198,9 @@ async def test_a_dead_letter_of_local_delivery_is_counted_once_when_retried_afte
     assert query(tmp_path / "a", "SELECT count(*) FROM pathway_state") == [(2,)]
 
 
-async def test_process_reports_failures_until_the_event_is_dead_lettered(open_pipeline, tmp_path: Path) -> None:
+async def test_process_reports_failures_until_the_event_is_dead_lettered(
+    open_pipeline: OpenPipeline, tmp_path: Path
+) -> None:
     def always_fails(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('half-done', 'x')")
         raise RuntimeError("down")
@@ -210,7 +214,7 @@ async def test_process_reports_failures_until_the_event_is_dead_lettered(open_pi
     assert await pathways.process(event) is Outcome.DUPLICATE
 
 
-async def test_a_payload_that_breaks_the_contract_is_refused(open_pipeline) -> None:
+async def test_a_payload_that_breaks_the_contract_is_refused(open_pipeline: OpenPipeline) -> None:
     pathways = await open_pipeline()
     event = pageview(utc(2025, 6, 4, 10))
     for broken in (
@@ -242,7 +246,7 @@ def test_envelopes_with_flow_type_or_legacy_aggregator() -> None:
         parse_envelope([base])
 
 
-async def test_days_and_hours_follow_a_non_utc_time_zone(open_pipeline, tmp_path: Path) -> None:
+async def test_days_and_hours_follow_a_non_utc_time_zone(open_pipeline: OpenPipeline, tmp_path: Path) -> None:
     pathways = await open_pipeline(tz="America/New_York")  # UTC-5 in January
     await pathways.deliver([
         pageview(utc(2025, 1, 15, 4, 50), "alice", "/late"),  # 23:50 on the 14th, local
@@ -258,7 +262,7 @@ async def test_days_and_hours_follow_a_non_utc_time_zone(open_pipeline, tmp_path
     ]
 
 
-async def test_half_hour_offsets_split_days_on_the_local_minute(open_pipeline, tmp_path: Path) -> None:
+async def test_half_hour_offsets_split_days_on_the_local_minute(open_pipeline: OpenPipeline, tmp_path: Path) -> None:
     pathways = await open_pipeline(tz="Asia/Kolkata")  # UTC+5:30
     await pathways.deliver([pageview(utc(2025, 6, 4, 18, 29), "a"), pageview(utc(2025, 6, 4, 18, 31), "b")])
     assert query(tmp_path / "a", "SELECT day, pageviews FROM daily_stats ORDER BY day") == [
@@ -320,7 +324,9 @@ def test_referrer_source(referrer: str, domain: str, source: str) -> None:
     assert referrer_source(referrer, domain) == source
 
 
-async def test_the_write_ahead_log_stays_bounded_under_a_stream_of_batches(open_pipeline, tmp_path: Path) -> None:
+async def test_the_write_ahead_log_stays_bounded_under_a_stream_of_batches(
+    open_pipeline: OpenPipeline, tmp_path: Path
+) -> None:
     """SQLite's WAL restarts only after a checkpoint that nothing outran: the file must not
     grow with the number of events (once, with checkpoints off, it reached 22 GB in a run)."""
     pathways = await open_pipeline()

@@ -73,7 +73,7 @@ def collector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp / "collector.log"
     with log.open("ab") as out:
         process = subprocess.Popen([sys.executable, str(ROOT / "collector.py")], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, cwd=tmp)  # not the checkout: no .env of a developer's
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, log)

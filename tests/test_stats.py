@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Start
-from helpers import FakeClock, utc
+from helpers import Client, FakeClock, utc
 
 from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
 from readmodel import ReadModel
@@ -115,7 +115,7 @@ def figures(body: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
     return {name: (f["value"], f["previous"], f["change"]) for name, f in body["totals"].items()}
 
 
-async def test_seven_days_totals_with_the_change_against_the_previous_seven(client) -> None:
+async def test_seven_days_totals_with_the_change_against_the_previous_seven(client: Client) -> None:
     body = await get_stats(client, period="7d")
     assert (body["from"], body["to"], body["previous"]) == ("2025-06-04", "2025-06-10",
                                                             {"from": "2025-05-28", "to": "2025-06-03"})
@@ -131,7 +131,7 @@ async def test_seven_days_totals_with_the_change_against_the_previous_seven(clie
     assert body["totals"]["visitors"]["label"] == "Unique visitors (summed over days)"
 
 
-async def test_the_daily_series_is_zero_filled(client) -> None:
+async def test_the_daily_series_is_zero_filled(client: Client) -> None:
     body = await get_stats(client, period="7d")
     assert [(p["time"], p["pageviews"], p["visitors"]) for p in body["series"]] == [
         ("2025-06-04", 2, 2), ("2025-06-05", 1, 1), ("2025-06-06", 0, 0), ("2025-06-07", 0, 0),
@@ -139,7 +139,7 @@ async def test_the_daily_series_is_zero_filled(client) -> None:
     ]
 
 
-async def test_top_pages_and_sources_by_visitors_then_page_views(client) -> None:
+async def test_top_pages_and_sources_by_visitors_then_page_views(client: Client) -> None:
     body = await get_stats(client, period="7d")
     assert body["pages"] == [
         {"pathname": "/", "pageviews": 4, "visitors": 4},
@@ -157,7 +157,7 @@ async def test_top_pages_and_sources_by_visitors_then_page_views(client) -> None
     assert [s["source"] for s in limited["sources"]] == ["(direct)", "news.example"]
 
 
-async def test_today_is_hourly_and_counts_the_visit_that_began_yesterday_there(client) -> None:
+async def test_today_is_hourly_and_counts_the_visit_that_began_yesterday_there(client: Client) -> None:
     body = await get_stats(client, period="today")
     assert (body["from"], body["to"], body["interval"]) == ("2025-06-10", "2025-06-10", "hour")
     assert figures(body) == {
@@ -176,7 +176,7 @@ async def test_today_is_hourly_and_counts_the_visit_that_began_yesterday_there(c
     assert body["current_visitors"] == 1  # bob at 13:58; carol at 13:54 is more than 5 minutes ago
 
 
-async def test_yesterday_month_and_twelve_months(client) -> None:
+async def test_yesterday_month_and_twelve_months(client: Client) -> None:
     yesterday = await get_stats(client, period="yesterday")
     assert (yesterday["from"], yesterday["to"]) == ("2025-06-09", "2025-06-09")
     assert {p["time"]: p["pageviews"] for p in yesterday["series"] if p["pageviews"]} == {
@@ -192,7 +192,7 @@ async def test_yesterday_month_and_twelve_months(client) -> None:
     assert figures(await get_stats(client))["pageviews"][0] == 15  # the default period is 30d
 
 
-async def test_custom_range_edges_follow_local_midnight(client) -> None:
+async def test_custom_range_edges_follow_local_midnight(client: Client) -> None:
     one_day = await get_stats(client, period="custom", **{"from": "2025-06-04", "to": "2025-06-04"})
     assert figures(one_day)["pageviews"] == (2, 3, -33.3)  # hank 00:00 and ivy 23:59:59, not gina 23:59 the day before
     assert {p["time"]: p["pageviews"] for p in one_day["series"] if p["pageviews"]} == {
@@ -203,7 +203,7 @@ async def test_custom_range_edges_follow_local_midnight(client) -> None:
     assert [p["time"] for p in two_days["series"]] == ["2025-06-03", "2025-06-04", "2025-06-05"]
 
 
-async def test_another_domain_and_an_unknown_one(client) -> None:
+async def test_another_domain_and_an_unknown_one(client: Client) -> None:
     other = (await client.get("/api/stats", params={"domain": "other.org", "period": "today"}))
     body = await other.json()
     assert (figures(body)["pageviews"], body["current_visitors"]) == ((1, 0, None), 1)
@@ -213,12 +213,12 @@ async def test_another_domain_and_an_unknown_one(client) -> None:
     assert figures(nobody)["bounce_rate"] == (None, None, None)
 
 
-async def test_sites_and_current_visitors(client) -> None:
+async def test_sites_and_current_visitors(client: Client) -> None:
     sites = await (await client.get("/api/sites")).json()
     assert sites == {"sites": [
         {"domain": "example.com", "first_day": "2025-06-03", "last_day": "2025-06-10", "pageviews": 15},
         {"domain": "other.org", "first_day": "2025-06-10", "last_day": "2025-06-10", "pageviews": 1},
-    ]}
+    ], "next": None}
     current = await (await client.get("/api/current-visitors", params={"domain": "example.com"})).json()
     assert current == {"domain": "example.com", "current_visitors": 1}
 
@@ -253,14 +253,14 @@ ERRORS = [
 
 
 @pytest.mark.parametrize(("params", "message"), ERRORS)
-async def test_bad_parameters_get_a_400_naming_them(client, params: dict[str, str], message: str) -> None:
+async def test_bad_parameters_get_a_400_naming_them(client: Client, params: dict[str, str], message: str) -> None:
     response = await client.get("/api/stats", params={"domain": "example.com", **params})
     assert response.status == 400
     body = await response.json()
     assert body["status"] == 400 and message in body["error"], body
 
 
-async def test_a_repeated_parameter_is_refused(client) -> None:
+async def test_a_repeated_parameter_is_refused(client: Client) -> None:
     response = await client.get("/api/stats?domain=example.com&period=7d&period=30d")
     assert (response.status, (await response.json())["error"]) == (400, "parameters given more than once: period")
 
@@ -286,13 +286,14 @@ def test_local_hours_on_daylight_saving_days() -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected none", id="sites"),
+        pytest.param("/api/sites?domain=example.com", "unknown parameters: 'domain'; expected after, limit, search",
+                     id="sites"),
         pytest.param("/api/current-visitors", "domain is required, e.g. domain=example.com",
                      id="current-without-domain"),
         pytest.param("/api/current-visitors?domain=a..b", "domain must be a hostname such as example.com",
                      id="current-bad-domain"),
     ],
 )
-async def test_the_other_readers_refuse_bad_parameters_too(client, path: str, message: str) -> None:
+async def test_the_other_readers_refuse_bad_parameters_too(client: Client, path: str, message: str) -> None:
     response = await client.get(path)
     assert (response.status, (await response.json())["error"]) == (400, message)

@@ -1,16 +1,19 @@
-"""Who may read the statistics (STATS_TOKEN, or loopback through the trusted-proxy rules), and
+"""Who may read the statistics (STATS_TOKEN, or a loopback socket with no forwarding header), and
 the CSV export's exact content, over the hand-worked fixture of test_stats."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 from conftest import Start
 from helpers import FakeClock
 from test_stats import FIXTURE, NOW, TZ, seed, view
 
+from collector import create_app, is_loopback_socket
 from config import ConfigError, load_config
 
 TOKEN = "s3cret-token-for-the-stats"
@@ -39,17 +42,75 @@ async def test_without_a_token_loopback_reads_and_others_are_told_how_to_set_one
 ) -> None:
     client = await start(start_collector)
     assert (await client.get(path)).status == 200
-    assert (await client.get(path, headers={"X-Forwarded-For": "127.0.0.1"})).status == 200
     refused = await client.get(path, headers=ELSEWHERE)
     body = await refused.json()
     assert refused.status == 403 and body["status"] == 403
     assert "STATS_TOKEN" in body["error"] and "Authorization: Bearer" in body["error"]
 
 
-async def test_a_forwarded_header_from_an_untrusted_peer_changes_nothing(start_collector: Start, seeded: Path) -> None:
-    client = await start(start_collector, TRUSTED_PROXIES="")
-    # 127.0.0.1 is no proxy now, so its X-Forwarded-For is not believed: the client is loopback.
-    assert (await client.get(READ_ENDPOINTS[0], headers=ELSEWHERE)).status == 200
+# A forwarded loopback address, as a client on a private network (or behind a proxy on this
+# machine) could send it: with the default TRUSTED_PROXIES these once read the statistics.
+FORWARDED_LOOPBACK = [
+    {"X-Forwarded-For": "127.0.0.1"},
+    {"X-Forwarded-For": "127.0.0.1, 10.1.2.3"},
+    {"X-Forwarded-For": "::1"},
+    {"X-Real-IP": "::1"},
+    {"X-Real-IP": "127.0.0.1"},
+    {"CF-Connecting-IP": "127.0.0.1"},
+    {"Forwarded": "for=127.0.0.1"},
+    {"Forwarded": 'for="[::1]"'},
+]
+
+
+@pytest.mark.parametrize("trusted", [None, "", "127.0.0.0/8"])
+@pytest.mark.parametrize("headers", FORWARDED_LOOPBACK, ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+async def test_a_forwarded_address_never_grants_access(
+    start_collector: Start, seeded: Path, headers: dict[str, str], trusted: str | None
+) -> None:
+    client = await start(start_collector, **({} if trusted is None else {"TRUSTED_PROXIES": trusted}))
+    for path in READ_ENDPOINTS:
+        refused = await client.get(path, headers=headers)
+        assert refused.status == 403, path
+        message = (await refused.json())["error"]
+        assert "proxy" in message and "STATS_TOKEN" in message and "Authorization: Bearer" in message
+
+
+@pytest.mark.parametrize("trust_the_network", [False, True])
+async def test_a_client_on_the_network_is_refused_whatever_it_forwards(
+    aiohttp_client: Any, make_config: Any, seeded: Path, trust_the_network: bool
+) -> None:
+    """A real socket from this machine's network address (not loopback): refused, with or
+    without a forwarded loopback address, even when its network is a trusted proxy range (as
+    the private ranges are by default: a LAN, Docker or Kubernetes client)."""
+    address = network_address()
+    trusted = {"TRUSTED_PROXIES": f"{address}/32,127.0.0.0/8"} if trust_the_network else {}
+    config = make_config(TIMEZONE=TZ, **trusted)
+    server = TestServer(create_app(config, clock=FakeClock(NOW)), host=address)
+    client = await aiohttp_client(server)
+    assert client.server.host == address
+    for headers in ({}, *FORWARDED_LOOPBACK):
+        response = await client.get(READ_ENDPOINTS[0], headers=headers)
+        assert response.status == 403, headers
+        assert "STATS_TOKEN" in (await response.json())["error"]
+
+
+def network_address() -> str:
+    """This machine's address on its network (where its default route leaves): a socket from it
+    to itself has a peer that is not loopback. No packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        address = str(probe.getsockname()[0])
+    assert not address.startswith("127."), "this machine has no network address besides loopback"
+    return address
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.1.2.3", False),
+     ("192.168.1.5", False), ("fe80::1", False), ("", False), (None, False), ("not an address", False)],
+)
+def test_only_a_loopback_socket_peer_is_local(peer: str | None, loopback: bool) -> None:
+    assert is_loopback_socket(peer) is loopback
 
 
 @pytest.mark.parametrize("path", READ_ENDPOINTS)

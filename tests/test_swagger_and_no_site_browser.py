@@ -11,7 +11,7 @@ import pytest
 from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock, utc
-from playwright.async_api import Request
+from playwright.async_api import Browser, Request
 from test_dashboard_browser import TOKEN, wait_loaded
 from test_flowcore import SECRET, envelope
 from test_receive import original
@@ -21,7 +21,7 @@ from filters import NO_SITE
 
 
 async def test_swagger_ui_renders_the_document_from_this_origin_under_a_strict_policy(
-    start_collector: Start, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     client = await start_collector()
     policy = (await client.get("/swagger")).headers["Content-Security-Policy"]
@@ -61,7 +61,7 @@ async def test_without_the_extra_swagger_says_how_to_get_it(
 
 
 async def test_the_dashboard_lists_no_site_last_and_shows_it(
-    start_collector: Start, tmp_path: Path, browser  # noqa: F811
+    start_collector: Start, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
     client = await start_collector(clock=FakeClock(utc(2025, 6, 4, 12)), STATS_TOKEN=TOKEN,
                                    FLOWCORE_TRANSFORMER_SECRET=SECRET)
