@@ -318,9 +318,12 @@ SCHEMAS: dict[str, Schema] = {
                 "domain beyond MAX_SITES (kept under no name).",
             },
             "events": {"type": "array", "items": event_figures(),
-                       "description": "Custom events of the period, by visitors, then events; at most `limit`."},
-            "event": {**event_figures({"properties": EVENT_PROPERTIES}),
-                      "description": "With ?event=: that event's figures (zeros if it was not seen) and properties."},
+                       "description": "Custom events of the period, by visitors, then events; at most `limit`. With "
+                       "filters, the events of the visitors with a matching page view, on the days they had one."},
+            "event": {**event_figures({"properties": {**EVENT_PROPERTIES, "type": ["array", "null"]}}),
+                      "description": "With ?event=: that event's figures (zeros if it was not seen) and properties; "
+                      "with filters, the figures of the matching visitors and `properties` null (the raw event rows "
+                      "keep no properties)."},
         },
     },
     "Dropped": {

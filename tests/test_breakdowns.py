@@ -33,13 +33,17 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Start
 from helpers import FakeClock, utc
+from test_event_stats import event
 from test_stats import seed
 
-from pathways import Event, time_uuid
+from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
+from readmodel import ReadModel
+from store import DB_FILENAME, Store
 
 NOW = utc(2025, 6, 10, 18)
 DK_FIREFOX = {"country": "DK", "browser": "Firefox", "os": "Linux", "device": "desktop"}
@@ -201,6 +205,69 @@ async def test_a_filtered_period_before_the_kept_raw_rows_says_from_when_it_coun
     assert body["filtered_from"] == "2025-05-11"
     assert (await stats(client, "country:DK", period="7d"))["filtered_from"] is None
     assert (await stats(client, period="12mo"))["filtered_from"] is None
+
+
+# -- custom events under filters, and the event:<name> filter ------------------------------------------------
+
+# Today's custom events beside the fixture: alice's Signup in her first visit, carol's Signup, bob's
+# Download, and zed's Signup without any page view.
+EVENTS = [
+    event(utc(2025, 6, 10, 9, 6), "alice", "Signup"),
+    event(utc(2025, 6, 10, 11, 1), "bob", "Download"),
+    event(utc(2025, 6, 10, 12, 10), "carol", "Signup"),
+    event(utc(2025, 6, 10, 14), "zed", "Signup"),
+]
+
+
+@pytest.fixture
+async def with_events(start_collector: Start, data_dir: Path) -> Any:
+    await seed_with_events(data_dir, FIXTURE + EVENTS)
+    return await start_collector(clock=FakeClock(NOW), TIMEZONE="UTC")
+
+
+def named(body: dict[str, Any]) -> list[tuple[str, int, int, float | None]]:
+    return [(e["name"], e["count"], e["visitors"], e["conversion_rate"]) for e in body["events"]]
+
+
+async def test_filtered_events_are_those_of_the_matching_visitors_that_day(with_events: Any) -> None:
+    assert named(await stats(with_events)) == [("Signup", 3, 3, 60.0), ("Download", 1, 1, 20.0)]
+    assert named(await stats(with_events, "utm_campaign:spring")) == [("Signup", 2, 2, 100.0)]
+    assert named(await stats(with_events, "country:DE")) == [("Download", 1, 1, 100.0)]
+    assert named(await stats(with_events, "browser:Chrome", "os:Linux")) == []  # frank did none
+    dk = await stats(with_events, "country:DK", event="Signup")
+    assert dk["event"] == {"name": "Signup", "count": 2, "visitors": 2, "conversion_rate": 66.7, "properties": None}
+    unseen = await stats(with_events, "country:DK", event="Refund")
+    assert unseen["event"] == {"name": "Refund", "count": 0, "visitors": 0, "conversion_rate": 0.0, "properties": None}
+
+
+async def test_an_event_filter_counts_the_page_views_of_the_visitors_who_did_it_that_day(with_events: Any) -> None:
+    body = await stats(with_events, "event:Signup")  # alice (two visits, one a bounce) and carol; zed has no page view
+    assert values(body) == {"pageviews": 6, "visitors": 2, "visits": 3, "bounce_rate": 33.3, "visit_duration": 600,
+                            "views_per_visit": 2.0}
+    assert rows(body, "countries") == [("DK", 6, 2)]
+    assert named(body) == [("Signup", 2, 2, 100.0)]
+    assert body["filters"] == [{"dimension": "event", "value": "Signup"}]
+    carol = await stats(with_events, "event:Signup", "browser:Safari")
+    assert values(carol)["pageviews"] == 2 and values(carol)["visitors"] == 1
+    for nothing in ("event:Refund", "event:"):
+        assert values(await stats(with_events, nothing))["pageviews"] == 0, nothing
+
+
+async def seed_with_events(data_dir: Path, events: list[Event]) -> None:
+    """The fixture's page views and these custom events through the real router and handlers."""
+    store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"))
+    read_model = ReadModel(store)
+    await store.open()
+    try:
+        pathways = Pathways(store)
+        for contract, handler in ((VISITOR_TRACKED, read_model.record_pageviews),
+                                  (VISITOR_TRACKED_V1, read_model.record_pageviews),
+                                  (VISITOR_EVENT, read_model.events.record)):
+            pathways.register(contract)
+            pathways.handle(contract, handler)
+        await pathways.deliver(sorted(events, key=lambda e: e.valid_time))
+    finally:
+        await store.close()
 
 
 FILTER_ERRORS = [
