@@ -107,3 +107,15 @@ __all__ = [
     "new_page",
     "site_browser",
 ]
+
+
+def css_string(text: str) -> str:
+    """A CSS string literal of any text (for an attribute selector)."""
+    return '"' + "".join(c if c.isalnum() or c in " |:/.-_" else f"\\{ord(c):x} " for c in text) + '"'
+
+
+async def wait_body(page: Page, attribute: str, operator: str, value: str) -> None:
+    """Wait until the page's body has data-<attribute> <operator> value (=, ^=, $=, *=), as the
+    dashboard marks what it has shown. A locator waits from Playwright's own world: the
+    dashboard's Content-Security-Policy forbids the eval that wait_for_function polls with."""
+    await page.locator(f"body[data-{attribute}{operator}{css_string(value)}]").wait_for(state="attached")

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
-from browser import PageErrors, new_page
+from browser import PageErrors, css_string, new_page, wait_body
 from conftest import Start
 from helpers import Client, FakeClock, drained
 from playwright.async_api import Browser, Page
@@ -87,8 +87,7 @@ async def api(client: Client, *filters: str, **params: str) -> dict[str, Any]:
 
 
 async def wait_filters(page: Page, filters: str) -> None:
-    await page.wait_for_function("(f) => document.body.dataset.filters === f && document.body.dataset.loaded",
-                                 arg=filters)
+    await page.locator(f"body[data-filters={css_string(filters)}][data-loaded]").wait_for(state="attached")
 
 
 async def test_the_lists_filter_the_dashboard_by_a_click_and_the_url_keeps_the_filters(
@@ -151,7 +150,7 @@ async def test_the_lists_filter_the_dashboard_by_a_click_and_the_url_keeps_the_f
     await small.screenshot(path=tmp_path / "empty-375.png", full_page=True)
     await page.set_viewport_size({"width": 1280, "height": 900})
     await page.goto(str(client.make_url("/dashboard?period=custom&from=2025-06-01&to=2025-06-05")))
-    await page.wait_for_function("document.body.dataset.loaded === 'example.com|custom|2025-06-01|2025-06-05'")
+    await wait_body(page, "loaded", "=", "example.com|custom|2025-06-01|2025-06-05")
     await assert_lists(page, await api(client, period="custom", **{"from": "2025-06-01", "to": "2025-06-05"}))
     await page.screenshot(path=tmp_path / "empty-desktop.png", full_page=True)
     await context.close()

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
+from browser import PageErrors, browser, new_page, wait_body  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock
-from playwright.async_api import Browser, Page, Request
+from playwright.async_api import Browser, Page, Request, expect
 from test_stats import FIXTURE, NOW, TZ, seed
 
 from readmodel import ReadModel
@@ -48,10 +48,7 @@ async def api_stats(client: Any, domain: str, period: str) -> dict[str, Any]:
 
 
 async def wait_loaded(page: Page, domain: str, period: str) -> None:
-    await page.wait_for_function(
-        "([domain, period]) => (document.body.dataset.loaded || '').startsWith(domain + '|' + period + '|')",
-        arg=[domain, period],
-    )
+    await wait_body(page, "loaded", "^=", f"{domain}|{period}|")
 
 
 async def seed_drops(data_dir: Path) -> None:
@@ -208,7 +205,7 @@ async def test_the_site_picker_works_with_any_number_of_sites(
     await page.screenshot(path=tmp_path / "sites-desktop.png", full_page=True)
 
     await page.get_by_label("Find a domain").fill("site04999")
-    await page.wait_for_function("() => document.querySelectorAll('#site option').length === 2")
+    await expect(page.locator("#site option")).to_have_count(2)
     assert await page.locator("#site option").all_inner_texts() == ["example.com", "site04999.example"]
     await page.get_by_label("Site").select_option("site04999.example")
     await wait_loaded(page, "site04999.example", "30d")
@@ -218,7 +215,7 @@ async def test_the_site_picker_works_with_any_number_of_sites(
     assert await page.locator("#alert").is_hidden()
 
     await page.get_by_label("Find a domain").fill("no-such-site")
-    await page.wait_for_function("() => [...document.querySelectorAll('#site option')].some(o => o.disabled)")
+    await page.locator("#site option[disabled]").wait_for(state="attached")
     assert await page.locator("#site option").all_inner_texts() == ["site04999.example", "No site matches"]
     await page.set_viewport_size({"width": 375, "height": 800})
     assert await page.evaluate("document.documentElement.scrollWidth") <= 375

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from browser import PageErrors, browser, new_page  # noqa: F401  (browser is a fixture)
+from browser import PageErrors, browser, css_string, new_page, wait_body  # noqa: F401  (browser is a fixture)
 from conftest import Start
 from helpers import FakeClock
 from playwright.async_api import Browser, Page
@@ -27,18 +27,13 @@ async def stats(client: Any, **params: str) -> dict[str, Any]:
 
 
 async def wait_loaded(page: Page, domain: str, period: str) -> None:
-    await page.wait_for_function(
-        "([domain, period]) => (document.body.dataset.loaded || '').startsWith(domain + '|' + period + '|')",
-        arg=[domain, period],
-    )
+    await wait_body(page, "loaded", "^=", f"{domain}|{period}|")
 
 
 async def wait_event(page: Page, period: str, name: str) -> None:
-    await page.wait_for_function(
-        "([period, name]) => { const shown = (document.body.dataset.event || '').split('|');"
-        " return shown[1] === period && shown.slice(4).join('|') === name; }",
-        arg=[period, name],
-    )
+    """The event's properties shown for the period: data-event is domain|period|from|to|name."""
+    await page.locator(f"body[data-event*={css_string(f'|{period}|')}][data-event$={css_string(f'|{name}')}]"
+                       ).wait_for(state="attached")
 
 
 def rate(value: float | None) -> str:
@@ -142,5 +137,44 @@ async def test_a_site_without_events_says_so(
     assert await page.evaluate("document.documentElement.scrollWidth") <= 375
     await page.screenshot(path=tmp_path / "events-empty-375.png", full_page=True)
     assert await page.locator("#alert").is_hidden()  # no request or drawing failed
+    await context.close()
+    assert errors.messages == []
+
+
+async def test_an_event_filters_the_dashboard_to_the_visitors_who_did_it(
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
+) -> None:
+    await deliver(data_dir, FIXTURE + QUIET)
+    client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)
+    errors = PageErrors()
+    context, page = await new_page(browser, errors, viewport={"width": 1280, "height": 900})
+    await context.add_init_script(f"localStorage.setItem('statsToken', '{TOKEN}')")
+    await page.goto(str(client.make_url("/dashboard")))
+    await wait_loaded(page, "example.com", "30d")
+    await page.get_by_role("button", name="Signup").click()
+    await wait_event(page, "30d", "Signup")
+    await page.get_by_role("button", name="Only visitors with it").click()
+    await page.locator(f"body[data-filters={css_string('event:Signup')}]").wait_for(state="attached")
+    assert await page.locator("#filters .chip").all_inner_texts() == ["Event: Signup\n×"]
+    assert "filter=event%3ASignup" in page.url
+    filtered = await client.get("/api/stats", params={"domain": "example.com", "period": "30d",
+                                                      "filter": "event:Signup"}, headers=AUTH)
+    body = await filtered.json()
+    assert await shown_events(page) == expected_events(body)
+    shown_views = await page.locator("[data-metric=pageviews]").text_content()
+    assert shown_views == f"{body['totals']['pageviews']['value']:,}"
+    assert await page.locator("#event-detail").is_hidden()
+
+    await page.get_by_role("button", name="Signup", exact=True).click()
+    await wait_event(page, "30d", "Signup")
+    assert (await page.locator("#event-summary").inner_text()).endswith(
+        "; properties are not broken down while filters are on")
+    assert await shown_properties(page) == []
+    assert await page.get_by_role("button", name="Only visitors with it").is_hidden()  # it filters already
+    await page.screenshot(path=tmp_path / "event-filter-desktop.png", full_page=True)
+    await page.set_viewport_size({"width": 375, "height": 800})
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 375
+    await page.screenshot(path=tmp_path / "event-filter-375.png", full_page=True)
+    assert await page.locator("#alert").is_hidden()
     await context.close()
     assert errors.messages == []
