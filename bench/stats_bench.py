@@ -260,18 +260,22 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--data-dir", type=Path, help="fill this DATA_DIR and keep it; if it holds a filled "
+                        "database (of today), time that one again without filling")
     args = parser.parse_args()
     now = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="stats-bench-") as tmp:
-        data_dir = Path(tmp)
-        started = time.perf_counter()
-        asyncio.run(migrate(data_dir))
-        rows = generate(args.views, args.days, args.sites, now, random.Random(1))
-        fill(data_dir / DB_FILENAME, rows)
-        del rows
-        size = (data_dir / DB_FILENAME).stat().st_size / 1e6
-        print(f"filled {args.views:,} page views over {args.days} days across {args.sites} sites "
-              f"in {time.perf_counter() - started:.1f} s ({size:.0f} MB)")
+        data_dir = args.data_dir or Path(tmp)
+        if not (data_dir / DB_FILENAME).exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            asyncio.run(migrate(data_dir))
+            rows = generate(args.views, args.days, args.sites, now, random.Random(1))
+            fill(data_dir / DB_FILENAME, rows)
+            del rows
+            size = (data_dir / DB_FILENAME).stat().st_size / 1e6
+            print(f"filled {args.views:,} page views over {args.days} days across {args.sites} sites "
+                  f"in {time.perf_counter() - started:.1f} s ({size:.0f} MB)")
         biggest = sites(args.sites)[0]
         with sqlite3.connect(data_dir / DB_FILENAME) as conn:
             counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}

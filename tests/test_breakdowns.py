@@ -33,7 +33,6 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Start
@@ -41,9 +40,7 @@ from helpers import FakeClock, utc
 from test_event_stats import event
 from test_stats import seed
 
-from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
-from readmodel import ReadModel
-from store import DB_FILENAME, Store
+from pathways import Event, time_uuid
 
 NOW = utc(2025, 6, 10, 18)
 DK_FIREFOX = {"country": "DK", "browser": "Firefox", "os": "Linux", "device": "desktop"}
@@ -221,7 +218,7 @@ EVENTS = [
 
 @pytest.fixture
 async def with_events(start_collector: Start, data_dir: Path) -> Any:
-    await seed_with_events(data_dir, FIXTURE + EVENTS)
+    await seed(data_dir, FIXTURE + EVENTS, tz="UTC")
     return await start_collector(clock=FakeClock(NOW), TIMEZONE="UTC")
 
 
@@ -251,23 +248,6 @@ async def test_an_event_filter_counts_the_page_views_of_the_visitors_who_did_it_
     assert values(carol)["pageviews"] == 2 and values(carol)["visitors"] == 1
     for nothing in ("event:Refund", "event:"):
         assert values(await stats(with_events, nothing))["pageviews"] == 0, nothing
-
-
-async def seed_with_events(data_dir: Path, events: list[Event]) -> None:
-    """The fixture's page views and these custom events through the real router and handlers."""
-    store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"))
-    read_model = ReadModel(store)
-    await store.open()
-    try:
-        pathways = Pathways(store)
-        for contract, handler in ((VISITOR_TRACKED, read_model.record_pageviews),
-                                  (VISITOR_TRACKED_V1, read_model.record_pageviews),
-                                  (VISITOR_EVENT, read_model.events.record)):
-            pathways.register(contract)
-            pathways.handle(contract, handler)
-        await pathways.deliver(sorted(events, key=lambda e: e.valid_time))
-    finally:
-        await store.close()
 
 
 FILTER_ERRORS = [

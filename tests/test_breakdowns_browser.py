@@ -21,6 +21,7 @@ from conftest import Start
 from helpers import Client, FakeClock, drained
 from playwright.async_api import Browser, Page
 from test_breakdowns import FIXTURE, NOW, assert_narrower
+from test_breakdowns import stats as api
 from test_stats import seed
 from test_tracker_browser import PROXIED_REQUEST_HEADERS, PROXIED_RESPONSE_HEADERS, html
 
@@ -76,14 +77,6 @@ async def assert_lists(page: Page, stats: dict[str, Any]) -> None:
     for name, figure in stats["totals"].items():
         if name in ("pageviews", "visitors", "visits"):
             assert await page.locator(f"[data-metric={name}]").text_content() == f"{figure['value']:,}", name
-
-
-async def api(client: Client, *filters: str, **params: str) -> dict[str, Any]:
-    query = [*{"domain": "example.com", "period": "today", **params}.items(), *(("filter", f) for f in filters)]
-    response = await client.get("/api/stats", params=query)
-    assert response.status == 200, await response.text()
-    body: dict[str, Any] = await response.json()
-    return body
 
 
 async def wait_filters(page: Page, filters: str) -> None:

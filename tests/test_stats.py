@@ -37,7 +37,7 @@ import pytest
 from conftest import Start
 from helpers import Client, FakeClock, utc
 
-from pathways import VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
+from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid
 from readmodel import ReadModel
 from stats import local_hours, period_range
 from store import DB_FILENAME, Store
@@ -83,15 +83,18 @@ FIXTURE = [
 
 
 async def seed(data_dir: Path, events: list[Event], tz: str = TZ) -> None:
-    """Feed hand-made events with chosen times through the real router and handler."""
+    """Feed hand-made page views (and custom events) with chosen times through the real router
+    and handlers."""
     store = Store(data_dir / DB_FILENAME, ZoneInfo(tz))
     read_model = ReadModel(store)
     await store.open()
     try:
         pathways = Pathways(store)
-        for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):
+        for contract, handler in ((VISITOR_TRACKED, read_model.record_pageviews),
+                                  (VISITOR_TRACKED_V1, read_model.record_pageviews),
+                                  (VISITOR_EVENT, read_model.events.record)):
             pathways.register(contract)
-            pathways.handle(contract, read_model.record_pageviews)
+            pathways.handle(contract, handler)
         await pathways.deliver(sorted(events, key=lambda e: e.valid_time))
     finally:
         await store.close()
