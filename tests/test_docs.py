@@ -138,6 +138,17 @@ def test_env_example_is_a_valid_dotenv_and_docker_env_file_that_changes_nothing(
         assert re.search(rf"^# {setting.name}={re.escape(setting.default)}$", path.read_text(), re.M), setting.name
 
 
+def test_env_example_groups_the_settings_by_feature_as_the_docs_do() -> None:
+    text = (ROOT / "env.example").read_text()
+    headings = [f"# --- {feature.TITLE} -" for feature in FEATURES]
+    assert all(heading in text for heading in headings)
+    assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
+    ends = [*headings[1:], "# --- Settings of the original"]
+    for feature, heading, end in zip(FEATURES, headings, ends, strict=True):
+        part = text.split(heading, 1)[1].split(end, 1)[0]
+        assert re.findall(r"^# ([A-Z_]+)=", part, re.M) == [setting.name for setting in feature.SETTINGS]
+
+
 def readme_curl_example() -> str:
     [command] = [block for block in sh_blocks(section(README, "Sending a page view by hand")) if "curl" in block]
     return command
