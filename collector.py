@@ -44,9 +44,9 @@ import privacy
 import stats
 from config import (
     DEFAULTS,
+    FEATURES,
     IGNORED_SETTINGS,
     MIN_STATS_TOKEN_LENGTH,
-    SETTINGS,
     Config,
     ConfigError,
     IPNetwork,
@@ -293,7 +293,7 @@ def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None
     """Reflect the Origin when ALLOWED_ORIGINS admits it; the answer depends on it either way."""
     response.headers["Vary"] = "Origin"
     origin = request.headers.get("Origin")
-    if origin and request.app[CONFIG].allowed_origins.allows(origin):
+    if origin and request.app[CONFIG].collection.allowed_origins.allows(origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = filters.DROPPED_HEADER
 
@@ -322,7 +322,8 @@ async def pageview(request: web.Request) -> web.Response:
     now = app[CLOCK]()
     reason = app[FILTER].drop_reason(fields.domain, request.headers)
     if reason is not None:
-        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), app[CONFIG].timezone)[0], reason)
+        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), app[CONFIG].stats.timezone)[0],
+                         reason)
         return dropped(reason)
     day = privacy.salt_day(now)
     payload: dict[str, Any] = {
@@ -332,7 +333,7 @@ async def pageview(request: web.Request) -> web.Response:
         "referrer": fields.referrer,
         "sessionContext": {"dailySaltRotation": day},
     }
-    if app[CONFIG].event_version == "v1":
+    if app[CONFIG].events.version == "v1":
         payload.update(derived_dimensions(request, ip), utm=dict(fields.utm))
     await app[PATHWAYS].write(tracked_contract(app[CONFIG]), payload, now)
     return web.Response(status=204, headers=COUNTED)
@@ -340,14 +341,14 @@ async def pageview(request: web.Request) -> web.Response:
 
 def tracked_contract(config: Config) -> Contract:
     """The page view event this collector writes: EVENT_VERSION's."""
-    return VISITOR_TRACKED_V1 if config.event_version == "v1" else VISITOR_TRACKED
+    return VISITOR_TRACKED_V1 if config.events.version == "v1" else VISITOR_TRACKED
 
 
 def derived_dimensions(request: web.Request, ip: str) -> dict[str, str | None]:
     """Country, browser, system and device class, while the address and user agent are in
     memory (unknown, all null, with EVENT_VERSION=v0)."""
     config = request.app[CONFIG]
-    if config.event_version != "v1":
+    if config.events.version != "v1":
         return dict.fromkeys(DIMENSION_FIELDS)
     found = request.app[DIMENSIONS].derive(ip, request.headers.get("User-Agent"),
                                            cdn_country(request.remote, request.headers, request.app[PROXY_RANGES]))
@@ -406,7 +407,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     arrive within BODY_TIMEOUT_MS (the connection is then closed)."""
     if request.content.is_eof():  # the whole body came with the headers (the usual case): no timer
         return await _read_limited(request, limit)
-    timeout = request.app[CONFIG].body_timeout
+    timeout = request.app[CONFIG].server.body_timeout
     try:
         async with asyncio.timeout(timeout):
             return await _read_limited(request, limit)
@@ -627,11 +628,11 @@ async def transformer(request: web.Request) -> web.Response:
     or when it was processed before; 503 with Retry-After when its handler kept failing (the
     event waits in the dead letters), so the sender delivers it again."""
     config = request.app[CONFIG]
-    secret = config.transformer_secret
+    secret = config.flowcore.transformer_secret
     if not secret:
         raise ApiError(404, "the transformer endpoint is disabled: set FLOWCORE_TRANSFORMER_SECRET to enable it")
-    if not secret_matches(secret, request.headers.get(config.transformer_secret_header)):
-        raise ApiError(401, f"missing or wrong {config.transformer_secret_header} header")
+    if not secret_matches(secret, request.headers.get(config.flowcore.transformer_secret_header)):
+        raise ApiError(401, f"missing or wrong {config.flowcore.transformer_secret_header} header")
     raw = parse_json(await read_body(request, MAX_ENVELOPE_BYTES))
     try:
         event = parse_envelope(raw)
@@ -689,7 +690,7 @@ async def health(request: web.Request) -> web.Response:
     about = {"mode": config.mode, "version": __version__}
     try:
         async with asyncio.timeout(5):
-            counts = await store.health(local_delivery=config.flowcore is None)
+            counts = await store.health(local_delivery=config.flowcore.webhook is None)
             if store.write_failure is not None:
                 with suppress(StorageUnavailableError):
                     await store.probe_write()  # so it says ok again once the disk is back, traffic or not
@@ -761,9 +762,9 @@ def require_reader(request: web.Request) -> None:
     address never grants access, since whoever can reach a trusted proxy (or is on a trusted
     private range) can write one; and a proxy on this machine makes every visitor's socket local."""
     config = request.app[CONFIG]
-    if config.stats_token:
+    if config.stats.token:
         scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not secret_matches(config.stats_token, token.strip()):
+        if scheme.lower() != "bearer" or not secret_matches(config.stats.token, token.strip()):
             raise ApiError(401, "the statistics need the header 'Authorization: Bearer <STATS_TOKEN>'",
                            {"WWW-Authenticate": 'Bearer realm="statistics"'})
         return
@@ -804,7 +805,7 @@ def domain_param(params: Mapping[str, str]) -> str:
 
 
 def local_now(request: web.Request) -> datetime:
-    return request.app[CLOCK]().astimezone(request.app[CONFIG].timezone)
+    return request.app[CLOCK]().astimezone(request.app[CONFIG].stats.timezone)
 
 
 async def stats_api(request: web.Request) -> web.Response:
@@ -818,7 +819,7 @@ async def stats_api(request: web.Request) -> web.Response:
     filters = stats.parse_filters(request.query.getall("filter", []))
     config = request.app[CONFIG]
     async with request.app[STORE].reading() as db:
-        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.timezone,
+        body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.stats.timezone,
                                     filters, event_name)
     return web.json_response(body, headers=PRIVATE)
 
@@ -957,17 +958,19 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors], client_max_size=http_defense.CLIENT_MAX_SIZE)
     http_defense.install(app, PAGES)
     app[CONFIG] = config
-    app[PROXY_RANGES] = proxy_ranges(config.trusted_proxies)
+    app[PROXY_RANGES] = proxy_ranges(config.server.trusted_proxies)
     app[CLOCK] = clock
     app[FILTER] = filters.PageviewFilter(
-        FilterSettings(config.allowed_domains, config.respect_gpc, config.respect_dnt), filters.BotDetector(),
-        filters.SiteLimit(config.max_sites),
+        FilterSettings(config.collection.allowed_domains, config.privacy.respect_gpc, config.privacy.respect_dnt),
+        filters.BotDetector(),
+        filters.SiteLimit(config.collection.max_sites),
     )
     app[LIMITER] = filters.RateLimiter(
-        config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size
+        config.collection.rate_limit_per_second, config.collection.rate_limit_burst,
+        config.collection.rate_limit_table_size,
     )
     try:
-        app[DIMENSIONS] = dimensions.DimensionReader(config.geoip_database)
+        app[DIMENSIONS] = dimensions.DimensionReader(config.events.geoip_database)
     except ValueError as error:
         raise ConfigError(f"GEOIP_DATABASE: {error}") from None
     # One context per resource, opened in this order and closed in the reverse: a failure half
@@ -999,16 +1002,16 @@ def create_app(config: Config, *, clock: Clock = utc_now) -> web.Application:
 async def database(app: web.Application) -> AsyncIterator[None]:
     """The store with its read model and router, and what hashes visitors; closed last."""
     config = app[CONFIG]
-    secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
-    store = Store(config.data_dir / DB_FILENAME, config.timezone)
+    secret_key = with_secret_key(config).privacy.secret_key  # DATA_DIR is locked by now
+    store = Store(config.server.data_dir / DB_FILENAME, config.stats.timezone)
     read_model = new_read_model(store, config)
     try:
         await store.open()
         app[FILTER].sites.load(await read_model.counted_domains())  # MAX_SITES counts the sites already kept
         pathways = wire_pathways(store, read_model, config)
         app[STORE], app[READ_MODEL], app[PATHWAYS] = store, read_model, pathways
-        salts = privacy.DailySalts(store) if config.privacy_mode == privacy.EPHEMERAL else None
-        app[HASHER] = privacy.VisitorHasher(config.privacy_mode, secret_key, salts)
+        salts = privacy.DailySalts(store) if config.privacy.mode == privacy.EPHEMERAL else None
+        app[HASHER] = privacy.VisitorHasher(config.privacy.mode, secret_key, salts)
         app[DROPS] = filters.DropCounter(store)
         yield
     finally:
@@ -1018,7 +1021,8 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 def wire_pathways(store: Store, read_model: ReadModel, config: Config) -> Pathways:
     """The contracts and their handlers: for the running collector and `dead-letters --retry`."""
-    pathways = Pathways(store, max_attempts=config.handler_max_attempts, log_received=config.flowcore is not None)
+    pathways = Pathways(store, max_attempts=config.events.handler_max_attempts,
+                        log_received=config.flowcore.webhook is not None)
     for contract in (VISITOR_TRACKED, VISITOR_TRACKED_V1):  # both are received, whichever this one writes
         pathways.register(contract)
         pathways.handle(contract, read_model.record_pageviews)
@@ -1033,12 +1037,12 @@ def new_read_model(store: Store, config: Config) -> ReadModel:
 
 
 def event_limits(config: Config) -> EventLimits:
-    return EventLimits(config.event_names_per_day, config.event_property_values_per_day)
+    return EventLimits(config.events.names_per_day, config.events.property_values_per_day)
 
 
 async def outbound_session(app: web.Application) -> AsyncIterator[None]:
     """The one HTTP client session, in Flowcore mode."""
-    session = aiohttp.ClientSession() if app[CONFIG].flowcore else None
+    session = aiohttp.ClientSession() if app[CONFIG].flowcore.webhook else None
     app[SESSION] = session
     try:
         yield
@@ -1052,9 +1056,9 @@ async def delivery(app: web.Application) -> AsyncIterator[None]:
     finishes its request, and what is left waits in the outbox."""
     config, store, session = app[CONFIG], app[STORE], app[SESSION]
     sink: Sink
-    if config.flowcore is not None and session is not None:  # a batch is one request to the webhook
-        sink = FlowcoreSink(store, session, config.flowcore, send_v0=config.event_version == "v0")
-        batch_size = config.flowcore.batch_size
+    if config.flowcore.webhook is not None and session is not None:  # a batch is one request to the webhook
+        sink = FlowcoreSink(store, session, config.flowcore.webhook, send_v0=config.events.version == "v0")
+        batch_size = config.flowcore.webhook.batch_size
         busy_batch_size = batch_size
     else:
         sink, batch_size = LocalSink(store, app[PATHWAYS]), LOCAL_BATCH_SIZE
@@ -1071,8 +1075,8 @@ async def delivery(app: web.Application) -> AsyncIterator[None]:
 async def background_jobs(app: web.Application) -> AsyncIterator[None]:
     """Retention, forgetting, salts and drop counts (maintenance.py); stopped first."""
     config = app[CONFIG]
-    jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], config.raw_retention_days, app[CLOCK],
-                local_delivery=config.flowcore is None)
+    jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], config.stats.raw_retention_days, app[CLOCK],
+                local_delivery=config.flowcore.webhook is None)
     jobs.start()
     # What start-up made lives as long as the process: out of the collector's way, so its
     # collections only walk what requests make.
@@ -1101,48 +1105,49 @@ def log_start(config: Config) -> None:
     """The mode and where events go; never a key or a secret."""
     logger.info(
         "%s %s: mode %s, data in %s, days in %s",
-        SERVICE_NAME, __version__, config.mode, config.data_dir.resolve(), config.timezone.key,
+        SERVICE_NAME, __version__, config.mode, config.server.data_dir.resolve(), config.stats.timezone.key,
     )
-    if config.flowcore is not None:
+    if config.flowcore.webhook is not None:
         contract = tracked_contract(config)
-        target = config.flowcore.events_url(contract.flow_type, contract.event_type)
+        target = config.flowcore.webhook.events_url(contract.flow_type, contract.event_type)
         logger.info("sending events to Flowcore: %s", target)
-        if not config.transformer_secret:
+        if not config.flowcore.transformer_secret:
             logger.warning("FLOWCORE_TRANSFORMER_SECRET is not set: /api/transformer is disabled, so events sent "
                            "to Flowcore will not come back to build statistics here")
-    if config.transformer_secret:
+    if config.flowcore.transformer_secret:
         logger.info("POST /api/transformer is enabled; it reads the secret from the %s header",
-                    config.transformer_secret_header)
+                    config.flowcore.transformer_secret_header)
     for name in config.ignored_settings:
         logger.warning("%s is set but ignored: %s", name, IGNORED_SETTINGS[name])
-    countries = f"GEOIP_DATABASE {config.geoip_database}" if config.geoip_database else "the built-in registry data"
+    countries = (f"GEOIP_DATABASE {config.events.geoip_database}" if config.events.geoip_database
+                 else "the built-in registry data")
     logger.info("page views become %s events%s", tracked_contract(config).event_type,
-                "" if config.event_version == "v0" else f"; countries from {countries}")
+                "" if config.events.version == "v0" else f"; countries from {countries}")
     logger.info(
         "privacy mode %s; counting %s; rate limit %s",
-        config.privacy_mode,
-        "any domain" if config.allowed_domains is None else "ALLOWED_DOMAINS only",
-        f"{config.rate_limit_per_second:g}/s, burst {config.rate_limit_burst}" if config.rate_limit_per_second
-        else "off",
+        config.privacy.mode,
+        "any domain" if config.collection.allowed_domains is None else "ALLOWED_DOMAINS only",
+        f"{config.collection.rate_limit_per_second:g}/s, burst {config.collection.rate_limit_burst}"
+        if config.collection.rate_limit_per_second else "off",
     )
 
 
 def base_url(config: Config) -> str:
     """The collector's address as a browser on this machine reaches it."""
-    host = config.host
+    host = config.server.host
     if host in ("0.0.0.0", "::", ""):  # every interface: this machine's own name is the one to open
         host = "localhost"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.port}"
+    return f"http://{host}:{config.server.port}"
 
 
 def log_addresses(config: Config) -> None:
     """Where to look next, once the collector listens: the first thing a newcomer needs."""
-    logger.info("listening on %s:%d", config.host, config.port)
+    logger.info("listening on %s:%d", config.server.host, config.server.port)
     base = base_url(config)
     readers = ""
-    if not config.stats_token:
+    if not config.stats.token:
         readers = " (from this machine only, unless STATS_TOKEN is set)"
         if any(Path(marker).exists() for marker in ("/.dockerenv", "/run/.containerenv")):  # host is not loopback
             readers = " (set STATS_TOKEN to open it: in a container, a browser on the host is not this machine)"
@@ -1157,7 +1162,7 @@ def log_addresses(config: Config) -> None:
 
 async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
     """The running collector holds DATA_DIR's lock, so a rebuild cannot start under it."""
-    descriptor = lock_data_dir(app[CONFIG].data_dir)
+    descriptor = lock_data_dir(app[CONFIG].server.data_dir)
     try:
         yield
     finally:
@@ -1166,10 +1171,10 @@ async def data_dir_lock(app: web.Application) -> AsyncIterator[None]:
 
 def rebuild_command(config: Config) -> int:
     try:
-        summary = asyncio.run(rebuild(config.data_dir, config.timezone, utc_now(), progress_bar(sys.stderr),
-                                      event_limits=event_limits(config)))
+        summary = asyncio.run(rebuild(config.server.data_dir, config.stats.timezone, utc_now(),
+                                      progress_bar(sys.stderr), event_limits=event_limits(config)))
     except DataDirBusyError:
-        print(f"collector rebuild: refused: a collector is running on {config.data_dir}; stop it, then run "
+        print(f"collector rebuild: refused: a collector is running on {config.server.data_dir}; stop it, then run "
               "the rebuild again", file=sys.stderr)
         return 1
     except (DataDirError, DatabaseUnusableError) as error:
@@ -1179,7 +1184,7 @@ def rebuild_command(config: Config) -> int:
     if summary.from_day is None:
         print("rebuild: the local event log is empty; the read model is unchanged")
     else:
-        print(f"rebuild: recomputed the read model from {summary.from_day} ({config.timezone.key} days) by "
+        print(f"rebuild: recomputed the read model from {summary.from_day} ({config.stats.timezone.key} days) by "
               f"replaying {summary.replayed} logged page views and custom events; aggregates of earlier days were kept"
               + (f" ({summary.skipped} older logged events not replayed)" if summary.skipped else ""))
     return 0
@@ -1188,9 +1193,9 @@ def rebuild_command(config: Config) -> int:
 def dead_letters_command(config: Config, retry: bool) -> int:
     """`collector.py dead-letters`: the events whose handler kept failing (readable while the
     collector runs). With --retry, after a fix, each runs once more; the collector must be stopped."""
-    path = config.data_dir / DB_FILENAME
+    path = config.server.data_dir / DB_FILENAME
     if not path.exists():
-        print(f"collector dead-letters: there is no database in {config.data_dir}", file=sys.stderr)
+        print(f"collector dead-letters: there is no database in {config.server.data_dir}", file=sys.stderr)
         return 1
     if not retry:
         try:
@@ -1207,11 +1212,11 @@ def dead_letters_command(config: Config, retry: bool) -> int:
         return 0
     try:
         results = asyncio.run(
-            retry_dead_letters(config.data_dir, config.timezone,
+            retry_dead_letters(config.server.data_dir, config.stats.timezone,
                                lambda store: wire_pathways(store, new_read_model(store, config), config))
         )
     except DataDirBusyError:
-        print(f"collector dead-letters: refused: a collector is running on {config.data_dir}; stop it, then run "
+        print(f"collector dead-letters: refused: a collector is running on {config.server.data_dir}; stop it, then run "
               "`python collector.py dead-letters --retry` again", file=sys.stderr)
         return 1
     except (DataDirError, DatabaseUnusableError) as error:
@@ -1233,7 +1238,7 @@ SERVE, REBUILD, DEAD_LETTERS = "serve", "rebuild", "dead-letters"
 
 
 def command_line() -> argparse.ArgumentParser:
-    """`--help` names every command and every setting with its default, from config.SETTINGS."""
+    """`--help` names every command and every setting with its default, by feature, from config.FEATURES."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [-h] [--version] [COMMAND]",
         description="A privacy-first web analytics collector: anonymous page views into SQLite (or Flowcore),\n"
@@ -1259,10 +1264,14 @@ def settings_help(width: int = 100) -> str:
         "  (the environment wins). A bad value stops start-up with a message naming it.",
         "",
     ]
-    for setting in SETTINGS:
-        lines.append(f"  {setting.name}={setting.default}" if setting.default else f"  {setting.name} (unset)")
-        lines += textwrap.wrap(setting.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    return "\n".join(lines)
+    for feature in FEATURES:
+        lines.append(f"  {feature.TITLE}:")
+        for setting in feature.SETTINGS:
+            lines.append(f"    {setting.name}={setting.default}" if setting.default else f"    {setting.name} (unset)")
+            lines += textwrap.wrap(setting.help, width, initial_indent=" " * 8, subsequent_indent=" " * 8,
+                                   break_on_hyphens=False)  # X-Real-IP stays whole
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -1301,14 +1310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config.log_level)
+    logging.getLogger().setLevel(config.server.log_level)
     return run_command(args, config)
 
 
 def serve(config: Config) -> int:
     log_start(config)
     try:
-        loop = new_event_loop(config.event_loop)
+        loop = new_event_loop(config.server.event_loop)
     except ConfigError as error:
         print(f"collector: configuration error: {error}", file=sys.stderr)
         return 2
@@ -1326,13 +1335,13 @@ def serve_on(config: Config, loop: asyncio.AbstractEventLoop) -> int:
         web.run_app(
             create_app(config),
             loop=loop,
-            host=config.host,
-            port=config.port,
-            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+            host=config.server.host,
+            port=config.server.port,
+            access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=10.0,
             print=lambda _banner: log_addresses(config),  # called once the socket listens
-            **http_defense.server_options(config.keepalive_timeout),
+            **http_defense.server_options(config.server.keepalive_timeout),
         )
     except DataDirBusyError as error:
         return start_failed(f"{error}; stop it first", 1)
@@ -1359,10 +1368,10 @@ def start_failed(message: str, status: int) -> int:
 
 def listen_problem(config: Config, error: OSError) -> str | None:
     """One line for a socket that cannot be bound; None for any other OSError."""
-    where = f"{config.host}:{config.port}"
+    where = f"{config.server.host}:{config.server.port}"
     if isinstance(error, socket.gaierror):
-        return f"cannot listen on HOST={config.host}: the name does not resolve ({error.strerror}); set HOST to an " \
-               "address of this machine, e.g. 0.0.0.0 or 127.0.0.1"
+        return f"cannot listen on HOST={config.server.host}: the name does not resolve ({error.strerror}); " \
+               "set HOST to an address of this machine, e.g. 0.0.0.0 or 127.0.0.1"
     if error.errno == errno.EADDRINUSE:
         return f"cannot listen on {where}: the port is in use by another process; stop it, or set PORT"
     if error.errno == errno.EADDRNOTAVAIL:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from config import FlowcoreSettings
+from config import WebhookSettings
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, normalize_host
 from store import (
     LOCAL_CURSOR,
@@ -808,7 +808,7 @@ class FlowcoreSink:
     with the ids the platform gave them."""
 
     def __init__(
-        self, store: Store, session: aiohttp.ClientSession, settings: FlowcoreSettings, *, send_v0: bool = False
+        self, store: Store, session: aiohttp.ClientSession, settings: WebhookSettings, *, send_v0: bool = False
     ) -> None:
         self.store = store
         self.session = session

@@ -41,7 +41,7 @@ def start_collector(aiohttp_client: Any, make_config: Callable[..., Config]) -> 
         # The server limits main() gives the real process, so the tests meet the same ones. They
         # go to start_server(): TestServer's constructor (server_kwargs) does not pass them on.
         server = TestServer(create_app(config, clock=clock))
-        await server.start_server(**server_options(config.keepalive_timeout))
+        await server.start_server(**server_options(config.server.keepalive_timeout))
         # Every request says it comes from a browser unless a test says otherwise.
         client: Client = await aiohttp_client(server, headers={"User-Agent": BROWSER_UA})
         return client

@@ -6,32 +6,35 @@ import logging
 import resource
 import signal
 import stat
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 import collector
-from config import SETTINGS, ConfigError, load_config, with_secret_key
+from config import DEFAULTS, FEATURES, IGNORED_SETTINGS, SETTINGS, ConfigError, load_config, with_secret_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults(tmp_path: Path) -> None:
     config = load_config({"DATA_DIR": str(tmp_path)})
-    assert (config.host, config.port, config.timezone.key) == ("0.0.0.0", 3005, "UTC")
-    assert config.handler_max_attempts == 5
-    assert any(net.with_prefixlen == "127.0.0.0/8" for net in config.trusted_proxies)
-    assert any(net.with_prefixlen == "192.168.0.0/16" for net in config.trusted_proxies)
-    assert (config.privacy_mode, config.allowed_domains, config.allowed_origins.any) == ("seed", None, True)
-    assert (config.respect_gpc, config.respect_dnt) == (True, False)
-    assert (config.rate_limit_per_second, config.rate_limit_burst, config.rate_limit_table_size) == (10, 50, 100_000)
+    assert (config.server.host, config.server.port, config.stats.timezone.key) == ("0.0.0.0", 3005, "UTC")
+    assert config.events.handler_max_attempts == 5
+    assert any(net.with_prefixlen == "127.0.0.0/8" for net in config.server.trusted_proxies)
+    assert any(net.with_prefixlen == "192.168.0.0/16" for net in config.server.trusted_proxies)
+    assert (config.privacy.mode, config.privacy.respect_gpc, config.privacy.respect_dnt) == ("seed", True, False)
+    collection = config.collection
+    assert (collection.allowed_domains, collection.allowed_origins.any, collection.max_sites) == (None, True, 1000)
+    assert (collection.rate_limit_per_second, collection.rate_limit_burst, collection.rate_limit_table_size) == (
+        10, 50, 100_000)
 
 
 def test_the_default_data_dir_is_data_under_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert load_config({}).data_dir == Path("data")
+    assert load_config({}).server.data_dir == Path("data")
 
 
 def test_reading_the_settings_touches_no_disk(tmp_path: Path) -> None:
@@ -87,12 +90,12 @@ def test_main_stops_with_the_message_on_an_unreadable_geoip_database(
 
 
 def test_the_event_version_is_v1_unless_v0_is_asked_for(tmp_path: Path) -> None:
-    assert load_config({"DATA_DIR": str(tmp_path)}).event_version == "v1"
-    assert load_config({"DATA_DIR": str(tmp_path), "EVENT_VERSION": " V0 "}).event_version == "v0"
+    assert load_config({"DATA_DIR": str(tmp_path)}).events.version == "v1"
+    assert load_config({"DATA_DIR": str(tmp_path), "EVENT_VERSION": " V0 "}).events.version == "v0"
 
 
 def test_an_empty_trusted_proxies_trusts_no_one(tmp_path: Path) -> None:
-    assert load_config({"DATA_DIR": str(tmp_path), "TRUSTED_PROXIES": ""}).trusted_proxies == ()
+    assert load_config({"DATA_DIR": str(tmp_path), "TRUSTED_PROXIES": ""}).server.trusted_proxies == ()
 
 
 def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(
@@ -101,22 +104,22 @@ def test_a_missing_secret_key_is_generated_once_kept_private_and_reused(
     caplog.set_level(logging.INFO)
     (tmp_path / "d").mkdir()
     config = load_config({"DATA_DIR": str(tmp_path / "d")})
-    assert config.secret_key == ""
+    assert config.privacy.secret_key == ""
     first = with_secret_key(config)
     key_file = tmp_path / "d" / "secret_key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert len(first.secret_key) >= 32
+    assert len(first.privacy.secret_key) >= 32
     assert [path.name for path in (tmp_path / "d").iterdir()] == ["secret_key"]  # no temporary file left
     second = with_secret_key(config)
-    assert second.secret_key == first.secret_key
+    assert second.privacy.secret_key == first.privacy.secret_key
     assert "generated" in caplog.text and "using the one stored" in caplog.text
-    assert first.secret_key not in caplog.text
-    assert first.secret_key not in repr(first)
+    assert first.privacy.secret_key not in caplog.text
+    assert first.privacy.secret_key not in repr(first)
 
 
 def test_a_given_secret_key_is_used_and_not_stored(tmp_path: Path) -> None:
     config = with_secret_key(load_config({"DATA_DIR": str(tmp_path), "SECRET_KEY": "k" * 32}))
-    assert config.secret_key == "k" * 32
+    assert config.privacy.secret_key == "k" * 32
     assert not (tmp_path / "secret_key").exists()
 
 
@@ -136,7 +139,7 @@ def test_a_failed_key_write_leaves_no_file(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert list(data_dir.iterdir()) == []
-    assert len(with_secret_key(config).secret_key) >= 32
+    assert len(with_secret_key(config).privacy.secret_key) >= 32
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:
@@ -148,4 +151,34 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
 def test_the_config_is_immutable(tmp_path: Path) -> None:
     config = load_config({"DATA_DIR": str(tmp_path)})
     with pytest.raises(AttributeError):
-        config.port = 1  # type: ignore[misc]
+        config.server.port = 1  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        config.server = config.server  # type: ignore[misc]
+
+
+class AskedFor(Mapping[str, str]):
+    """An environment that remembers which names were looked up."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.given, self.asked = values, set[str]()
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        return self.given[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.given)
+
+    def __len__(self) -> int:
+        return len(self.given)
+
+
+def test_every_setting_belongs_to_one_feature_and_is_read_by_it(tmp_path: Path) -> None:
+    """Each feature reads its settings through a reader that knows only its own rows (asking
+    for another feature's is a KeyError), so every row being asked for means each is read by the
+    feature that declares it: none is listed in --help and then ignored."""
+    assert len(DEFAULTS) == len(SETTINGS) == sum(len(feature.SETTINGS) for feature in FEATURES)
+    environ = AskedFor({"DATA_DIR": str(tmp_path), "FLOWCORE_TENANT": "acme", "FLOWCORE_API_KEY": "fc_x_y"})
+    config = load_config(environ)
+    assert environ.asked == set(DEFAULTS) | set(IGNORED_SETTINGS)
+    assert config.mode == "flowcore" and load_config({"DATA_DIR": str(tmp_path)}).mode == "local"

@@ -1,6 +1,6 @@
 """The README and docs/ keep their promises: the Quick start in the order a person needs it, with
 two commands of which CI runs the second; the curl example counts a page view; every link
-resolves; docs/settings.md is config.SETTINGS; env.example is a valid .env and --env-file."""
+resolves; docs/settings.md is config.FEATURES' settings; env.example is a valid .env and --env-file."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from helpers import poll
 from test_process import Running, running  # noqa: F401  (a fixture)
 
 import collector
-from config import SETTINGS, load_config
+from config import FEATURES, SETTINGS, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -95,18 +95,24 @@ def test_every_link_resolves(page: Path) -> None:
     assert broken == []
 
 
-def settings_table() -> str:
-    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
-    for setting in SETTINGS:
-        default = f"`{setting.default}`" if setting.default else "unset"
-        rows.append(f"| `{setting.name}` | {default} | {setting.help} |")
-    return "\n".join(rows)
+SETTINGS_TABLES = re.compile(r"<!-- The tables are config\.FEATURES.*?-->\n(.*)<!-- end of the tables -->", re.S)
 
 
-def test_docs_settings_is_the_settings_table_row_for_row() -> None:
-    text = (ROOT / "docs" / "settings.md").read_text()
-    table = "\n".join(line for line in text.splitlines() if line.startswith("| "))
-    assert table == settings_table(), "paste this table into docs/settings.md:\n" + settings_table()
+def settings_tables() -> str:
+    """A heading and a table per feature, in config.FEATURES' order, row for row."""
+    lines = []
+    for feature in FEATURES:
+        lines += [f"### {feature.TITLE}", "", "| setting | default | meaning |", "| --- | --- | --- |"]
+        for setting in feature.SETTINGS:
+            default = f"`{setting.default}`" if setting.default else "unset"
+            lines.append(f"| `{setting.name}` | {default} | {setting.help} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_docs_settings_is_the_settings_tables_row_for_row() -> None:
+    [tables] = SETTINGS_TABLES.findall((ROOT / "docs" / "settings.md").read_text())
+    assert tables == settings_tables(), "paste this between the markers in docs/settings.md:\n" + settings_tables()
 
 
 def docker_env_file(text: str) -> dict[str, str]:
@@ -130,6 +136,17 @@ def test_env_example_is_a_valid_dotenv_and_docker_env_file_that_changes_nothing(
     load_config({**docker, "DATA_DIR": str(tmp_path)})
     for setting in SETTINGS:  # and each one there, ready to uncomment
         assert re.search(rf"^# {setting.name}={re.escape(setting.default)}$", path.read_text(), re.M), setting.name
+
+
+def test_env_example_groups_the_settings_by_feature_as_the_docs_do() -> None:
+    text = (ROOT / "env.example").read_text()
+    headings = [f"# --- {feature.TITLE} -" for feature in FEATURES]
+    assert all(heading in text for heading in headings)
+    assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
+    ends = [*headings[1:], "# --- Settings of the original"]
+    for feature, heading, end in zip(FEATURES, headings, ends, strict=True):
+        part = text.split(heading, 1)[1].split(end, 1)[0]
+        assert re.findall(r"^# ([A-Z_]+)=", part, re.M) == [setting.name for setting in feature.SETTINGS]
 
 
 def readme_curl_example() -> str:

@@ -198,7 +198,7 @@ async def test_cors_preflight_and_reflected_origin(start_collector: Start) -> No
     assert refused.headers["Access-Control-Allow-Origin"] == "https://other.example"
 
 
-TRUSTED = proxy_ranges(load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).trusted_proxies)
+TRUSTED = proxy_ranges(load_config({"SECRET_KEY": SECRET, "DATA_DIR": "/nonexistent"}).server.trusted_proxies)
 
 
 @pytest.mark.parametrize(

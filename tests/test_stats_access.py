@@ -158,7 +158,7 @@ def test_bad_settings_name_their_variable(tmp_path: Path, name: str, value: str)
 
 def test_the_token_is_not_in_the_config_repr(tmp_path: Path) -> None:
     config = load_config({"DATA_DIR": str(tmp_path), "STATS_TOKEN": TOKEN})
-    assert config.stats_token == TOKEN and TOKEN not in repr(config)
+    assert config.stats.token == TOKEN and TOKEN not in repr(config)
 
 
 # -- export -------------------------------------------------------------------------------------------
