@@ -660,8 +660,8 @@ async def filtered_totals(db: aiosqlite.Connection, domain: str, span: DateRange
     found = list(await db.execute_fetchall(
         "SELECT coalesce(sum(views), 0), coalesce(sum(people), 0), coalesce(sum(visits), 0), coalesce(sum(bounces), "
         "0), coalesce(sum(duration), 0) FROM (SELECT count(*) AS views, count(DISTINCT r.visitor) AS people, "
-        "sum(r.id = r.visit) AS visits, sum(r.id = r.visit AND r.views = 1) AS bounces, "
-        f"sum(iif(r.id = r.visit, r.duration_ms, 0)) AS duration FROM pageview_rows r WHERE {rows.where} GROUP BY r.day)",
+        "sum(r.id = r.visit) AS visits, sum(r.id = r.visit AND r.views = 1) AS bounces, sum(iif(r.id = r.visit, "
+        f"r.duration_ms, 0)) AS duration FROM pageview_rows r WHERE {rows.where} GROUP BY r.day)",
         rows.params,
     ))
     return Totals(*found[0])
