@@ -319,8 +319,12 @@ class View:
         return (self.site, self.day_number, self.ts_ms, self.id)
 
     def row(self, visitor: int) -> tuple[int, ...]:
+        """Its raw row: its own columns, then `visit_columns()` (spelled out: one tuple, not three)."""
+        first = self.first or self
         return (self.site, self.day_number, self.ts_ms, self.id, visitor, self.page, self.ref, self.src,
-                self.country_id, self.browser_id, self.os_id, self.device_id, self.utm_id, *self.visit_columns())
+                self.country_id, self.browser_id, self.os_id, self.device_id, self.utm_id, self.visit,
+                first.utm_source_id, first.utm_medium_id, first.utm_campaign_id, first.page, self.views,
+                self.duration, self.exit)
 
 
 ROW_COLUMNS = ("site", "day", "ts_ms", "id", "visitor", "page", "referrer", "source", "country", "browser", "os",
@@ -970,14 +974,19 @@ class ReadModel:
 def _add_rows(batch: _Batch, visitor: int, views: Sequence[View]) -> None:
     """A visitor's new rows, once its views of this batch are counted (a first view's visit
     facts are then what this batch leaves them)."""
-    batch.rows.extend(view.row(visitor) for view in views)
+    rows = batch.rows
     for view in views:
+        rows.append(view.row(visitor))
         view.written = True
+
+
+# json.dumps with these options builds an encoder per call; one made once encodes the same.
+_UTM_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def utm_text(utm: Mapping[str, str]) -> str:
     """A page view's campaign parameters as one dictionary value: JSON, keys in order."""
-    return json.dumps(utm, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _UTM_ENCODER.encode(utm)
 
 
 def _replayed(start: Visitor, views: Iterable[View]) -> tuple[Visitor, Tally]:
