@@ -335,6 +335,10 @@ UPDATE_VISIT_COLUMNS = (
     "UPDATE pageview_rows SET visit = ?, utm_source = ?, utm_medium = ?, utm_campaign = ?, entry = ?, views = ?, "
     "duration_ms = ?, exit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?"
 )
+# The usual change: a visit in the file went on, so only its first row's visit facts moved.
+UPDATE_VISIT_FACTS = (
+    "UPDATE pageview_rows SET views = ?, duration_ms = ?, exit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?"
+)
 
 
 @dataclass(slots=True)
@@ -642,7 +646,17 @@ class _Batch:
         conn.executemany(INSERT_ROW, sorted(self.rows))
         conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", self.new_visitors)
         changed = {view.id: view for view in (*self.moved, *self.tally.touched)}
-        conn.executemany(UPDATE_VISIT_COLUMNS, [(*view.visit_columns(), *view.key()) for view in changed.values()])
+        facts, whole = [], []
+        for view in changed.values():
+            columns = view.visit_columns()
+            # What the file holds: `stored` if read back, else what this process wrote, whose
+            # visit, campaign and entry never change afterwards (only a replay's views do).
+            if not view.stored or view.stored[:5] == columns[:5]:
+                facts.append((*columns[5:], *view.key()))
+            else:
+                whole.append((*columns, *view.key()))
+        conn.executemany(UPDATE_VISIT_FACTS, facts)
+        conn.executemany(UPDATE_VISIT_COLUMNS, whole)
         self.tally.write(conn)
 
 
@@ -663,6 +677,7 @@ class ReadModel:
         self._cache_size = cache_size
         self._visitors: OrderedDict[int, Visitor] = OrderedDict()
         self._dims: dict[tuple[str, str], int] = {}
+        self._values: dict[int, str] = {0: NOT_KNOWN}  # the same entries by id (0: unknown)
         self._next_id: int | None = None
         store.add_migrations(MIGRATIONS)
         store.add_rollback_hook(self._forget_cached)
@@ -670,7 +685,7 @@ class ReadModel:
 
     def _forget_cached(self) -> None:
         self._visitors.clear()
-        self._dims.clear()
+        self._forget_dims()
         self._next_id = None
 
     # -- the handler ------------------------------------------------------------------------------
@@ -753,31 +768,30 @@ class ReadModel:
             (json.dumps(keys),),
         ).fetchall()
         rows = self._rows_of(conn, [row[1] for row in found])
-        return {key: _replayed(Visitor(number, salt_day), rows.get(number, []))[0] for key, number, salt_day in found}
+        scratch = Tally()  # what the replays count is counted already: one tally for them all
+        return {key: replay(Visitor(number, salt_day), rows.get(number, []), scratch)
+                for key, number, salt_day in found}
 
     def _rows_of(self, conn: sqlite3.Connection, visitors: list[int]) -> dict[int, list[View]]:
         """The raw rows of these visitors, as views in time order, each with its visit columns
         as stored (a replay that changes them writes them again)."""
         rows = conn.execute(
-            "SELECT r.visitor, r.id, r.ts_ms, r.site, r.page, r.referrer, r.source, s.value, p.value, f.value, "
-            "o.value, r.country, r.browser, r.os, r.device, r.utm, coalesce(c.value, ''), coalesce(b.value, ''), "
-            "coalesce(y.value, ''), coalesce(d.value, ''), coalesce(u.value, ''), r.visit, r.utm_source, "
-            "r.utm_medium, r.utm_campaign, r.entry, r.views, r.duration_ms, r.exit "
-            "FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page "
-            "JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source LEFT JOIN dims c ON c.id = r.country "
-            "LEFT JOIN dims b ON b.id = r.browser LEFT JOIN dims y ON y.id = r.os LEFT JOIN dims d ON d.id = r.device "
-            "LEFT JOIN dims u ON u.id = r.utm "
-            "WHERE r.visitor IN (SELECT value FROM json_each(?)) ORDER BY r.visitor, r.ts_ms, r.id",
+            "SELECT visitor, id, ts_ms, site, page, referrer, source, country, browser, os, device, utm, visit, "
+            "utm_source, utm_medium, utm_campaign, entry, views, duration_ms, exit FROM pageview_rows "
+            "WHERE visitor IN (SELECT value FROM json_each(?)) ORDER BY visitor, ts_ms, id",
             (json.dumps(visitors),),
         ).fetchall()
+        # Their dictionary values from memory (a join per dimension and row cost more than the rest).
+        texts = self._texts(conn, {dim_id for row in rows for dim_id in row[3:12]})
         found: dict[int, list[View]] = defaultdict(list)
-        for (visitor, view_id, ts_ms, site, page, ref, src, domain, pathname, referrer, source, country_id, browser_id,
-             os_id, device_id, utm_id, country, browser, os, device, utm, *stored) in rows:
+        for (visitor, view_id, ts_ms, site, page, ref, src, country_id, browser_id, os_id, device_id, utm_id,
+             *stored) in rows:
             day, hour, day_number = local_day_hour(ts_ms, self.tz)
-            view = View(view_id, ts_ms, day, hour, day_number, domain, pathname, referrer, source, country, browser,
-                        os, device, utm, site=site, page=page, ref=ref, src=src, country_id=country_id,
-                        browser_id=browser_id, os_id=os_id, device_id=device_id, utm_id=utm_id, written=True,
-                        stored=tuple(stored))
+            utm = texts[utm_id]
+            view = View(view_id, ts_ms, day, hour, day_number, texts[site], texts[page], texts[ref], texts[src],
+                        texts[country_id], texts[browser_id], texts[os_id], texts[device_id], utm, site=site,
+                        page=page, ref=ref, src=src, country_id=country_id, browser_id=browser_id, os_id=os_id,
+                        device_id=device_id, utm_id=utm_id, written=True, stored=tuple(stored))
             view.visit = stored[0]
             if utm:
                 parameters = json.loads(utm)
@@ -792,7 +806,7 @@ class ReadModel:
         """Dictionary ids for the views' values: from memory, else the file, else new."""
         dims = self._dims
         if len(dims) > DIMS_CACHE_SIZE:
-            dims.clear()  # a crude bound, rarely reached: the values in use come back at once
+            self._forget_dims()  # a crude bound, rarely reached: the values in use come back at once
         for view in views:
             view.site = dims.get((SITE, view.domain)) or self._dim(conn, SITE, view.domain)
             view.page = dims.get((PAGE, view.pathname)) or self._dim(conn, PAGE, view.pathname)
@@ -868,7 +882,25 @@ class ReadModel:
             conn.execute("INSERT INTO dims (kind, value) VALUES (?, ?)", (kind, value)).lastrowid or 0
         )
         self._dims[(kind, value)] = dim_id
+        self._values[dim_id] = value
         return dim_id
+
+    def _forget_dims(self) -> None:
+        self._dims.clear()
+        self._values.clear()
+        self._values[0] = NOT_KNOWN
+
+    def _texts(self, conn: sqlite3.Connection, ids: set[int]) -> dict[int, str]:
+        """Dictionary values by id: from memory, else from the file (and then remembered)."""
+        values = self._values
+        missing = [dim_id for dim_id in ids if dim_id not in values]
+        if missing:
+            for dim_id, kind, value in conn.execute(
+                "SELECT id, kind, value FROM dims WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(missing),)
+            ):
+                self._dims[(kind, value)] = dim_id
+                values[dim_id] = value
+        return values
 
     # -- the sites counted (MAX_SITES) ----------------------------------------------------------------
 
