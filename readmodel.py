@@ -426,13 +426,14 @@ class Tally:
 
     def spread(self) -> None:
         dimensions = self.dimensions
-        for (domain, day, *values), totals in self.combinations.items():
-            for dimension, value in zip(COMBINED, values, strict=True):
+        for key, (views, visits, bounces, people) in self.combinations.items():
+            domain, day = key[0], key[1]
+            for dimension, value in zip(COMBINED, key[2:], strict=True):
                 counts = dimensions[(domain, dimension, day, value)]
-                counts[0] += totals[0]
-                counts[1] += totals[3]
-                counts[2] += totals[1]
-                counts[3] += totals[2]
+                counts[0] += views
+                counts[1] += people
+                counts[2] += visits
+                counts[3] += bounces
         self.combinations.clear()
 
     def add(self, other: Tally, sign: int = 1) -> None:
@@ -506,9 +507,11 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
-    for counts, value in ((page, view.page), (source, view.src)):
-        if visitor.sighted(view.day_number << 40 | value):  # dictionary ids are unique across kinds
-            counts[1] += 1
+    day_bits = view.day_number << 40  # dictionary ids are unique across kinds: pages and sources share bits
+    if visitor.sighted(day_bits | view.page):
+        page[1] += 1
+    if visitor.sighted(day_bits | view.src):
+        source[1] += 1
     first = visitor.first
     combinations = tally.combinations
     if first is not None and visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
@@ -699,8 +702,11 @@ class ReadModel:
             payload = event.payload
             view = self._view(payload, int(event.valid_time.timestamp() * 1000))
             key = key64(payload["domain"], payload["visitorHash"])
-            salt_day = sys.intern(payload["sessionContext"]["dailySaltRotation"])  # one string per day, not per visitor
-            by_visitor.setdefault(key, (salt_day, []))[1].append(view)
+            seen = by_visitor.get(key)
+            if seen is None:  # one string per day, not per visitor
+                by_visitor[key] = (sys.intern(payload["sessionContext"]["dailySaltRotation"]), [view])
+            else:
+                seen[1].append(view)
         self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
         known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
         # Before any is remembered: remembering one may push another of this batch out of the cache.
@@ -754,10 +760,12 @@ class ReadModel:
         return again
 
     def _remember(self, key: int, visitor: Visitor) -> None:
-        self._visitors[key] = visitor
-        self._visitors.move_to_end(key)
-        if len(self._visitors) > self._cache_size:
-            self._visitors.popitem(last=False)
+        visitors = self._visitors
+        if key in visitors:
+            visitors.move_to_end(key)
+        visitors[key] = visitor  # a new key goes to the end
+        if len(visitors) > self._cache_size:
+            visitors.popitem(last=False)
 
     def _known_visitors(self, conn: sqlite3.Connection, keys: list[int]) -> dict[int, Visitor]:
         """Visitors the cache does not hold but the file does, rebuilt from their raw rows."""
