@@ -679,7 +679,8 @@ class ReadModel:
         self.tz = store.tz
         self._cache_size = cache_size
         self._visitors: OrderedDict[int, Visitor] = OrderedDict()
-        self._dims: dict[tuple[str, str], int] = {}
+        # Dictionary ids per kind and value (a dictionary per kind: no key tuple to build per lookup).
+        self._dims: defaultdict[str, dict[str, int]] = defaultdict(dict)
         self._values: dict[int, str] = {0: NOT_KNOWN}  # the same entries by id (0: unknown)
         self._next_id: int | None = None
         store.add_migrations(MIGRATIONS)
@@ -812,38 +813,37 @@ class ReadModel:
 
     def _resolve_dims(self, conn: sqlite3.Connection, views: list[View]) -> None:
         """Dictionary ids for the views' values: from memory, else the file, else new."""
-        dims = self._dims
-        if len(dims) > DIMS_CACHE_SIZE:
+        if len(self._values) > DIMS_CACHE_SIZE:
             self._forget_dims()  # a crude bound, rarely reached: the values in use come back at once
+        dims, dim = self._dims, self._dim
+        sites, pages, referrers, sources = dims[SITE], dims[PAGE], dims[REFERRER], dims[SOURCE]
+        countries, browsers, systems, devices = dims[COUNTRY], dims[BROWSER], dims[OS], dims[DEVICE]
+        campaigns = dims[UTM]
         for view in views:
-            view.site = dims.get((SITE, view.domain)) or self._dim(conn, SITE, view.domain)
-            view.page = dims.get((PAGE, view.pathname)) or self._dim(conn, PAGE, view.pathname)
-            view.ref = dims.get((REFERRER, view.referrer)) or self._dim(conn, REFERRER, view.referrer)
-            view.src = dims.get((SOURCE, view.source)) or self._dim(conn, SOURCE, view.source)
+            view.site = sites.get(view.domain) or dim(conn, SITE, view.domain)
+            view.page = pages.get(view.pathname) or dim(conn, PAGE, view.pathname)
+            view.ref = referrers.get(view.referrer) or dim(conn, REFERRER, view.referrer)
+            view.src = sources.get(view.source) or dim(conn, SOURCE, view.source)
             if view.country:
-                view.country_id = dims.get((COUNTRY, view.country)) or self._dim(conn, COUNTRY, view.country)
+                view.country_id = countries.get(view.country) or dim(conn, COUNTRY, view.country)
             if view.browser:
-                view.browser_id = dims.get((BROWSER, view.browser)) or self._dim(conn, BROWSER, view.browser)
+                view.browser_id = browsers.get(view.browser) or dim(conn, BROWSER, view.browser)
             if view.os:
-                view.os_id = dims.get((OS, view.os)) or self._dim(conn, OS, view.os)
+                view.os_id = systems.get(view.os) or dim(conn, OS, view.os)
             if view.device:
-                view.device_id = dims.get((DEVICE, view.device)) or self._dim(conn, DEVICE, view.device)
+                view.device_id = devices.get(view.device) or dim(conn, DEVICE, view.device)
             if view.utm:
-                view.utm_id = dims.get((UTM, view.utm)) or self._dim(conn, UTM, view.utm)
+                view.utm_id = campaigns.get(view.utm) or dim(conn, UTM, view.utm)
                 self._resolve_campaign(conn, view)
 
     def _resolve_campaign(self, conn: sqlite3.Connection, view: View) -> None:
         """Dictionary ids for a view's own utm_source, utm_medium and utm_campaign."""
-        dims = self._dims
         if view.utm_source:
-            view.utm_source_id = dims.get((UTM_SOURCE, view.utm_source)) or self._dim(conn, UTM_SOURCE,
-                                                                                       view.utm_source)
+            view.utm_source_id = self.dim(conn, UTM_SOURCE, view.utm_source)
         if view.utm_medium:
-            view.utm_medium_id = dims.get((UTM_MEDIUM, view.utm_medium)) or self._dim(conn, UTM_MEDIUM,
-                                                                                       view.utm_medium)
+            view.utm_medium_id = self.dim(conn, UTM_MEDIUM, view.utm_medium)
         if view.utm_campaign:
-            view.utm_campaign_id = dims.get((UTM_CAMPAIGN, view.utm_campaign)) or self._dim(conn, UTM_CAMPAIGN,
-                                                                                             view.utm_campaign)
+            view.utm_campaign_id = self.dim(conn, UTM_CAMPAIGN, view.utm_campaign)
 
     # -- what the custom events share (eventmodel.Shared) ---------------------------------------------
 
@@ -852,7 +852,7 @@ class ReadModel:
         return day, number
 
     def dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
-        return self._dims.get((kind, value)) or self._dim(conn, kind, value)
+        return self._dims[kind].get(value) or self._dim(conn, kind, value)
 
     def take_ids(self, conn: sqlite3.Connection, count: int) -> int:
         if self._next_id is None:
@@ -889,7 +889,7 @@ class ReadModel:
         dim_id = int(row[0]) if row else int(
             conn.execute("INSERT INTO dims (kind, value) VALUES (?, ?)", (kind, value)).lastrowid or 0
         )
-        self._dims[(kind, value)] = dim_id
+        self._dims[kind][value] = dim_id
         self._values[dim_id] = value
         return dim_id
 
@@ -906,7 +906,7 @@ class ReadModel:
             for dim_id, kind, value in conn.execute(
                 "SELECT id, kind, value FROM dims WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(missing),)
             ):
-                self._dims[(kind, value)] = dim_id
+                self._dims[kind][value] = dim_id
                 values[dim_id] = value
         return values
 
