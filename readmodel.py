@@ -319,8 +319,12 @@ class View:
         return (self.site, self.day_number, self.ts_ms, self.id)
 
     def row(self, visitor: int) -> tuple[int, ...]:
+        """Its raw row: its own columns, then `visit_columns()` (spelled out: one tuple, not three)."""
+        first = self.first or self
         return (self.site, self.day_number, self.ts_ms, self.id, visitor, self.page, self.ref, self.src,
-                self.country_id, self.browser_id, self.os_id, self.device_id, self.utm_id, *self.visit_columns())
+                self.country_id, self.browser_id, self.os_id, self.device_id, self.utm_id, self.visit,
+                first.utm_source_id, first.utm_medium_id, first.utm_campaign_id, first.page, self.views,
+                self.duration, self.exit)
 
 
 ROW_COLUMNS = ("site", "day", "ts_ms", "id", "visitor", "page", "referrer", "source", "country", "browser", "os",
@@ -330,6 +334,10 @@ INSERT_ROW = f"INSERT INTO pageview_rows ({', '.join(ROW_COLUMNS)}) VALUES ({', 
 UPDATE_VISIT_COLUMNS = (
     "UPDATE pageview_rows SET visit = ?, utm_source = ?, utm_medium = ?, utm_campaign = ?, entry = ?, views = ?, "
     "duration_ms = ?, exit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?"
+)
+# The usual change: a visit in the file went on, so only its first row's visit facts moved.
+UPDATE_VISIT_FACTS = (
+    "UPDATE pageview_rows SET views = ?, duration_ms = ?, exit = ? WHERE site = ? AND day = ? AND ts_ms = ? AND id = ?"
 )
 
 
@@ -418,13 +426,14 @@ class Tally:
 
     def spread(self) -> None:
         dimensions = self.dimensions
-        for (domain, day, *values), totals in self.combinations.items():
-            for dimension, value in zip(COMBINED, values, strict=True):
+        for key, (views, visits, bounces, people) in self.combinations.items():
+            domain, day = key[0], key[1]
+            for dimension, value in zip(COMBINED, key[2:], strict=True):
                 counts = dimensions[(domain, dimension, day, value)]
-                counts[0] += totals[0]
-                counts[1] += totals[3]
-                counts[2] += totals[1]
-                counts[3] += totals[2]
+                counts[0] += views
+                counts[1] += people
+                counts[2] += visits
+                counts[3] += bounces
         self.combinations.clear()
 
     def add(self, other: Tally, sign: int = 1) -> None:
@@ -498,9 +507,11 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         totals[VISITORS] += 1
     if hour != visitor.last_hour:
         hourly[1] += 1
-    for counts, value in ((page, view.page), (source, view.src)):
-        if visitor.sighted(view.day_number << 40 | value):  # dictionary ids are unique across kinds
-            counts[1] += 1
+    day_bits = view.day_number << 40  # dictionary ids are unique across kinds: pages and sources share bits
+    if visitor.sighted(day_bits | view.page):
+        page[1] += 1
+    if visitor.sighted(day_bits | view.src):
+        source[1] += 1
     first = visitor.first
     combinations = tally.combinations
     if first is not None and visitor.last_ms >= 0 and view.ts_ms - visitor.last_ms <= VISIT_GAP_MS:
@@ -638,7 +649,17 @@ class _Batch:
         conn.executemany(INSERT_ROW, sorted(self.rows))
         conn.executemany("INSERT INTO visitors (visitor_key, visitor, salt_day) VALUES (?, ?, ?)", self.new_visitors)
         changed = {view.id: view for view in (*self.moved, *self.tally.touched)}
-        conn.executemany(UPDATE_VISIT_COLUMNS, [(*view.visit_columns(), *view.key()) for view in changed.values()])
+        facts, whole = [], []
+        for view in changed.values():
+            columns = view.visit_columns()
+            # What the file holds: `stored` if read back, else what this process wrote, whose
+            # visit, campaign and entry never change afterwards (only a replay's views do).
+            if not view.stored or view.stored[:5] == columns[:5]:
+                facts.append((*columns[5:], *view.key()))
+            else:
+                whole.append((*columns, *view.key()))
+        conn.executemany(UPDATE_VISIT_FACTS, facts)
+        conn.executemany(UPDATE_VISIT_COLUMNS, whole)
         self.tally.write(conn)
 
 
@@ -658,7 +679,9 @@ class ReadModel:
         self.tz = store.tz
         self._cache_size = cache_size
         self._visitors: OrderedDict[int, Visitor] = OrderedDict()
-        self._dims: dict[tuple[str, str], int] = {}
+        # Dictionary ids per kind and value (a dictionary per kind: no key tuple to build per lookup).
+        self._dims: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self._values: dict[int, str] = {0: NOT_KNOWN}  # the same entries by id (0: unknown)
         self._next_id: int | None = None
         store.add_migrations(MIGRATIONS)
         store.add_rollback_hook(self._forget_cached)
@@ -666,7 +689,7 @@ class ReadModel:
 
     def _forget_cached(self) -> None:
         self._visitors.clear()
-        self._dims.clear()
+        self._forget_dims()
         self._next_id = None
 
     # -- the handler ------------------------------------------------------------------------------
@@ -680,8 +703,11 @@ class ReadModel:
             payload = event.payload
             view = self._view(payload, int(event.valid_time.timestamp() * 1000))
             key = key64(payload["domain"], payload["visitorHash"])
-            salt_day = sys.intern(payload["sessionContext"]["dailySaltRotation"])  # one string per day, not per visitor
-            by_visitor.setdefault(key, (salt_day, []))[1].append(view)
+            seen = by_visitor.get(key)
+            if seen is None:  # one string per day, not per visitor
+                by_visitor[key] = (sys.intern(payload["sessionContext"]["dailySaltRotation"]), [view])
+            else:
+                seen[1].append(view)
         self._resolve_dims(conn, [view for _, views in by_visitor.values() for view in views])
         known = self._known_visitors(conn, [key for key in by_visitor if key not in self._visitors])
         # Before any is remembered: remembering one may push another of this batch out of the cache.
@@ -735,10 +761,12 @@ class ReadModel:
         return again
 
     def _remember(self, key: int, visitor: Visitor) -> None:
-        self._visitors[key] = visitor
-        self._visitors.move_to_end(key)
-        if len(self._visitors) > self._cache_size:
-            self._visitors.popitem(last=False)
+        visitors = self._visitors
+        if key in visitors:
+            visitors.move_to_end(key)
+        visitors[key] = visitor  # a new key goes to the end
+        if len(visitors) > self._cache_size:
+            visitors.popitem(last=False)
 
     def _known_visitors(self, conn: sqlite3.Connection, keys: list[int]) -> dict[int, Visitor]:
         """Visitors the cache does not hold but the file does, rebuilt from their raw rows."""
@@ -749,31 +777,30 @@ class ReadModel:
             (json.dumps(keys),),
         ).fetchall()
         rows = self._rows_of(conn, [row[1] for row in found])
-        return {key: _replayed(Visitor(number, salt_day), rows.get(number, []))[0] for key, number, salt_day in found}
+        scratch = Tally()  # what the replays count is counted already: one tally for them all
+        return {key: replay(Visitor(number, salt_day), rows.get(number, []), scratch)
+                for key, number, salt_day in found}
 
     def _rows_of(self, conn: sqlite3.Connection, visitors: list[int]) -> dict[int, list[View]]:
         """The raw rows of these visitors, as views in time order, each with its visit columns
         as stored (a replay that changes them writes them again)."""
         rows = conn.execute(
-            "SELECT r.visitor, r.id, r.ts_ms, r.site, r.page, r.referrer, r.source, s.value, p.value, f.value, "
-            "o.value, r.country, r.browser, r.os, r.device, r.utm, coalesce(c.value, ''), coalesce(b.value, ''), "
-            "coalesce(y.value, ''), coalesce(d.value, ''), coalesce(u.value, ''), r.visit, r.utm_source, "
-            "r.utm_medium, r.utm_campaign, r.entry, r.views, r.duration_ms, r.exit "
-            "FROM pageview_rows r JOIN dims s ON s.id = r.site JOIN dims p ON p.id = r.page "
-            "JOIN dims f ON f.id = r.referrer JOIN dims o ON o.id = r.source LEFT JOIN dims c ON c.id = r.country "
-            "LEFT JOIN dims b ON b.id = r.browser LEFT JOIN dims y ON y.id = r.os LEFT JOIN dims d ON d.id = r.device "
-            "LEFT JOIN dims u ON u.id = r.utm "
-            "WHERE r.visitor IN (SELECT value FROM json_each(?)) ORDER BY r.visitor, r.ts_ms, r.id",
+            "SELECT visitor, id, ts_ms, site, page, referrer, source, country, browser, os, device, utm, visit, "
+            "utm_source, utm_medium, utm_campaign, entry, views, duration_ms, exit FROM pageview_rows "
+            "WHERE visitor IN (SELECT value FROM json_each(?)) ORDER BY visitor, ts_ms, id",
             (json.dumps(visitors),),
         ).fetchall()
+        # Their dictionary values from memory (a join per dimension and row cost more than the rest).
+        texts = self._texts(conn, {dim_id for row in rows for dim_id in row[3:12]})
         found: dict[int, list[View]] = defaultdict(list)
-        for (visitor, view_id, ts_ms, site, page, ref, src, domain, pathname, referrer, source, country_id, browser_id,
-             os_id, device_id, utm_id, country, browser, os, device, utm, *stored) in rows:
+        for (visitor, view_id, ts_ms, site, page, ref, src, country_id, browser_id, os_id, device_id, utm_id,
+             *stored) in rows:
             day, hour, day_number = local_day_hour(ts_ms, self.tz)
-            view = View(view_id, ts_ms, day, hour, day_number, domain, pathname, referrer, source, country, browser,
-                        os, device, utm, site=site, page=page, ref=ref, src=src, country_id=country_id,
-                        browser_id=browser_id, os_id=os_id, device_id=device_id, utm_id=utm_id, written=True,
-                        stored=tuple(stored))
+            utm = texts[utm_id]
+            view = View(view_id, ts_ms, day, hour, day_number, texts[site], texts[page], texts[ref], texts[src],
+                        texts[country_id], texts[browser_id], texts[os_id], texts[device_id], utm, site=site,
+                        page=page, ref=ref, src=src, country_id=country_id, browser_id=browser_id, os_id=os_id,
+                        device_id=device_id, utm_id=utm_id, written=True, stored=tuple(stored))
             view.visit = stored[0]
             if utm:
                 parameters = json.loads(utm)
@@ -786,38 +813,37 @@ class ReadModel:
 
     def _resolve_dims(self, conn: sqlite3.Connection, views: list[View]) -> None:
         """Dictionary ids for the views' values: from memory, else the file, else new."""
-        dims = self._dims
-        if len(dims) > DIMS_CACHE_SIZE:
-            dims.clear()  # a crude bound, rarely reached: the values in use come back at once
+        if len(self._values) > DIMS_CACHE_SIZE:
+            self._forget_dims()  # a crude bound, rarely reached: the values in use come back at once
+        dims, dim = self._dims, self._dim
+        sites, pages, referrers, sources = dims[SITE], dims[PAGE], dims[REFERRER], dims[SOURCE]
+        countries, browsers, systems, devices = dims[COUNTRY], dims[BROWSER], dims[OS], dims[DEVICE]
+        campaigns = dims[UTM]
         for view in views:
-            view.site = dims.get((SITE, view.domain)) or self._dim(conn, SITE, view.domain)
-            view.page = dims.get((PAGE, view.pathname)) or self._dim(conn, PAGE, view.pathname)
-            view.ref = dims.get((REFERRER, view.referrer)) or self._dim(conn, REFERRER, view.referrer)
-            view.src = dims.get((SOURCE, view.source)) or self._dim(conn, SOURCE, view.source)
+            view.site = sites.get(view.domain) or dim(conn, SITE, view.domain)
+            view.page = pages.get(view.pathname) or dim(conn, PAGE, view.pathname)
+            view.ref = referrers.get(view.referrer) or dim(conn, REFERRER, view.referrer)
+            view.src = sources.get(view.source) or dim(conn, SOURCE, view.source)
             if view.country:
-                view.country_id = dims.get((COUNTRY, view.country)) or self._dim(conn, COUNTRY, view.country)
+                view.country_id = countries.get(view.country) or dim(conn, COUNTRY, view.country)
             if view.browser:
-                view.browser_id = dims.get((BROWSER, view.browser)) or self._dim(conn, BROWSER, view.browser)
+                view.browser_id = browsers.get(view.browser) or dim(conn, BROWSER, view.browser)
             if view.os:
-                view.os_id = dims.get((OS, view.os)) or self._dim(conn, OS, view.os)
+                view.os_id = systems.get(view.os) or dim(conn, OS, view.os)
             if view.device:
-                view.device_id = dims.get((DEVICE, view.device)) or self._dim(conn, DEVICE, view.device)
+                view.device_id = devices.get(view.device) or dim(conn, DEVICE, view.device)
             if view.utm:
-                view.utm_id = dims.get((UTM, view.utm)) or self._dim(conn, UTM, view.utm)
+                view.utm_id = campaigns.get(view.utm) or dim(conn, UTM, view.utm)
                 self._resolve_campaign(conn, view)
 
     def _resolve_campaign(self, conn: sqlite3.Connection, view: View) -> None:
         """Dictionary ids for a view's own utm_source, utm_medium and utm_campaign."""
-        dims = self._dims
         if view.utm_source:
-            view.utm_source_id = dims.get((UTM_SOURCE, view.utm_source)) or self._dim(conn, UTM_SOURCE,
-                                                                                       view.utm_source)
+            view.utm_source_id = self.dim(conn, UTM_SOURCE, view.utm_source)
         if view.utm_medium:
-            view.utm_medium_id = dims.get((UTM_MEDIUM, view.utm_medium)) or self._dim(conn, UTM_MEDIUM,
-                                                                                       view.utm_medium)
+            view.utm_medium_id = self.dim(conn, UTM_MEDIUM, view.utm_medium)
         if view.utm_campaign:
-            view.utm_campaign_id = dims.get((UTM_CAMPAIGN, view.utm_campaign)) or self._dim(conn, UTM_CAMPAIGN,
-                                                                                             view.utm_campaign)
+            view.utm_campaign_id = self.dim(conn, UTM_CAMPAIGN, view.utm_campaign)
 
     # -- what the custom events share (eventmodel.Shared) ---------------------------------------------
 
@@ -826,7 +852,7 @@ class ReadModel:
         return day, number
 
     def dim(self, conn: sqlite3.Connection, kind: str, value: str) -> int:
-        return self._dims.get((kind, value)) or self._dim(conn, kind, value)
+        return self._dims[kind].get(value) or self._dim(conn, kind, value)
 
     def take_ids(self, conn: sqlite3.Connection, count: int) -> int:
         if self._next_id is None:
@@ -863,8 +889,26 @@ class ReadModel:
         dim_id = int(row[0]) if row else int(
             conn.execute("INSERT INTO dims (kind, value) VALUES (?, ?)", (kind, value)).lastrowid or 0
         )
-        self._dims[(kind, value)] = dim_id
+        self._dims[kind][value] = dim_id
+        self._values[dim_id] = value
         return dim_id
+
+    def _forget_dims(self) -> None:
+        self._dims.clear()
+        self._values.clear()
+        self._values[0] = NOT_KNOWN
+
+    def _texts(self, conn: sqlite3.Connection, ids: set[int]) -> dict[int, str]:
+        """Dictionary values by id: from memory, else from the file (and then remembered)."""
+        values = self._values
+        missing = [dim_id for dim_id in ids if dim_id not in values]
+        if missing:
+            for dim_id, kind, value in conn.execute(
+                "SELECT id, kind, value FROM dims WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(missing),)
+            ):
+                self._dims[kind][value] = dim_id
+                values[dim_id] = value
+        return values
 
     # -- the sites counted (MAX_SITES) ----------------------------------------------------------------
 
@@ -970,14 +1014,19 @@ class ReadModel:
 def _add_rows(batch: _Batch, visitor: int, views: Sequence[View]) -> None:
     """A visitor's new rows, once its views of this batch are counted (a first view's visit
     facts are then what this batch leaves them)."""
-    batch.rows.extend(view.row(visitor) for view in views)
+    rows = batch.rows
     for view in views:
+        rows.append(view.row(visitor))
         view.written = True
+
+
+# json.dumps with these options builds an encoder per call; one made once encodes the same.
+_UTM_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def utm_text(utm: Mapping[str, str]) -> str:
     """A page view's campaign parameters as one dictionary value: JSON, keys in order."""
-    return json.dumps(utm, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _UTM_ENCODER.encode(utm)
 
 
 def _replayed(start: Visitor, views: Iterable[View]) -> tuple[Visitor, Tally]:

@@ -190,6 +190,26 @@ async def test_out_of_order_views_with_a_forgetful_cache_give_the_same_numbers(
     assert query(tmp_path / "shuffled", visits) == query(tmp_path / "ordered", visits)
 
 
+async def test_a_restart_mid_day_reads_its_visitors_and_values_back_to_the_same_numbers(tmp_path: Path) -> None:
+    """After a restart the caches are empty: visitors and their dictionary values (campaigns
+    included) come back from the file, late views replay a visit read back, and the visits that
+    go on are written as a process that never stopped writes them."""
+    import random
+
+    events = day_of_traffic(8, visitors=8, views=160)
+    async with pipeline(tmp_path / "once") as pathways:
+        await deliver_in_batches(pathways, events, 9)
+    rest = events[80:]
+    random.Random(8).shuffle(rest)  # late views too, of visitors known only from the file
+    async with pipeline(tmp_path / "restarted") as pathways:
+        await deliver_in_batches(pathways, events[:80], 9)
+    for part in (rest[:40], rest[40:]):
+        async with pipeline(tmp_path / "restarted", cache_size=3) as pathways:
+            await deliver_in_batches(pathways, part, 9)
+    assert rollups(tmp_path / "restarted") == rollups(tmp_path / "once")
+    assert query(tmp_path / "restarted", ROWS) == query(tmp_path / "once", ROWS)
+
+
 async def test_a_batch_that_rolls_back_leaves_nothing_behind_in_memory(tmp_path: Path) -> None:
     """The handler counts a batch in memory, then the transaction fails after it: the retry one
     by one must count every view exactly once, as if the failed attempt never happened."""
