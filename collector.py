@@ -997,7 +997,8 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     """The store with its read model and router, and what hashes visitors; closed last."""
     config = app[CONFIG]
     secret_key = with_secret_key(config).secret_key  # DATA_DIR is locked by now
-    store = Store(config.data_dir / DB_FILENAME, config.timezone)
+    # Local mode: page views go straight into the event log in their group commit.
+    store = Store(config.data_dir / DB_FILENAME, config.timezone, log_directly=config.flowcore is None)
     read_model = new_read_model(store, config)
     try:
         await store.open()

@@ -32,6 +32,7 @@ from store import (
     StorageUnavailableError,
     Store,
     StoreClosedError,
+    get_meta,
     iso_ms,
     put_meta,
 )
@@ -71,6 +72,12 @@ class Text:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with the value, or None; cheap when nothing is (the hot path)."""
+        if (type(value) is str and self.min_length <= len(value) <= self.max_length and value.isascii()
+                and (self.pattern is None or self.pattern.fullmatch(value))):
+            return None  # one expression: every field of every page view takes this way
+        return self.slow_problem(value)
+
+    def slow_problem(self, value: Any) -> str | None:
         if not isinstance(value, str):
             return "must be a string"
         if not self.min_length <= len(value) <= self.max_length:
@@ -264,9 +271,10 @@ class NullableText(Text):
     """A string field that may also be null (an unknown dimension)."""
 
     def problem(self, value: Any) -> str | None:
-        if value is None:
-            return None
-        return "must be a string or null" if not isinstance(value, str) else super().problem(value)
+        return None if value is None else Text.problem(self, value)
+
+    def slow_problem(self, value: Any) -> str | None:
+        return "must be a string or null" if not isinstance(value, str) else super().slow_problem(value)
 
 
 @dataclass(frozen=True)
@@ -276,8 +284,8 @@ class PartialObj(Obj):
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, dict):
             raise ContractError(f"{name} must be an object")
-        unknown = sorted(set(value) - set(self.fields))
-        if unknown:
+        if not value.keys() <= self.fields.keys():
+            unknown = sorted(set(value) - set(self.fields))
             raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
         for key, item in value.items():
             spec = self.fields[key]
@@ -554,7 +562,12 @@ class Pathways:
         text = COMPACT_JSON.encode(payload)
         if len(text) > MAX_PAYLOAD_BYTES:  # json.dumps escapes to ASCII, so characters are bytes
             raise ContractError(f"payload is {len(text)} bytes as JSON; at most {MAX_PAYLOAD_BYTES} are allowed")
-        await self.store.append_outbox(contract.flow_type, contract.event_type, text, iso_ms(collected_at))
+        collected = iso_ms(collected_at)
+        if self.store.log_directly:  # local mode: the id and time bucket Flowcore would assign, given here
+            await self.store.append_log(LoggedEvent(0, time_uuid(), contract.flow_type, contract.event_type,
+                                                    time_bucket(collected), collected, text))
+            return
+        await self.store.append_outbox(contract.flow_type, contract.event_type, text, collected)
 
     async def process(self, event: Event) -> Outcome:
         """Route one event: record its id and run its handler in ONE transaction, so a
@@ -702,6 +715,10 @@ class Sink(Protocol):
     async def send(self, rows: Sequence[OutboxRow]) -> None:
         """Send rows in order; what is not sent stays in the outbox for the next call."""
 
+    async def catch_up(self, limit: int) -> bool:
+        """With Store.log_directly: deliver up to `limit` logged events the router has not had
+        yet; whether more may be waiting."""
+
     def interrupt(self) -> None:
         """Cut short any waiting (backoff, a halt) because the collector is stopping."""
 
@@ -713,10 +730,17 @@ class Sink(Protocol):
         """Whether sending has stopped until a restart (/health then says so)."""
 
 
+LOG_DELIVERY_BATCH = 500  # logged events per routing transaction when moving an outbox backlog
+
+
 class LocalSink:
     """The embedded event log: assigns ids and times as Flowcore would, writes the local event
     log, then hands the events to the router. A cursor in `meta` remembers what was delivered,
-    so events logged but not yet processed (a crash, a failed delivery) are caught up."""
+    so events logged but not yet processed (a crash, a failed delivery) are caught up.
+
+    With Store.log_directly (the collector's local mode) page views are committed straight into
+    the log, and `catch_up` routes what follows the cursor; the outbox then only holds what an
+    earlier run in Flowcore mode left, which `send` moves into the log after everything there."""
 
     CURSOR = LOCAL_CURSOR
 
@@ -745,6 +769,11 @@ class LocalSink:
             )
             for row in rows
         ]
+        if self.store.log_directly:  # into the log (new seqs, after the cursor), then routed from there
+            await self.store.move_to_event_log(logged)
+            while await self.catch_up(LOG_DELIVERY_BATCH):
+                pass
+            return
         if not self._lagging:
             try:  # the usual case: log, route and move the cursor in ONE transaction
                 await self.store.write(lambda conn: self._log_and_route(conn, logged))
@@ -755,6 +784,24 @@ class LocalSink:
                 logger.warning("a batch of %d events failed (%s); taking them one by one", len(logged), error)
         await self.store.move_to_event_log(logged)
         await self.recover()
+
+    async def catch_up(self, limit: int) -> bool:
+        if not self._lagging:
+            try:  # the usual case: route and move the cursor in ONE transaction, read on the writer's thread
+                return await self.store.write(lambda conn: self._route_logged(conn, limit))
+            except StorageUnavailableError:
+                raise
+            except Exception as error:
+                logger.warning("a batch of logged events failed (%s); taking them one by one", error)
+        await self.recover()
+        return False
+
+    def _route_logged(self, conn: sqlite3.Connection, limit: int) -> bool:
+        logged = self.store.logged_after(conn, int(get_meta(conn, self.CURSOR) or 0), limit)
+        if logged:
+            self.pathways.process_batch(conn, [Event.from_log(item) for item in logged], checked=True)
+            put_meta(conn, self.CURSOR, str(logged[-1].seq))
+        return len(logged) == limit
 
     def _log_and_route(self, conn: sqlite3.Connection, logged: Sequence[LoggedEvent]) -> None:
         self.store.log_events(conn, logged)
@@ -821,6 +868,9 @@ class FlowcoreSink:
 
     async def recover(self) -> None:
         """Nothing is half done: a batch without an answer is still in the outbox."""
+
+    async def catch_up(self, limit: int) -> bool:
+        return False  # Flowcore mode: every event goes through the outbox
 
     def interrupt(self) -> None:
         self._interrupted.set()
@@ -1006,6 +1056,8 @@ class Emitter:
         self.busy_batch_size = busy_batch_size or batch_size
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # With Store.log_directly nothing adds to the outbox: once it is empty, it is not read again.
+        self._outbox_empty = False
         self._idle = False
         self._idle_changed = asyncio.Condition()
 
@@ -1037,14 +1089,30 @@ class Emitter:
                 recovered = await self._attempt(self.sink.recover())
                 continue
             self.store.outbox_changed.clear()  # before reading, so no commit's wake-up is missed
-            busy = self.store.ingest_waiting()
-            rows = await self.store.pending_outbox(self.busy_batch_size if busy else self.batch_size)
+            limit = self.busy_batch_size if self.store.ingest_waiting() else self.batch_size
+            rows = [] if self._outbox_empty else await self.store.pending_outbox(limit)
+            if not rows and self.store.log_directly:
+                self._outbox_empty = True
+                if await self._catch_up(limit):
+                    continue
             if not rows:
                 await self._set_idle(True)
                 await wait_any(self.store.outbox_changed, self._stopped)
                 await self._set_idle(False)
                 continue
             recovered = await self._attempt(self.sink.send(rows))
+
+    async def _catch_up(self, limit: int) -> bool:
+        """One step of the sink's catch_up: whether more may be waiting (also after a failure,
+        logged, and a pause)."""
+        try:
+            return await self.sink.catch_up(limit)
+        except StorageUnavailableError as error:
+            logger.debug("the %s is waiting for the disk: %s", type(self.sink).__name__, error)
+        except Exception:
+            logger.exception("the %s failed; its events are kept and will be tried again", type(self.sink).__name__)
+        await wait_any(self._stopped, timeout=1.0)
+        return True
 
     async def _attempt(self, step: Awaitable[None]) -> bool:
         """Run one step of the sink; on failure log it and pause, and report it."""
