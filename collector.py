@@ -14,7 +14,6 @@ import gc
 import gzip
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -87,6 +86,7 @@ from pathways import (
     parse_envelope,
     secret_matches,
 )
+from pathways import parse_json as decode_json
 from readmodel import ReadModel, local_day_hour
 from store import (
     DB_FILENAME,
@@ -268,6 +268,7 @@ COUNTED = CIMultiDict(http_defense.api_headers())
 PAGEVIEW_FIELDS = ("pathname", "referrer", "domain", "utm")
 EVENT_FIELDS = ("name", "pathname", "domain", "referrer", "props")
 BODY_TYPES = ("application/json", "text/plain")
+USUAL_BODY_TYPES = frozenset({"text/plain;charset=UTF-8", "text/plain", "application/json"})
 # Room for a generous set of properties; the payload's own bound (pathways.MAX_PAYLOAD_BYTES) still holds.
 MAX_EVENT_BYTES = 16 * 1024
 
@@ -316,25 +317,26 @@ async def pageview(request: web.Request) -> web.Response:
     The order: the rate limit (before any work), then validation (so bad input gets its 4xx
     whoever sent it), then the filters (a dropped page view answers 204 and says why), then
     the hash and the write."""
-    app = request.app
-    ip = admit(request, "page views")
-    fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), request.headers)
+    app, headers = request.app, request.headers
+    ip = admit(request, app, "page views")
+    fields = parse_pageview(await read_body(request, MAX_PAGEVIEW_BYTES), headers)
     now = app[CLOCK]()
-    reason = app[FILTER].drop_reason(fields.domain, request.headers)
+    config = app[CONFIG]
+    reason = app[FILTER].drop_reason(fields.domain, headers)
     if reason is not None:
-        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), app[CONFIG].timezone)[0], reason)
+        app[DROPS].count(fields.domain, local_day_hour(int(now.timestamp() * 1000), config.timezone)[0], reason)
         return dropped(reason)
     day = privacy.salt_day(now)
     payload: dict[str, Any] = {
-        "visitorHash": await visitor_hash(request, ip, fields.domain, day),
+        "visitorHash": await app[HASHER](day, fields.domain, ip, headers.get("User-Agent")),
         "domain": fields.domain,
         "pathname": fields.pathname,
         "referrer": fields.referrer,
         "sessionContext": {"dailySaltRotation": day},
     }
-    if app[CONFIG].event_version == "v1":
-        payload.update(derived_dimensions(request, ip), utm=dict(fields.utm))
-    await app[PATHWAYS].write(tracked_contract(app[CONFIG]), payload, now)
+    if config.event_version == "v1":
+        payload.update(derived_dimensions(request, app, ip), utm=dict(fields.utm))
+    await app[PATHWAYS].write(tracked_contract(config), payload, now)
     return web.Response(status=204, headers=COUNTED)
 
 
@@ -343,14 +345,14 @@ def tracked_contract(config: Config) -> Contract:
     return VISITOR_TRACKED_V1 if config.event_version == "v1" else VISITOR_TRACKED
 
 
-def derived_dimensions(request: web.Request, ip: str) -> dict[str, str | None]:
+def derived_dimensions(request: web.Request, app: web.Application, ip: str) -> dict[str, str | None]:
     """Country, browser, system and device class, while the address and user agent are in
     memory (unknown, all null, with EVENT_VERSION=v0)."""
-    config = request.app[CONFIG]
-    if config.event_version != "v1":
+    if app[CONFIG].event_version != "v1":
         return dict.fromkeys(DIMENSION_FIELDS)
-    found = request.app[DIMENSIONS].derive(ip, request.headers.get("User-Agent"),
-                                           cdn_country(request.remote, request.headers, request.app[PROXY_RANGES]))
+    headers = request.headers
+    found = app[DIMENSIONS].derive(ip, headers.get("User-Agent"),
+                                   cdn_country(request.remote, headers, app[PROXY_RANGES]))
     return {"country": found.country, "browser": found.browser, "os": found.os, "device": found.device}
 
 
@@ -360,7 +362,7 @@ async def event(request: web.Request) -> web.Response:
     The page view's rules throughout; a dropped event is not added to the drop counts, which
     count page views (the statistics compare them with the page views counted)."""
     app = request.app
-    ip = admit(request, "events")
+    ip = admit(request, app, "events")
     fields = parse_event(await read_body(request, MAX_EVENT_BYTES), request.headers)
     now = app[CLOCK]()
     reason = app[FILTER].drop_reason(fields.domain, request.headers)
@@ -375,20 +377,22 @@ async def event(request: web.Request) -> web.Response:
         "name": fields.name,
         "props": fields.props,
         "sessionContext": {"dailySaltRotation": day},
-        **derived_dimensions(request, ip),
+        **derived_dimensions(request, app, ip),
     }
     await app[PATHWAYS].write(VISITOR_EVENT, payload, now)
     return web.Response(status=204, headers=COUNTED)
 
 
-def admit(request: web.Request, what: str) -> str:
+def admit(request: web.Request, app: web.Application, what: str) -> str:
     """The client's address, once the rate limit (shared by page views and events) and the
     content type let the request in."""
-    ip = client_ip(request.remote, request.headers, request.app[PROXY_RANGES])
-    wait = request.app[LIMITER].retry_after(ip)
+    headers = request.headers
+    ip = client_ip(request.remote, headers, app[PROXY_RANGES])
+    wait = app[LIMITER].retry_after(ip)
     if wait is not None:
         raise ApiError(429, f"too many {what} from this address; try again in {wait} s", {"Retry-After": str(wait)})
-    if request.content_type not in BODY_TYPES:
+    # What the tracker and most clients send, taken as it is; aiohttp parses anything else.
+    if headers.get("Content-Type") not in USUAL_BODY_TYPES and request.content_type not in BODY_TYPES:
         raise ApiError(415, f"Content-Type must be application/json or text/plain, not {request.content_type}")
     return ip
 
@@ -429,7 +433,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return decode_json(body)
     except ValueError:
         raise ApiError(400, "the body is not valid JSON") from None
     except RecursionError:

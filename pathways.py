@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import enum
+import functools
 import hmac
 import json
 import logging
@@ -21,6 +22,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from config import FlowcoreSettings
 from filters import MAX_DOMAIN_LENGTH, NO_SITE, normalize_host
@@ -44,6 +46,28 @@ MAX_PATH_LENGTH = 2048  # a pathname or a referrer, in characters: /api/pageview
 # Flowcore takes at most 64 KB per event; staying well under it leaves room for the envelope.
 MAX_PAYLOAD_BYTES = 48 * 1024
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one instance: json.dumps builds one per call
+
+
+def compact_json(payload: dict[str, Any], *, no_floats: bool = False) -> str:
+    """COMPACT_JSON's text, byte for byte. orjson writes it about ten times faster, and the same
+    bytes when its output is ASCII without DEL (json.dumps escapes everything else as \\uXXXX) and
+    holds no float (it writes exponents its own way): `no_floats` says the payload has none."""
+    if no_floats:
+        raw = orjson.dumps(payload)
+        if raw.isascii() and b"\x7f" not in raw:
+            return raw.decode("ascii")
+    return COMPACT_JSON.encode(payload)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads, through orjson when it can (about five times faster): it takes strict JSON
+    only, and gives the same values for it; whatever it refuses (NaN, big integers, lone
+    surrogates, UTF-16, deep nesting) goes to the standard library's decoder, which reads it
+    or says what is wrong as it always did."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 class ContractError(ValueError):
@@ -98,10 +122,34 @@ class Text:
 
 
 @dataclass(frozen=True)
+class NullableText(Text):
+    """A string field that may also be null (an unknown dimension)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if value is None else Text.problem(self, value)
+
+    def slow_problem(self, value: Any) -> str | None:
+        return "must be a string or null" if not isinstance(value, str) else super().slow_problem(value)
+
+
+@dataclass(frozen=True)
 class Obj:
     """An object field: exactly these keys, each checked by its own spec."""
 
     fields: Mapping[str, Text | Obj | Props]
+    # The plain text fields' bounds, checked in one loop without a call per field: every event
+    # written passes here. The other fields, and any that fails, go the long way (its message).
+    _plain: tuple[tuple[str, int, int, re.Pattern[str] | None, bool], ...] = field(
+        init=False, repr=False, compare=False, default=())
+    _others: tuple[tuple[str, Text | Obj | Props], ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        plain = tuple((key, spec.min_length, spec.max_length, spec.pattern, type(spec) is NullableText)
+                      for key, spec in self.fields.items()
+                      if isinstance(spec, Text) and type(spec) in (Text, NullableText))
+        object.__setattr__(self, "_plain", plain)
+        object.__setattr__(self, "_others", tuple((key, spec) for key, spec in self.fields.items()
+                                                   if key not in {entry[0] for entry in plain}))
 
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, dict):
@@ -112,11 +160,20 @@ class Obj:
                 raise ContractError(f"{name} has unknown keys: {', '.join(_short(k) for k in unknown)}")
             missing = next(key for key in self.fields if key not in value)
             raise ContractError(f"{name}.{missing} is required")
-        for key, spec in self.fields.items():
-            if isinstance(spec, Obj):
-                spec.check(f"{name}.{key}", value[key])
-            elif (problem := spec.problem(value[key])) is not None:
-                raise ContractError(f"{name}.{key} {problem}")
+        for key, low, high, pattern, nullable in self._plain:
+            item = value[key]
+            if not ((type(item) is str and low <= len(item) <= high and item.isascii()
+                     and (pattern is None or pattern.fullmatch(item))) or (nullable and item is None)):
+                self._check_field(name, key, self.fields[key], item)
+        for key, spec in self._others:
+            self._check_field(name, key, spec, value[key])
+
+    @staticmethod
+    def _check_field(name: str, key: str, spec: Text | Obj | Props, item: Any) -> None:
+        if isinstance(spec, Obj):
+            spec.check(f"{name}.{key}", item)
+        elif (problem := spec.problem(item)) is not None:
+            raise ContractError(f"{name}.{key} {problem}")
 
 
 # How a contract reads a delivered payload: (payload, the event's valid time, now) -> the payload
@@ -163,6 +220,12 @@ class Props:
         return "must be a string, a number or a boolean (nothing nested, no null)"
 
 
+def _without_numbers(spec: Text | Obj | Props) -> bool:
+    if isinstance(spec, Obj):
+        return all(_without_numbers(field) for field in spec.fields.values())
+    return isinstance(spec, Text)
+
+
 @dataclass(frozen=True)
 class Contract:
     flow_type: str
@@ -176,6 +239,11 @@ class Contract:
     @property
     def key(self) -> str:
         return f"{self.flow_type}/{self.event_type}"
+
+    @functools.cached_property
+    def without_numbers(self) -> bool:
+        """Whether a valid payload holds strings, nulls and objects only (no Props)."""
+        return _without_numbers(self.schema)
 
     def validate(self, payload: Any) -> None:
         self.schema.check("payload", payload)
@@ -264,17 +332,6 @@ VISITOR_TRACKED = Contract(
     ),
     reader=read_visitor_tracked,
 )
-
-
-@dataclass(frozen=True)
-class NullableText(Text):
-    """A string field that may also be null (an unknown dimension)."""
-
-    def problem(self, value: Any) -> str | None:
-        return None if value is None else Text.problem(self, value)
-
-    def slow_problem(self, value: Any) -> str | None:
-        return "must be a string or null" if not isinstance(value, str) else super().slow_problem(value)
 
 
 @dataclass(frozen=True)
@@ -413,7 +470,7 @@ class Event:
             flow_type=logged.flow_type,
             event_type=logged.event_type,
             valid_time=parse_time(logged.valid_time),
-            payload=json.loads(logged.payload),
+            payload=parse_json(logged.payload),
             time_bucket=logged.time_bucket,
         )
 
@@ -497,9 +554,12 @@ def time_uuid() -> str:
     """A version-1 (time-based) UUID, as Flowcore assigns event ids; strictly increasing in
     time within this process, so two ids never collide. (uuid.uuid1 is several times slower.)"""
     global _last_uuid_time
-    ticks = max(time.time_ns() // 100 + _UUID_EPOCH, _last_uuid_time + 1)
+    ticks = time.time_ns() // 100 + _UUID_EPOCH
+    if ticks <= _last_uuid_time:
+        ticks = _last_uuid_time + 1
     _last_uuid_time = ticks
-    return f"{ticks & 0xFFFFFFFF:08x}-{(ticks >> 32) & 0xFFFF:04x}-{0x1000 | (ticks >> 48) & 0x0FFF:04x}-{_UUID_TAIL}"
+    digits = f"{ticks:015x}"  # 60 bits: time_hi (12), time_mid (16), time_low (32); one formatting
+    return f"{digits[7:]}-{digits[3:7]}-1{digits[:3]}-{_UUID_TAIL}"
 
 
 # -- registry, write, router -------------------------------------------------------------------------
@@ -559,13 +619,13 @@ class Pathways:
         if contract.key not in self._contracts:
             raise UnknownPathwayError(f"no pathway {contract.key}")
         contract.validate(payload)
-        text = COMPACT_JSON.encode(payload)
+        text = compact_json(payload, no_floats=contract.without_numbers)
         if len(text) > MAX_PAYLOAD_BYTES:  # json.dumps escapes to ASCII, so characters are bytes
             raise ContractError(f"payload is {len(text)} bytes as JSON; at most {MAX_PAYLOAD_BYTES} are allowed")
         collected = iso_ms(collected_at)
         if self.store.log_directly:  # local mode: the id and time bucket Flowcore would assign, given here
-            await self.store.append_log(LoggedEvent(0, time_uuid(), contract.flow_type, contract.event_type,
-                                                    time_bucket(collected), collected, text))
+            await self.store.append_log(
+                (time_uuid(), contract.flow_type, contract.event_type, time_bucket(collected), collected, text))
             return
         await self.store.append_outbox(contract.flow_type, contract.event_type, text, collected)
 

@@ -537,11 +537,11 @@ class Store:
         """Return once the event is committed, sharing the commit with concurrent callers."""
         await self._group.append((flow_type, event_type, payload, collected_at))
 
-    async def append_log(self, event: LoggedEvent) -> None:
-        """Local mode: the same, straight into the event log (its seq is assigned in the commit).
-        The local sink's cursor then says what the router has processed."""
-        await self._log_group.append((event.event_id, event.flow_type, event.event_type, event.time_bucket,
-                                      event.valid_time, event.payload))
+    async def append_log(self, event: tuple[str, str, str, str, str, str]) -> None:
+        """Local mode: the same, straight into the event log: (event_id, flow_type, event_type,
+        time_bucket, valid_time, payload), its seq assigned in the commit. The local sink's cursor
+        then says what the router has processed."""
+        await self._log_group.append(event)
 
     def _committed(self, events: int) -> None:
         self.outbox_commits += 1
