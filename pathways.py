@@ -171,7 +171,10 @@ class Obj:
     @staticmethod
     def _check_field(name: str, key: str, spec: Text | Obj | Props, item: Any) -> None:
         if isinstance(spec, Obj):
-            spec.check(f"{name}.{key}", item)
+            try:  # the field's name is only put together for a message
+                spec.check("", item)
+            except ContractError as error:
+                raise ContractError(f"{name}.{key}{error}") from None
         elif (problem := spec.problem(item)) is not None:
             raise ContractError(f"{name}.{key} {problem}")
 

@@ -276,8 +276,10 @@ class StoreHealth:
 
 def iso_ms(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
-    if moment.tzinfo is UTC:  # every page view's time: a quarter of the cost of converting it
-        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+    if moment.tzinfo is UTC:  # every page view's time: half the cost of converting it and isoformat's
+        return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 (%-formatting is the fastest here)
+            moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+            moment.microsecond // 1000)
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
