@@ -9,15 +9,21 @@ the read model has caught up, split into the event loop's thread and the others 
 writer, aiosqlite's reader). Prints every round and the medians.
 
     python bench/compare.py before=/tmp/before after=. [--rounds 5] [--seconds 8] [--loop asyncio]
+
+With --latency RATE it measures instead each variant's latency at RATE page views a second
+offered by bench/open_loop.py (p50, p99) and its read model's largest lag (from /health).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +71,16 @@ class Figures:
     per_commit: float
 
 
+def settings(variant: Variant, loop: str, work: Path, port: int) -> dict[str, str]:
+    return {"DATA_DIR": tempfile.mkdtemp(dir=work), "SECRET_KEY": run.SECRET, "EVENT_LOOP": loop,
+            "LOG_LEVEL": "WARNING", "HOST": "127.0.0.1", "PORT": str(port), **variant.settings}
+
+
 def measure(variant: Variant, loop: str, seconds: float, connections: int, work: Path) -> Figures:
-    data_dir = Path(tempfile.mkdtemp(dir=work))
-    settings = {"DATA_DIR": str(data_dir), "SECRET_KEY": run.SECRET, "EVENT_LOOP": loop, "LOG_LEVEL": "WARNING",
-                "HOST": "127.0.0.1", **variant.settings}
     port = run.free_port()
     url = f"http://127.0.0.1:{port}"
     script = str(variant.root / "collector.py")
-    with run.process([sys.executable, script], {**settings, "PORT": str(port)}, url + "/health") as child:
+    with run.process([sys.executable, script], settings(variant, loop, work, port), url + "/health") as child:
         run.wrk(url, 2, connections)  # warm-up
         run.wait_until(lambda: run.drained(url), 600, "the read model catching up after the warm-up")
         before = run.get_json(url + "/health") or {}
@@ -88,6 +96,40 @@ def measure(variant: Variant, loop: str, seconds: float, connections: int, work:
         print(f"  {variant.name}: {measured.errors} errors, {measured.non_2xx} answers not 2xx", file=sys.stderr)
     loop_us, other_us = (main1 - main0) / requests * 1e6, (other1 - other0) / requests * 1e6
     return Figures(measured.rate, loop_us + other_us, loop_us, other_us, events / commits if commits else 0.0)
+
+
+def latency(variant: Variant, loop: str, rate: int, seconds: float, work: Path) -> dict[str, float]:
+    """bench/run.py's fixed_rate, for a variant: p50 and p99 at `rate` offered, and the lag."""
+    port = run.free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = str(variant.root / "collector.py")
+    with run.process([sys.executable, script], settings(variant, loop, work, port), url + "/health"):
+        command = [sys.executable, str(run.BENCH / "open_loop.py"), "127.0.0.1", str(port), "--rate", str(rate)]
+        subprocess.run([*command, "--seconds", "2"], capture_output=True, check=True)  # warm-up
+        run.wait_until(lambda: run.drained(url), 600, "the read model catching up after the warm-up")
+        load = subprocess.Popen([*command, "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+        lags = []
+        while load.poll() is None:
+            health = run.get_json(url + "/health")
+            if health is not None:
+                lags.append(float(health["lag_seconds"]))
+            time.sleep(0.25)
+        result = json.loads(load.communicate()[0])
+    return {"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "lag_max_s": max(lags, default=float("nan")),
+            "achieved_rps": result["achieved_rps"]}
+
+
+def compare_latency(variants: list[Variant], loop: str, rate: int, seconds: float, rounds: int) -> None:
+    results: dict[str, list[dict[str, float]]] = {variant.name: [] for variant in variants}
+    with tempfile.TemporaryDirectory(prefix="collector-compare-") as tmp:
+        for round_number in range(1, rounds + 1):
+            for variant in variants if round_number % 2 else list(reversed(variants)):
+                figures = latency(variant, loop, rate, seconds, Path(tmp))
+                results[variant.name].append(figures)
+                print(f"round {round_number} {variant.name}: {figures}, load {os.getloadavg()[0]:.1f}", flush=True)
+    print("\nmedians:")
+    for name, runs in results.items():
+        print(f"  {name}: " + ", ".join(f"{key} {statistics.median(r[key] for r in runs):g}" for key in runs[0]))
 
 
 def bare(loop: str, seconds: float, connections: int) -> Figures:
@@ -108,7 +150,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
     parser.add_argument("--no-bare", action="store_true", help="skip the bare app (no ratios)")
+    parser.add_argument("--latency", type=int, metavar="RATE", help="open-loop latency at RATE page views/s instead")
     args = parser.parse_args()
+    if args.latency:
+        compare_latency(args.variants, args.loop, args.latency, args.seconds, args.rounds)
+        return 0
     results: dict[str, list[Figures]] = {variant.name: [] for variant in args.variants}
     ceilings: list[Figures] = []
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
