@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import gc
 import gzip
 import hashlib
 import ipaddress
@@ -1082,9 +1081,7 @@ async def background_jobs(app: web.Application) -> AsyncIterator[None]:
     jobs = Jobs(app[STORE], app[READ_MODEL], app[DROPS], config.raw_retention_days, app[CLOCK],
                 local_delivery=config.flowcore is None)
     jobs.start()
-    # What start-up made lives as long as the process: out of the collector's way, so its
-    # collections only walk what requests make.
-    gc.freeze()
+    # No gc.freeze() here: measured side by side (docs/performance.md), it made no difference.
     try:
         yield
     finally:
