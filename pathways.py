@@ -30,6 +30,7 @@ from store import (
     LOCAL_CURSOR,
     DeadLetter,
     LoggedEvent,
+    LoggedRow,
     OutboxRow,
     StorageUnavailableError,
     Store,
@@ -467,6 +468,12 @@ class Event:
         )
 
     @classmethod
+    def from_row(cls, row: LoggedRow) -> Event:
+        """The same from the event log's row (Store.logged_after)."""
+        _, event_id, flow_type, event_type, bucket, valid_time, payload = row
+        return cls(event_id, flow_type, event_type, parse_time(valid_time), parse_json(payload), bucket)
+
+    @classmethod
     def from_log(cls, logged: LoggedEvent) -> Event:
         return cls(
             event_id=logged.event_id,
@@ -862,8 +869,8 @@ class LocalSink:
     def _route_logged(self, conn: sqlite3.Connection, limit: int) -> bool:
         logged = self.store.logged_after(conn, int(get_meta(conn, self.CURSOR) or 0), limit)
         if logged:
-            self.pathways.process_batch(conn, [Event.from_log(item) for item in logged], checked=True)
-            put_meta(conn, self.CURSOR, str(logged[-1].seq))
+            self.pathways.process_batch(conn, [Event.from_row(row) for row in logged], checked=True)
+            put_meta(conn, self.CURSOR, str(logged[-1][0]))
         return len(logged) == limit
 
     def _log_and_route(self, conn: sqlite3.Connection, logged: Sequence[LoggedEvent]) -> None:

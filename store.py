@@ -237,6 +237,9 @@ class LoggedEvent:
     payload: str
 
 
+LoggedRow = tuple[int, str, str, str, str, str, str]  # LoggedEvent's fields, in its order
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An event whose handler kept failing: kept with its envelope until a delivery or
@@ -601,14 +604,14 @@ class Store:
         _insert_log(conn, [(event.event_id, event.flow_type, event.event_type, event.time_bucket, event.valid_time,
                             event.payload)])
 
-    def logged_after(self, conn: sqlite3.Connection, seq: int, limit: int) -> list[LoggedEvent]:
-        """The same inside the caller's transaction (on the writer's thread: no hop to a reader)."""
-        rows = conn.execute(
+    def logged_after(self, conn: sqlite3.Connection, seq: int, limit: int) -> list[LoggedRow]:
+        """The same inside the caller's transaction (on the writer's thread: no hop to a reader),
+        as rows of LoggedEvent's fields: the router reads thousands a second."""
+        return conn.execute(
             "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload "
             "FROM event_log WHERE seq > ? ORDER BY seq LIMIT ?",
             (seq, limit),
         ).fetchall()
-        return [LoggedEvent(*row) for row in rows]
 
     async def event_log_after(self, seq: int, limit: int) -> list[LoggedEvent]:
         rows = await self.reader.execute_fetchall(
