@@ -587,11 +587,12 @@ def _trusted(number: int, ranges: tuple[tuple[int, int], ...]) -> bool:
 def client_ip(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str:
     """The socket peer, unless it is a trusted proxy: then X-Forwarded-For (its right-most
     address that is not itself a trusted proxy), else X-Real-IP, else CF-Connecting-IP."""
-    peer_address = _address(peer or "")
-    if peer_address is None:
+    trusted_peer = _peer(peer or "", ranges)
+    if trusted_peer is None:
         return peer or "unknown"
-    if not _trusted(peer_address[0], ranges):
-        return peer_address[1]
+    peer_text, trusted = trusted_peer
+    if not trusted:
+        return peer_text
     forwarded = _from_forwarded_for(headers, ranges)
     if forwarded is not None:
         return forwarded
@@ -599,7 +600,15 @@ def client_ip(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges)
         address = _address(headers.get(name, ""))
         if address is not None:
             return address[1]
-    return peer_address[1]
+    return peer_text
+
+
+@lru_cache(maxsize=1024)
+def _peer(peer: str, ranges: ProxyRanges) -> tuple[str, bool] | None:
+    """The socket peer's canonical text and whether it is a trusted proxy: the same few peers
+    (the proxies) send nearly every request."""
+    address = _address(peer)
+    return None if address is None else (address[1], _trusted(address[0], ranges))
 
 
 def cdn_country(peer: str | None, headers: MultiMapping[str], ranges: ProxyRanges) -> str | None:
@@ -613,6 +622,9 @@ def cdn_country(peer: str | None, headers: MultiMapping[str], ranges: ProxyRange
 
 def _from_forwarded_for(headers: MultiMapping[str], ranges: tuple[tuple[int, int], ...]) -> str | None:
     values = headers.getall("X-Forwarded-For", [])
+    if len(values) == 1 and "," not in values[0]:  # one hop, the usual case: its address, trusted or not
+        address = _address(values[0])
+        return None if address is None else address[1]
     hops = [hop for value in values for hop in value.split(",") if hop.strip()]
     last: str | None = None
     for hop in reversed(hops):
