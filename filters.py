@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import math
 import re
+import socket
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
@@ -381,10 +382,17 @@ class DropCounter:
 EPSILON = 1e-9  # seconds
 
 
-@lru_cache(maxsize=4096)  # parsing an address is most of the limiter's cost
 def limiter_key(address: str) -> bytes | str:
     """An IPv4 address, or the /64 network of an IPv6 address (one subscriber's usual share);
     anything unreadable is its own key."""
+    try:  # IPv4 first, through inet_pton: most addresses are new ones, and ipaddress takes ~10 times longer
+        return socket.inet_pton(socket.AF_INET, address)
+    except (OSError, ValueError):  # ValueError: a NUL in the text
+        return _ipv6_limiter_key(address)
+
+
+@lru_cache(maxsize=4096)
+def _ipv6_limiter_key(address: str) -> bytes | str:
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:

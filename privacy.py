@@ -28,7 +28,7 @@ def daily_salt(day: str, secret_key: str) -> str:
 
 def salt_day(moment: datetime) -> str:
     """The UTC date whose salt hashes a visit at this moment."""
-    return moment.astimezone(UTC).date().isoformat()
+    return (moment if moment.tzinfo is UTC else moment.astimezone(UTC)).date().isoformat()
 
 
 def visitor_hash(ip: str, user_agent: str | None, day: str, secret_key: str) -> str:

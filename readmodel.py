@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 from eventmodel import EventCounts, EventLimits
 from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event
-from store import DatabaseUnusableError, Migration, Store, get_meta, put_meta, split_sql, unusable
+from store import LOCAL_CURSOR, DatabaseUnusableError, Migration, Store, get_meta, put_meta, split_sql, unusable
 
 logger = logging.getLogger(__name__)
 
@@ -914,14 +914,19 @@ class ReadModel:
 
     async def counted_domains(self) -> set[str]:
         """Every domain with a counted page view (one index seek per domain of daily_stats, not
-        a scan of every day), and every domain of an event still in the outbox on its way here.
-        Read at start-up: a file too damaged to read them raises DatabaseUnusableError."""
+        a scan of every day), and every domain of an event on its way here: still in the outbox,
+        or (local mode, where page views go straight into the event log) logged after the local
+        sink's cursor when the last run stopped. Read at start-up: a file too damaged to read
+        them raises DatabaseUnusableError."""
+        waiting = "SELECT DISTINCT payload ->> '$.domain' FROM outbox"
+        if self.store.log_directly:
+            waiting += (" UNION SELECT DISTINCT payload ->> '$.domain' FROM event_log WHERE seq > coalesce("
+                        f"(SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{LOCAL_CURSOR}'), 0)")
         try:
             rows = await self.store.reader.execute_fetchall(
                 "WITH RECURSIVE d(domain) AS (SELECT min(domain) FROM daily_stats UNION ALL SELECT "
                 "(SELECT min(domain) FROM daily_stats WHERE domain > d.domain) FROM d WHERE d.domain IS NOT NULL) "
-                "SELECT domain FROM d WHERE domain IS NOT NULL "
-                "UNION SELECT DISTINCT payload ->> '$.domain' FROM outbox"
+                f"SELECT domain FROM d WHERE domain IS NOT NULL UNION {waiting}"
             )
         except sqlite3.DatabaseError as error:
             raise DatabaseUnusableError(unusable(self.store.path, error)) from error

@@ -237,6 +237,9 @@ class LoggedEvent:
     payload: str
 
 
+LoggedRow = tuple[int, str, str, str, str, str, str]  # LoggedEvent's fields, in its order
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An event whose handler kept failing: kept with its envelope until a delivery or
@@ -276,6 +279,10 @@ class StoreHealth:
 
 def iso_ms(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a Z, as Flowcore writes times."""
+    if moment.tzinfo is UTC:  # every page view's time: half the cost of converting it and isoformat's
+        return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 (%-formatting is the fastest here)
+            moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+            moment.microsecond // 1000)
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
@@ -295,13 +302,18 @@ class Store:
     """One SQLite file in WAL mode: a single writer on its own thread, a separate reader for the
     emitter and the store's own reads, and a small pool of statistics readers (`reading()`)."""
 
-    def __init__(self, path: Path, tz: ZoneInfo, *, commit_max_events: int = 512) -> None:
+    def __init__(self, path: Path, tz: ZoneInfo, *, commit_max_events: int = 512, log_directly: bool = False) -> None:
         self.path = path
         self.tz = tz
-        self.outbox_changed = asyncio.Event()
+        # Local mode: an event is committed straight into the event log (`append_log`), and the
+        # outbox only holds what an earlier run in Flowcore mode (or an older version) left.
+        self.log_directly = log_directly
+        self.outbox_changed = asyncio.Event()  # events were committed, to the outbox or the log
         self._writer = _Writer()
         self._reader: aiosqlite.Connection | None = None
-        self._group = _GroupCommit(self._writer, self._transaction, commit_max_events, self._committed)
+        self._group = _GroupCommit(self._writer, self._transaction, commit_max_events, self._committed, _insert_outbox)
+        self._log_group = _GroupCommit(self._writer, self._transaction, commit_max_events, self._committed,
+                                       _insert_log)
         self._migrations: list[Migration] = list(MIGRATIONS)
         self._rollback_hooks: list[Callable[[], None]] = []
         self._durable = False
@@ -398,6 +410,7 @@ class Store:
         """Commit what is pending, then close every connection. Safe to call twice."""
         if self._writer.conn is not None:
             await self._group.drain()
+            await self._log_group.drain()
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -436,7 +449,7 @@ class Store:
 
     def ingest_waiting(self) -> bool:
         """Whether page views are waiting for their commit (the read model then takes small steps)."""
-        return self._group.waiting()
+        return self._group.waiting() or self._log_group.waiting()
 
     async def write(self, work: Work[T], *, durable: bool = False) -> T:
         """Run `work(conn)` as one transaction on the writer's thread: one hop for the whole of it.
@@ -529,6 +542,12 @@ class Store:
         """Return once the event is committed, sharing the commit with concurrent callers."""
         await self._group.append((flow_type, event_type, payload, collected_at))
 
+    async def append_log(self, event: tuple[str, str, str, str, str, str]) -> None:
+        """Local mode: the same, straight into the event log: (event_id, flow_type, event_type,
+        time_bucket, valid_time, payload), its seq assigned in the commit. The local sink's cursor
+        then says what the router has processed."""
+        await self._log_group.append(event)
+
     def _committed(self, events: int) -> None:
         self.outbox_commits += 1
         self.outbox_appends += events
@@ -546,7 +565,13 @@ class Store:
         await self.write(lambda conn: self.log_events(conn, events))
 
     def log_events(self, conn: sqlite3.Connection, events: Sequence[LoggedEvent]) -> None:
-        """The same inside the caller's transaction."""
+        """The same inside the caller's transaction. With log_directly, the events take new seqs
+        after every logged event's (the router's cursor may be past their outbox seqs)."""
+        if self.log_directly:
+            _insert_log(conn, [(e.event_id, e.flow_type, e.event_type, e.time_bucket, e.valid_time, e.payload)
+                               for e in events])
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", [(e.seq,) for e in events])
+            return
         conn.executemany(
             "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -576,16 +601,17 @@ class Store:
         sequence, so no outbox row sent later can ever need the same seq."""
         if conn.execute("SELECT 1 FROM event_log WHERE event_id = ?", (event.event_id,)).fetchone():
             return
-        row = conn.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'outbox' RETURNING seq").fetchone()
-        if row is None:  # nothing was ever appended to the outbox: start its sequence
-            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 1)")
-            row = (1,)
-        conn.execute(
-            "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (int(row[0]), event.event_id, event.flow_type, event.event_type, event.time_bucket, event.valid_time,
-             event.payload),
-        )
+        _insert_log(conn, [(event.event_id, event.flow_type, event.event_type, event.time_bucket, event.valid_time,
+                            event.payload)])
+
+    def logged_after(self, conn: sqlite3.Connection, seq: int, limit: int) -> list[LoggedRow]:
+        """The same inside the caller's transaction (on the writer's thread: no hop to a reader),
+        as rows of LoggedEvent's fields: the router reads thousands a second."""
+        return conn.execute(
+            "SELECT seq, event_id, flow_type, event_type, time_bucket, valid_time, payload "
+            "FROM event_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
 
     async def event_log_after(self, seq: int, limit: int) -> list[LoggedEvent]:
         rows = await self.reader.execute_fetchall(
@@ -1086,8 +1112,9 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
 
 # -- group commit ---------------------------------------------------------------------------------
 
-OutboxValues = tuple[str, str, str, str]
+OutboxValues = tuple[str, ...]  # an outbox row's columns, or (with log_directly) an event log row's but its seq
 Transaction = Callable[[sqlite3.Connection, Work[None], bool], None]
+Insert = Callable[[sqlite3.Connection, list[OutboxValues]], None]
 
 
 class _GroupCommit:
@@ -1096,8 +1123,9 @@ class _GroupCommit:
     commit's fsync runs, the next commit's rows gather, and the event loop keeps serving."""
 
     def __init__(self, writer: _Writer, transaction: Transaction, max_events: int,
-                 committed: Callable[[int], None]) -> None:
+                 committed: Callable[[int], None], insert: Insert) -> None:
         self._writer = writer
+        self._insert = insert
         self._transaction = transaction
         self._max_events = max_events
         self._committed = committed
@@ -1142,7 +1170,7 @@ class _GroupCommit:
         rows = [row for row, _ in batch]
         try:
             # durable: a 204 promises this survives a power cut
-            self._transaction(self._writer.connection(), lambda conn: _insert_outbox(conn, rows), True)
+            self._transaction(self._writer.connection(), lambda conn: self._insert(conn, rows), True)
         except Exception as error:  # every waiting request learns of the failure; none is lost silently
             if isinstance(error, StorageUnavailableError):  # the store logged it; each request gets a 503
                 logger.debug("outbox commit of %d events failed", len(batch), exc_info=True)
@@ -1155,6 +1183,24 @@ class _GroupCommit:
 
 def _insert_outbox(conn: sqlite3.Connection, rows: list[OutboxValues]) -> None:
     conn.executemany("INSERT INTO outbox (flow_type, event_type, payload, collected_at) VALUES (?, ?, ?, ?)", rows)
+
+
+def _insert_log(conn: sqlite3.Connection, rows: list[OutboxValues]) -> None:
+    """Rows of (event_id, flow_type, event_type, time_bucket, valid_time, payload) into the event
+    log, their seqs taken from the outbox's AUTOINCREMENT sequence: so no outbox row (a later run
+    in Flowcore mode) can ever need the same seq, and the log stays in the order of its commits."""
+    reserved = conn.execute("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'outbox' RETURNING seq",
+                            (len(rows),)).fetchone()
+    if reserved is None:  # nothing was ever appended to the outbox: start its sequence after the log
+        start = int(conn.execute("SELECT coalesce(max(seq), 0) FROM event_log").fetchone()[0])
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (start + len(rows),))
+        reserved = (start + len(rows),)
+    first = int(reserved[0]) - len(rows) + 1
+    conn.executemany(
+        "INSERT INTO event_log (seq, event_id, flow_type, event_type, time_bucket, valid_time, payload) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(first + index, *row) for index, row in enumerate(rows)],
+    )
 
 
 def _settle_batch(batch: list[tuple[OutboxValues, asyncio.Future[None]]], error: Exception | None,

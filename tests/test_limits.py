@@ -25,8 +25,9 @@ from test_stats import FIXTURE, NOW, TZ, seed
 import stats
 from collector import DROPS, STORE
 from filters import NO_SITE
+from pathways import time_uuid
 from readmodel import ReadModel
-from store import DB_FILENAME, READER_NICENESS, STATISTICS_QUEUE, STATISTICS_READERS, Store
+from store import DB_FILENAME, LOCAL_CURSOR, READER_NICENESS, STATISTICS_QUEUE, STATISTICS_READERS, Store
 
 DAY = utc(2025, 6, 4, 12)
 
@@ -129,6 +130,24 @@ async def test_counted_domains_include_those_still_in_the_outbox(data_dir: Path)
     finally:
         await store.close()
     assert domains == {f"site{n:03}.example" for n in range(40)} | {"waiting.example", "event.example"}
+
+
+async def test_counted_domains_include_those_logged_directly_but_not_yet_routed(data_dir: Path) -> None:
+    """Local mode logs page views straight into the event log; those after the local sink's
+    cursor when a run stopped are on their way to the read model, so their sites count."""
+    store = Store(data_dir / DB_FILENAME, ZoneInfo("UTC"), log_directly=True)
+    read_model = ReadModel(store)
+    await store.open()
+    try:
+        for domain in ("routed.example", "waiting.example"):
+            await store.append_log((time_uuid(), "visitor.v0", "visitor.tracked.v0", "20250604120000",
+                                    "2025-06-04T12:00:00.000Z", json.dumps({"domain": domain})))
+        first_seq = query(data_dir, "SELECT min(seq) FROM event_log")[0][0]
+        await store.set_meta(LOCAL_CURSOR, str(first_seq))  # the first was routed, the second not yet
+        domains = await read_model.counted_domains()
+    finally:
+        await store.close()
+    assert domains == {"waiting.example"}
 
 
 # -- /api/sites in pages ------------------------------------------------------------------------------------
