@@ -1119,15 +1119,11 @@ class Emitter:
     for their commit, it takes `busy_batch_size` at a time: the local sink's transaction then
     holds the writer only briefly, and the page views' commits come between its steps."""
 
-    def __init__(self, store: Store, sink: Sink, batch_size: int = 100, busy_batch_size: int | None = None,
-                 busy_pause: float = 0.0) -> None:
+    def __init__(self, store: Store, sink: Sink, batch_size: int = 100, busy_batch_size: int | None = None) -> None:
         self.store = store
         self.sink = sink
         self.batch_size = batch_size
         self.busy_batch_size = busy_batch_size or batch_size
-        # With Store.log_directly: while page views wait, the pause before each step, so that more
-        # events gather and the read model takes fewer, larger steps (each has a cost of its own).
-        self.busy_pause = busy_pause
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # With Store.log_directly nothing adds to the outbox: once it is empty, it is not read again.
@@ -1167,8 +1163,6 @@ class Emitter:
             rows = [] if self._outbox_empty else await self.store.pending_outbox(limit)
             if not rows and self.store.log_directly:
                 self._outbox_empty = True
-                if self.busy_pause and self.store.ingest_waiting():
-                    await wait_any(self._stopped, timeout=self.busy_pause)
                 if await self._catch_up(limit):
                     continue
             if not rows:
