@@ -644,7 +644,7 @@ class Pathways:
         redelivered event is acknowledged and changes nothing."""
         self.contract_for(event).validate(event.payload)
         try:
-            processed = await self.store.write(lambda conn: self.process_batch(conn, [event]))
+            processed = await self.store.write(lambda conn: self.process_batch(conn, [event], checked=True))
         except StorageUnavailableError:
             raise  # the disk failed, not the handler: no attempt is counted, nothing is dead-lettered
         except Exception as error:
