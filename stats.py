@@ -236,16 +236,11 @@ async def current_visitors(db: aiosqlite.Connection, domain: str, now: datetime,
     short ranges of the (site, day, ts_ms) key, whatever the time zone."""
     since = int(now.timestamp() * 1000) - CURRENT_WINDOW_MS
     utc_day = since // 86_400_000
-    predicates = ["r.site = (SELECT id FROM dims WHERE kind = 'site' AND value = ?)"]
-    params_: list[Any] = [domain]
-    for condition in filters:
-        sql, values = condition.dimension.predicate(await dim_id(db, condition.dimension.kind, condition.value))
-        predicates.append(sql)
-        params_.extend(values)
+    conditions, params = await filter_conditions(db, filters)
     rows = await db.execute_fetchall(
-        "SELECT count(DISTINCT r.visitor) FROM pageview_rows r WHERE " + " AND ".join(predicates)
-        + " AND r.day IN (?, ?, ?) AND r.ts_ms >= ?",
-        (*params_, utc_day - 1, utc_day, utc_day + 1, since),
+        "SELECT count(DISTINCT r.visitor) FROM pageview_rows r WHERE r.site = (SELECT id FROM dims WHERE kind = "
+        f"'site' AND value = ?){conditions} AND r.day IN (?, ?, ?) AND r.ts_ms >= ?",
+        (domain, *params, utc_day - 1, utc_day, utc_day + 1, since),
     )
     return int(next(iter(rows))[0])
 
@@ -309,7 +304,8 @@ async def overview(
         "interval": "hour" if span.days == 1 else "day",
     }
     if filters:
-        return await _filtered_overview(db, domain, span, limit, now, tz, filters, event, answer)
+        return answer | await filtered(db, domain, span, limit, now, tz, filters, event) | {
+            "dropped": await dropped(db, domain, span)}
     current = await totals(db, domain, span)
     answer |= {
         "totals": totals_json(current, await totals(db, domain, before)),
@@ -475,10 +471,22 @@ async def raw_rows_from(db: aiosqlite.Connection) -> date | None:
 
 @dataclass(frozen=True)
 class RowSet:
-    """The raw rows `r` of a site's days that match every filter: the condition and its parameters."""
+    """The raw rows `r` of a site's days (numbers, as the rows have them) that match every
+    filter: the filters' conditions and their parameters."""
 
-    where: str
-    params: tuple[Any, ...]
+    site: int
+    first: int
+    last: int
+    conditions: str
+    condition_params: tuple[Any, ...]
+
+    @property
+    def where(self) -> str:
+        return f"r.site = ? AND r.day BETWEEN ? AND ?{self.conditions}"
+
+    @property
+    def params(self) -> tuple[Any, ...]:
+        return (self.site, self.first, self.last, *self.condition_params)
 
     @property
     def sql(self) -> str:
@@ -488,15 +496,21 @@ class RowSet:
                 f"FROM pageview_rows r WHERE {self.where}")
 
 
+async def filter_conditions(db: aiosqlite.Connection, filters: Sequence[Filter]) -> tuple[str, tuple[Any, ...]]:
+    """The filters as SQL over a raw row `r` (each joined with AND, after whatever precedes) and
+    their parameters."""
+    sql, params = "", list[Any]()
+    for condition in filters:
+        predicate, values = condition.dimension.predicate(await dim_id(db, condition.dimension.kind, condition.value))
+        sql += f" AND {predicate}"
+        params.extend(values)
+    return sql, tuple(params)
+
+
 async def matching_rows(db: aiosqlite.Connection, domain: str, span: DateRange, filters: Sequence[Filter]
                         ) -> RowSet:
-    predicates, params = ["r.site = ? AND r.day BETWEEN ? AND ?"], [
-        await dim_id(db, "site", domain), day_number(span.first), day_number(span.last)]
-    for condition in filters:
-        sql, values = condition.dimension.predicate(await dim_id(db, condition.dimension.kind, condition.value))
-        predicates.append(sql)
-        params.extend(values)
-    return RowSet(" AND ".join(predicates), tuple(params))
+    return RowSet(await dim_id(db, "site", domain), day_number(span.first), day_number(span.last),
+                  *await filter_conditions(db, filters))
 
 
 EPOCH = date(1970, 1, 1)
@@ -551,12 +565,13 @@ def _filtered_sql(rows: str, hourly: Sequence[int], limit: int) -> str:
 
 
 async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
-                   filters: Sequence[Filter]) -> dict[str, Any]:
+                   filters: Sequence[Filter], event: str | None) -> dict[str, Any]:
     """The figures and lists of /api/stats counting only the raw page view rows that match every
     filter: page views, their visitors (per day, as the rollups count them), and the visits whose
     first page view matches (their page views, bounces, duration and exit page are on that
     row). Raw rows are kept RAW_RETENTION_DAYS: `filtered_from` says when a period reaches back
-    before them (the days before count nothing)."""
+    before them (the days before count nothing). The custom events are those of the matching
+    visitors (`filtered_events`); `event`'s figures likewise, without properties."""
     rows = await matching_rows(db, domain, span, filters)
     labels, starts = _hours(span, tz)
     found = await db.execute_fetchall(_filtered_sql(rows.sql, starts, limit), rows.params)
@@ -574,7 +589,7 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
         before = Totals(0, 0, 0, 0, 0)
     else:
         before = await filtered_totals(db, domain, previous, filters)
-    return {
+    answer: dict[str, Any] = {
         "totals": totals_json(current, before),
         "series": _filtered_series(span, labels, per_day, figures["hour"]),
         "pages": [{"pathname": value, "pageviews": views, "visitors": people}
@@ -587,31 +602,22 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
         "current_visitors": await current_visitors(db, domain, now, filters),
         "filters": [condition.json() for condition in filters],
         "filtered_from": kept_from.isoformat() if kept_from and span.first < kept_from else None,
+        "events": await filtered_events(db, rows, limit, current.visitors),
     }
-
-
-async def _filtered_overview(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int, now: datetime,
-                             tz: ZoneInfo, filters: Sequence[Filter], event: str | None, answer: dict[str, Any]
-                             ) -> dict[str, Any]:
-    answer |= await filtered(db, domain, span, limit, now, tz, filters)
-    visitors = answer["totals"]["visitors"]["value"]
-    rows = await matching_rows(db, domain, span, filters)
-    answer["dropped"] = await dropped(db, domain, span)
-    answer["events"] = await filtered_events(db, rows, domain, span, limit, visitors)
     if event is not None:
-        found = await filtered_events(db, rows, domain, span, 1, visitors, event)
-        answer["event"] = {**(found[0] if found else {"name": event, "count": 0, "visitors": 0,
-                                                     "conversion_rate": conversion_rate(0, visitors)}),
+        named = await filtered_events(db, rows, 1, current.visitors, event)
+        answer["event"] = {**(named[0] if named else {"name": event, "count": 0, "visitors": 0,
+                                                     "conversion_rate": conversion_rate(0, current.visitors)}),
                            "properties": None}
     return answer
 
 
-async def filtered_events(db: aiosqlite.Connection, rows: RowSet, domain: str, span: DateRange, limit: int,
-                          all_visitors: int, name: str | None = None) -> list[dict[str, Any]]:
+async def filtered_events(db: aiosqlite.Connection, rows: RowSet, limit: int, all_visitors: int,
+                          name: str | None = None) -> list[dict[str, Any]]:
     """The custom events of the visitors with a matching page view, on the days they had one
     (a visitor is known one day at a time), from the raw event rows; `name` for one event. Each
     event row looks for such a page view through the visitor index: events are the fewer rows."""
-    only, params = "", [await dim_id(db, "site", domain), day_number(span.first), day_number(span.last)]
+    only, params = "", [rows.site, rows.first, rows.last]
     if name is not None:
         only = " AND e.name = ?"
         params.append(await dim_id(db, "event", name))
