@@ -113,6 +113,9 @@ class Shared(Protocol):
     def take_ids(self, conn: sqlite3.Connection, count: int) -> int:
         """The first of `count` fresh raw row ids."""
 
+    async def delete_raw_rows(self, table: str, key: str, cutoff: date, chunk: int) -> int:
+        """A raw table's rows of local days before the cutoff, site by site, in small transactions."""
+
 
 def property_text(value: str | int | float | bool) -> str:
     """A property value as the rollups keep it: a string as it is, anything else as JSON."""
@@ -287,26 +290,8 @@ class EventCounts:
     # -- retention and rebuild ------------------------------------------------------------------
 
     async def delete_rows_before(self, cutoff: date, chunk: int = 5000) -> int:
-        """Raw event rows of local days before the cutoff, site by site, in small transactions
-        (as the page views'); the rollups stay."""
-        before = (cutoff - date(1970, 1, 1)).days
-
-        def work(conn: sqlite3.Connection) -> int:
-            deleted = 0
-            for (site,) in conn.execute("SELECT id FROM dims WHERE kind = ?", (SITE,)).fetchall():
-                deleted += conn.execute(
-                    "DELETE FROM event_rows WHERE (site, day, name, visitor, ts_ms, id) IN (SELECT site, day, name, "
-                    "visitor, ts_ms, id FROM event_rows WHERE site = ? AND day < ? LIMIT ?)",
-                    (site, before, chunk - deleted),
-                ).rowcount
-                if deleted >= chunk:
-                    break
-            return deleted
-
-        total = 0
-        while (deleted := await self.store.write(work)) > 0:
-            total += deleted
-        return total
+        """Raw event rows of local days before the cutoff, as the page views'; the rollups stay."""
+        return await self.shared.delete_raw_rows("event_rows", "(site, day, name, visitor, ts_ms, id)", cutoff, chunk)
 
     def clear(self, conn: sqlite3.Connection, from_day: str, from_day_number: int) -> None:
         """The rollups and raw rows of from_day on, before rebuild replays them."""

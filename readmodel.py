@@ -950,16 +950,21 @@ class ReadModel:
         return deleted
 
     async def delete_rows_before(self, cutoff: date, chunk: int = 5000) -> int:
-        """Raw page views of local days before the cutoff, site by site, in small transactions
-        so page views keep flowing while a large backlog is cut; aggregates stay."""
+        """Raw page views of local days before the cutoff; aggregates stay."""
+        return await self.delete_raw_rows("pageview_rows", "(site, day, ts_ms, id)", cutoff, chunk)
+
+    async def delete_raw_rows(self, table: str, key: str, cutoff: date, chunk: int = 5000) -> int:
+        """Raw rows (page views', or events': eventmodel.Shared) of local days before the cutoff,
+        site by site, in small transactions so page views keep flowing while a large backlog is
+        cut. `key` is the table's primary key, which leads with (site, day)."""
         before = day_number(cutoff)
 
         def work(conn: sqlite3.Connection) -> int:
             deleted = 0
             for (site,) in conn.execute("SELECT id FROM dims WHERE kind = ?", (SITE,)).fetchall():
                 deleted += conn.execute(
-                    "DELETE FROM pageview_rows WHERE (site, day, ts_ms, id) IN (SELECT site, day, ts_ms, id "
-                    "FROM pageview_rows WHERE site = ? AND day < ? LIMIT ?)",
+                    f"DELETE FROM {table} WHERE {key} IN (SELECT {key[1:-1]} FROM {table} WHERE site = ? AND day < ? "
+                    "LIMIT ?)",
                     (site, before, chunk - deleted),
                 ).rowcount
                 if deleted >= chunk:
