@@ -11,8 +11,8 @@ from typing import Any
 
 from browser import PageErrors, browser, css_string, new_page, wait_body  # noqa: F401  (browser is a fixture)
 from conftest import Start
-from helpers import FakeClock
-from playwright.async_api import Browser, Page
+from helpers import Client, FakeClock
+from playwright.async_api import Browser, BrowserContext, Page
 from test_event_stats import FIXTURE, NOW, deliver, view
 
 TOKEN = "dashboard-token-0123456789"
@@ -64,9 +64,9 @@ def expected_properties(event: dict[str, Any]) -> list[tuple[str, list[list[str]
     ]
 
 
-async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_properties(
-    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
-) -> None:
+async def open_dashboard(start_collector: Start, data_dir: Path, browser: Browser  # noqa: F811
+                         ) -> tuple[Client, PageErrors, BrowserContext, Page]:
+    """The fixture's collector, and its dashboard at desktop width with the token, loaded."""
     await deliver(data_dir, FIXTURE + QUIET)
     client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)
     errors = PageErrors()
@@ -74,6 +74,13 @@ async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_pro
     await context.add_init_script(f"localStorage.setItem('statsToken', '{TOKEN}')")
     await page.goto(str(client.make_url("/dashboard")))
     await wait_loaded(page, "example.com", "30d")
+    return client, errors, context, page
+
+
+async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_properties(
+    start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
+) -> None:
+    client, errors, context, page = await open_dashboard(start_collector, data_dir, browser)
     month = await stats(client, period="30d")
     assert await shown_events(page) == expected_events(month)
     assert await shown_events(page) == [["Signup", "3", "4", "75%"], ["Outbound Link: Click", "1", "2", "25%"],
@@ -117,13 +124,7 @@ async def test_the_events_panel_shows_the_api_s_events_and_a_click_shows_the_pro
 async def test_a_site_without_events_says_so(
     start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
-    await deliver(data_dir, FIXTURE + QUIET)
-    client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)
-    errors = PageErrors()
-    context, page = await new_page(browser, errors, viewport={"width": 1280, "height": 900})
-    await context.add_init_script(f"localStorage.setItem('statsToken', '{TOKEN}')")
-    await page.goto(str(client.make_url("/dashboard")))
-    await wait_loaded(page, "example.com", "30d")
+    client, errors, context, page = await open_dashboard(start_collector, data_dir, browser)
     await page.get_by_role("button", name="File Download").click()
     await wait_event(page, "30d", "File Download")
 
@@ -144,13 +145,7 @@ async def test_a_site_without_events_says_so(
 async def test_an_event_filters_the_dashboard_to_the_visitors_who_did_it(
     start_collector: Start, data_dir: Path, tmp_path: Path, browser: Browser  # noqa: F811
 ) -> None:
-    await deliver(data_dir, FIXTURE + QUIET)
-    client = await start_collector(clock=FakeClock(NOW), STATS_TOKEN=TOKEN)
-    errors = PageErrors()
-    context, page = await new_page(browser, errors, viewport={"width": 1280, "height": 900})
-    await context.add_init_script(f"localStorage.setItem('statsToken', '{TOKEN}')")
-    await page.goto(str(client.make_url("/dashboard")))
-    await wait_loaded(page, "example.com", "30d")
+    client, errors, context, page = await open_dashboard(start_collector, data_dir, browser)
     await page.get_by_role("button", name="Signup").click()
     await wait_event(page, "30d", "Signup")
     await page.get_by_role("button", name="Only visitors with it").click()
