@@ -12,7 +12,7 @@ import csv
 import io
 import itertools
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -565,26 +565,31 @@ def _listed(name: str, grouped: str, limit: int | None) -> str:
             f"LEFT JOIN dims d ON d.id = g.value_id{ranked})")
 
 
-def _filtered_statement(rows: RowSet, hourly: Sequence[int], limit: int | None) -> Statement:
+def _filtered_statement(rows: RowSet, hourly: Sequence[int], limit: int | None, pinned: Collection[str]
+                        ) -> Statement:
     """Everything a filtered answer counts over some days, in one statement: the matching rows
     grouped per visitor and day (`h`: the series and the lists of what holds for a visit or a
     visitor), the matching first page views of visits (`f`: visits, bounces, duration, exit
     pages, and the entry pages' visits), and the rows themselves (pages, sources and, for one
-    day, the hours)."""
+    day, the hours). Not the `pinned` lists: their one row is the totals (`_pinned`)."""
+    lists = {
+        **{name: _listed(name, f"SELECT {ROW_COLUMNS[kind.dimension]} AS value_id, sum(views) AS views, {PEOPLE} "
+                               "AS people, NULL, NULL FROM h GROUP BY 1", limit)
+           for name, kind in BREAKDOWNS.items() if not kind.exit},
+        "entry_visits": _listed("entry_visits", "SELECT entry AS value_id, NULL AS views, NULL AS people, count(*), "
+                                                "sum(views = 1) FROM f GROUP BY entry", None),
+        "exit_pages": _listed("exit_pages", f"SELECT exit AS value_id, sum(views) AS views, {PEOPLE} AS people, "
+                                            "count(*), sum(views = 1) FROM f GROUP BY exit", limit),
+        "pages": _listed("pages", f"SELECT page AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
+                                  "FROM pageview_rows r WHERE {where} GROUP BY page", limit),
+        "sources": _listed("sources", f"SELECT source AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
+                                      "FROM pageview_rows r WHERE {where} GROUP BY source", limit),
+    }
+    skipped = {*pinned, *(["entry_visits"] if "entry_pages" in pinned else [])}
     arms = [
         "SELECT 'day', '', day, sum(views), count(DISTINCT visitor), NULL, NULL, NULL FROM h GROUP BY day",
         "SELECT 'visits', '', NULL, NULL, NULL, count(*), sum(views = 1), sum(duration_ms) FROM f",
-        *(_listed(name, f"SELECT {ROW_COLUMNS[kind.dimension]} AS value_id, sum(views) AS views, {PEOPLE} AS people, "
-                        "NULL, NULL FROM h GROUP BY 1", limit)
-          for name, kind in BREAKDOWNS.items() if not kind.exit),
-        _listed("entry_visits", "SELECT entry AS value_id, NULL AS views, NULL AS people, count(*), sum(views = 1) "
-                                "FROM f GROUP BY entry", None),
-        _listed("exit_pages", f"SELECT exit AS value_id, sum(views) AS views, {PEOPLE} AS people, count(*), "
-                              "sum(views = 1) FROM f GROUP BY exit", limit),
-        _listed("pages", f"SELECT page AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
-                         "FROM pageview_rows r WHERE {where} GROUP BY page", limit),
-        _listed("sources", f"SELECT source AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
-                           "FROM pageview_rows r WHERE {where} GROUP BY source", limit),
+        *(arm for name, arm in lists.items() if name not in skipped),
     ]
     if hourly:  # the hours of one day: the bucket of each page view by the hours' first milliseconds
         bucket = "CASE " + " ".join(f"WHEN ts_ms < {start} THEN {index}" for index, start in enumerate(hourly[1:])) \
@@ -601,6 +606,16 @@ def _totals_statement(rows: RowSet) -> Statement:
         "SELECT count(*) AS views, count(DISTINCT r.visitor) AS people, sum(r.id = r.visit) AS visits, "
         "sum(r.id = r.visit AND r.views = 1) AS bounces, sum(iif(r.id = r.visit, r.duration_ms, 0)) AS duration "
         "FROM pageview_rows r WHERE {where} GROUP BY r.day)"])
+
+
+LIST_OF_FILTER = {"page": "pages", "source": "sources", **{kind.dimension: name for name, kind in BREAKDOWNS.items()}}
+
+
+def _pinned(filters: Sequence[Filter]) -> dict[str, str]:
+    """The lists in which a filter leaves one value, the filter's (by list name): its row is
+    the totals, with nothing to group."""
+    return {LIST_OF_FILTER[condition.dimension.name]: condition.value or "" for condition in filters
+            if condition.dimension.name in LIST_OF_FILTER}
 
 
 def _day_parts(rows: RowSet, parts: int) -> list[RowSet]:
@@ -668,7 +683,8 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
     kept_from = await raw_rows_from(db)
     previous = span.previous()
     parts = _day_parts(rows, len(connections))
-    statements = [_filtered_statement(part, starts, limit if len(parts) == 1 else None) for part in parts]
+    pinned = _pinned(filters)
+    statements = [_filtered_statement(part, starts, limit if len(parts) == 1 else None, pinned) for part in parts]
     if not (kept_from and previous.last < kept_from):  # else its raw rows are gone: nothing of it matches
         before_rows = replace(rows, first=day_number(previous.first), last=day_number(previous.last))
         statements += [_totals_statement(part) for part in _day_parts(before_rows, len(connections))]
@@ -679,6 +695,9 @@ async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit
     current = Totals(sum(v for v, _ in per_day.values()), sum(p for _, p in per_day.values()), visits, bounces,
                      duration)
     before = Totals(*sums["before"].get(("", None), [0] * 5))
+    for name, value in pinned.items():
+        sums[name] = {(value, None): [current.pageviews, current.visitors, visits, bounces, 0]} \
+            if current.pageviews else {}
     for (value, key), (_, _, entry_visits, entry_bounces, _) in sums["entry_visits"].items():
         if (value, key) in sums["entry_pages"]:
             sums["entry_pages"][(value, key)][2:4] = [entry_visits, entry_bounces]
