@@ -835,9 +835,10 @@ async def stats_api(request: web.Request) -> web.Response:
     event_name = stats.parse_event_name(params.get("event"))
     filters = stats.parse_filters(request.query.getall("filter", []))
     config = request.app[CONFIG]
-    async with request.app[STORE].reading() as db:
+    store = request.app[STORE]
+    async with store.reading() as db, store.spare_reading(wanted=bool(filters)) as spare:
         body = await stats.overview(db, domain, period, span, limit, request.app[CLOCK](), config.stats.timezone,
-                                    filters, event_name)
+                                    filters, event_name, spare)
     return web.json_response(body, headers=PRIVATE)
 
 

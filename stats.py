@@ -7,11 +7,13 @@ model's arithmetic; this one only reads what those wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import itertools
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -289,10 +291,11 @@ async def dropped_so_far(db: aiosqlite.Connection) -> dict[str, Any]:
 
 async def overview(
     db: aiosqlite.Connection, domain: str, period: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
-    filters: Sequence[Filter] = (), event: str | None = None,
+    filters: Sequence[Filter] = (), event: str | None = None, spare: aiosqlite.Connection | None = None,
 ) -> dict[str, Any]:
     """The whole answer of /api/stats; with filters, its numbers count only the page views and
-    visits that match them all (see `filtered`); with `event`, that event's properties too."""
+    visits that match them all (see `filtered`, which shares its work with `spare` if given);
+    with `event`, that event's properties too."""
     before = span.previous()
     answer: dict[str, Any] = {
         "domain": domain,
@@ -304,7 +307,7 @@ async def overview(
         "interval": "hour" if span.days == 1 else "day",
     }
     if filters:
-        return answer | await filtered(db, domain, span, limit, now, tz, filters, event) | {
+        return answer | await filtered(db, domain, span, limit, now, tz, filters, event, spare) | {
             "dropped": await dropped(db, domain, span)}
     current = await totals(db, domain, span)
     answer |= {
@@ -521,84 +524,191 @@ def day_number(day: date) -> int:
 
 
 # Per (visitor, day) and what of a page view holds for its whole visit or visitor: the lists of
-# those dimensions group these few rows, not every page view.
+# those dimensions group these few rows, not every page view. In the order of its key, which
+# keeps the lists' count of distinct visitors cheap (each is seen in ascending order).
 VISITOR_DAYS = ("h AS MATERIALIZED (SELECT day, visitor, country, browser, os, device, utm_source, utm_medium, "
-                "utm_campaign, entry, count(*) AS views FROM m GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)")
+                "utm_campaign, entry, count(*) AS views FROM pageview_rows r WHERE {where} "
+                "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)")
+# The matching first page views of visits: each holds its visit's page views, duration and exit.
+VISITS = ("f AS MATERIALIZED (SELECT day, visitor, entry, exit, views, duration_ms FROM pageview_rows r "
+          "WHERE {where} AND r.id = r.visit)")
 ROW_COLUMNS = {"country": "country", "browser": "browser", "os": "os", "device": "device", "utm_source": "utm_source",
                "utm_medium": "utm_medium", "utm_campaign": "utm_campaign", "entry_page": "entry"}
+PEOPLE = "count(DISTINCT day << 32 | visitor)"  # visitors, as the rollups count them: per day
 
 
-def _ranked(name: str, grouped: str, limit: int) -> str:
-    """A list's top rows: `grouped` gives (value id, page views, visitors, visits, bounces)."""
-    return (f"SELECT * FROM (SELECT '{name}', coalesce(d.value, ''), g.* FROM ({grouped}) g "
-            f"LEFT JOIN dims d ON d.id = g.value_id ORDER BY g.people DESC, g.views DESC, 2 LIMIT {int(limit)})")
+@dataclass(frozen=True)
+class Statement:
+    """One SQL statement of a filtered answer, and its parameters: the matching rows' where
+    clause and parameters once for each `{where}` in it."""
+
+    sql: str
+    params: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, rows: RowSet, arms: Sequence[str], tables: Sequence[str] = ()) -> Statement:
+        sql = (f"WITH {', '.join(tables)} " if tables else "") + " UNION ALL ".join(arms)
+        return cls(sql.replace("{where}", rows.where), rows.params * sql.count("{where}"))
 
 
-def _filtered_sql(rows: str, hourly: Sequence[int], limit: int) -> str:
-    """Everything a filtered answer counts, in one statement: the matching rows once (`m`), then
-    each figure and list from them."""
-    visitors = "count(DISTINCT day << 32 | visitor)"
+# Each row a filtered statement gives: (figure, value, key, page views, visitors, visits,
+# bounces, duration); a list's rows have their value and its id as key, the series' their day
+# or hour. Rows of the same figure and key from other days add up (visitors are per day).
+Found = tuple[str, str, int | None, int | None, int | None, int | None, int | None, int | None]
+
+
+def _listed(name: str, grouped: str, limit: int | None) -> str:
+    """A list's rows, its top `limit` if given (all, to be added up with other days' otherwise):
+    `grouped` gives (value id, page views, visitors, visits, bounces)."""
+    ranked = "" if limit is None else f" ORDER BY g.people DESC, g.views DESC, 2 LIMIT {int(limit)}"
+    return (f"SELECT * FROM (SELECT '{name}', coalesce(d.value, ''), g.*, NULL FROM ({grouped}) g "
+            f"LEFT JOIN dims d ON d.id = g.value_id{ranked})")
+
+
+def _filtered_statement(rows: RowSet, hourly: Sequence[int], limit: int | None, pinned: Collection[str]
+                        ) -> Statement:
+    """Everything a filtered answer counts over some days, in one statement: the matching rows
+    grouped per visitor and day (`h`: the series and the lists of what holds for a visit or a
+    visitor), the matching first page views of visits (`f`: visits, bounces, duration, exit
+    pages, and the entry pages' visits), and the rows themselves (pages, sources and, for one
+    day, the hours). Not the `pinned` lists: their one row is the totals (`_pinned`)."""
+    lists = {
+        **{name: _listed(name, f"SELECT {ROW_COLUMNS[kind.dimension]} AS value_id, sum(views) AS views, {PEOPLE} "
+                               "AS people, NULL, NULL FROM h GROUP BY 1", limit)
+           for name, kind in BREAKDOWNS.items() if not kind.exit},
+        "entry_visits": _listed("entry_visits", "SELECT entry AS value_id, NULL AS views, NULL AS people, count(*), "
+                                                "sum(views = 1) FROM f GROUP BY entry", None),
+        "exit_pages": _listed("exit_pages", f"SELECT exit AS value_id, sum(views) AS views, {PEOPLE} AS people, "
+                                            "count(*), sum(views = 1) FROM f GROUP BY exit", limit),
+        "pages": _listed("pages", f"SELECT page AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
+                                  "FROM pageview_rows r WHERE {where} GROUP BY page", limit),
+        "sources": _listed("sources", f"SELECT source AS value_id, count(*) AS views, {PEOPLE} AS people, NULL, NULL "
+                                      "FROM pageview_rows r WHERE {where} GROUP BY source", limit),
+    }
+    skipped = {*pinned, *(["entry_visits"] if "entry_pages" in pinned else [])}
     arms = [
-        "SELECT 'day', '', day, sum(views), count(DISTINCT visitor), NULL, NULL FROM h GROUP BY day",
-        "SELECT 'visits', '', NULL, NULL, NULL, count(*), sum(views = 1) FROM m WHERE first",
-        "SELECT 'duration', '', NULL, NULL, NULL, sum(duration_ms), NULL FROM m WHERE first",
-        _ranked("pages", f"SELECT page AS value_id, count(*) AS views, {visitors} AS people, NULL, NULL FROM m "
-                         "GROUP BY page", limit),
-        _ranked("sources", f"SELECT source AS value_id, count(*) AS views, {visitors} AS people, NULL, NULL FROM m "
-                           "GROUP BY source", limit),
-        *(_ranked(name, f"SELECT {ROW_COLUMNS[kind.dimension]} AS value_id, sum(views) AS views, {visitors} AS people, "
-                        "NULL, NULL FROM h GROUP BY 1", limit)
-          for name, kind in BREAKDOWNS.items() if not (kind.entry or kind.exit)),
-        _ranked("entry_pages", f"SELECT g.*, v.visits, v.bounces FROM (SELECT entry AS value_id, sum(views) AS views, "
-                               f"{visitors} AS people FROM h GROUP BY entry) g LEFT JOIN (SELECT entry, count(*) AS "
-                               "visits, sum(views = 1) AS bounces FROM m WHERE first GROUP BY entry) v "
-                               "ON v.entry = g.value_id", limit),
-        _ranked("exit_pages", f"SELECT exit AS value_id, sum(views) AS views, {visitors} AS people, count(*), "
-                              "sum(views = 1) FROM m WHERE first GROUP BY exit", limit),
+        "SELECT 'day', '', day, sum(views), count(DISTINCT visitor), NULL, NULL, NULL FROM h GROUP BY day",
+        "SELECT 'visits', '', NULL, NULL, NULL, count(*), sum(views = 1), sum(duration_ms) FROM f",
+        *(arm for name, arm in lists.items() if name not in skipped),
     ]
     if hourly:  # the hours of one day: the bucket of each page view by the hours' first milliseconds
         bucket = "CASE " + " ".join(f"WHEN ts_ms < {start} THEN {index}" for index, start in enumerate(hourly[1:])) \
             + f" ELSE {len(hourly) - 1} END"
-        arms.append(f"SELECT 'hour', '', {bucket} AS hour, count(*), count(DISTINCT visitor), NULL, NULL FROM m "
-                    "GROUP BY hour")
-    return f"WITH m AS MATERIALIZED ({rows}), {VISITOR_DAYS} " + " UNION ALL ".join(arms)
+        arms.append(f"SELECT 'hour', '', {bucket} AS hour, count(*), count(DISTINCT visitor), NULL, NULL, NULL "
+                    "FROM pageview_rows r WHERE {where} GROUP BY hour")
+    return Statement.of(rows, arms, (VISITOR_DAYS, VISITS))
+
+
+def _totals_statement(rows: RowSet) -> Statement:
+    """The headline figures alone, for the previous period: one narrow pass over the rows."""
+    return Statement.of(rows, [
+        "SELECT 'before', '', NULL, sum(views), sum(people), sum(visits), sum(bounces), sum(duration) FROM ("
+        "SELECT count(*) AS views, count(DISTINCT r.visitor) AS people, sum(r.id = r.visit) AS visits, "
+        "sum(r.id = r.visit AND r.views = 1) AS bounces, sum(iif(r.id = r.visit, r.duration_ms, 0)) AS duration "
+        "FROM pageview_rows r WHERE {where} GROUP BY r.day)"])
+
+
+LIST_OF_FILTER = {"page": "pages", "source": "sources", **{kind.dimension: name for name, kind in BREAKDOWNS.items()}}
+
+
+def _pinned(filters: Sequence[Filter]) -> dict[str, str]:
+    """The lists in which a filter leaves one value, the filter's (by list name): its row is
+    the totals, with nothing to group."""
+    return {LIST_OF_FILTER[condition.dimension.name]: condition.value or "" for condition in filters
+            if condition.dimension.name in LIST_OF_FILTER}
+
+
+def _day_parts(rows: RowSet, parts: int) -> list[RowSet]:
+    """The rows' days in `parts` runs of consecutive days (fewer if there are fewer days)."""
+    days = rows.last - rows.first + 1
+    bounds = sorted({rows.first + days * part // parts for part in range(parts)} | {rows.last + 1})
+    return [replace(rows, first=first, last=next_first - 1) for first, next_first in itertools.pairwise(bounds)]
+
+
+async def run_shared(connections: Sequence[aiosqlite.Connection], statements: Sequence[Statement]
+                     ) -> list[Found]:
+    """The rows of every statement, which whichever connection is free takes next."""
+    waiting = list(statements)
+    found: list[Found] = []
+
+    async def work(conn: aiosqlite.Connection) -> None:
+        while waiting:
+            statement = waiting.pop(0)
+            found.extend(await conn.execute_fetchall(statement.sql, statement.params))  # type: ignore[arg-type]
+
+    async with asyncio.TaskGroup() as group:
+        for conn in connections:
+            group.create_task(work(conn))
+    return found
+
+
+Sums = dict[str, dict[tuple[str, int | None], list[int]]]
+
+
+def _added_up(found: Sequence[Found]) -> Sums:
+    """Per figure and key (a list's value, a day, an hour), its numbers added up over the
+    statements that found them."""
+    sums: Sums = defaultdict(dict)
+    for name, value, key, *numbers in found:
+        total = sums[name].setdefault((value, key), [0] * len(numbers))
+        for index, number in enumerate(numbers):
+            total[index] += number or 0
+    return sums
+
+
+def _top(sums: Sums, name: str, limit: int) -> list[tuple[str, int, int, int, int]]:
+    """A list's rows, most visitors first (then page views, then value): (value, page views,
+    visitors, visits, bounces)."""
+    rows = [(value, views, people, visits, bounces) for (value, _), (views, people, visits, bounces, _) in
+            sums[name].items()]
+    return sorted(rows, key=lambda row: (-row[2], -row[1], row[0]))[:limit]
 
 
 async def filtered(db: aiosqlite.Connection, domain: str, span: DateRange, limit: int, now: datetime, tz: ZoneInfo,
-                   filters: Sequence[Filter], event: str | None) -> dict[str, Any]:
+                   filters: Sequence[Filter], event: str | None, spare: aiosqlite.Connection | None = None
+                   ) -> dict[str, Any]:
     """The figures and lists of /api/stats counting only the raw page view rows that match every
     filter: page views, their visitors (per day, as the rollups count them), and the visits whose
     first page view matches (their page views, bounces, duration and exit page are on that
     row). Raw rows are kept RAW_RETENTION_DAYS: `filtered_from` says when a period reaches back
     before them (the days before count nothing). The custom events are those of the matching
-    visitors (`filtered_events`); `event`'s figures likewise, without properties."""
+    visitors (`filtered_events`); `event`'s figures likewise, without properties.
+
+    With `spare`, each connection counts half of the days (the other's read is a snapshot of its
+    own, as the statements of one connection are), and what they find is added up: every
+    figure is a sum over days."""
+    connections = [db] if spare is None else [db, spare]
     rows = await matching_rows(db, domain, span, filters)
     labels, starts = _hours(span, tz)
-    found = await db.execute_fetchall(_filtered_sql(rows.sql, starts, limit), rows.params)
-    figures: dict[str, list[Sequence[Any]]] = defaultdict(list)
-    for name, value, *numbers in found:
-        figures[name].append((value, *numbers))
-    per_day = {day: (views, people) for _, day, views, people, *_ in figures["day"]}
-    (_, _, _, _, visits, bounces), = figures["visits"]
-    (_, _, _, _, duration, _), = figures["duration"]
-    current = Totals(sum(v for v, _ in per_day.values()), sum(p for _, p in per_day.values()), visits,
-                     bounces or 0, duration or 0)
     kept_from = await raw_rows_from(db)
     previous = span.previous()
-    if kept_from and previous.last < kept_from:  # its raw rows are gone: nothing of it matches
-        before = Totals(0, 0, 0, 0, 0)
-    else:
-        before = await filtered_totals(db, domain, previous, filters)
+    parts = _day_parts(rows, len(connections))
+    pinned = _pinned(filters)
+    statements = [_filtered_statement(part, starts, limit if len(parts) == 1 else None, pinned) for part in parts]
+    if not (kept_from and previous.last < kept_from):  # else its raw rows are gone: nothing of it matches
+        before_rows = replace(rows, first=day_number(previous.first), last=day_number(previous.last))
+        statements += [_totals_statement(part) for part in _day_parts(before_rows, len(connections))]
+    sums = _added_up(await run_shared(connections, statements))
+    per_day, per_hour = ({key: (views, people) for (_, key), (views, people, *_) in sums[name].items()}
+                         for name in ("day", "hour"))
+    _, _, visits, bounces, duration = sums["visits"].get(("", None), [0] * 5)
+    current = Totals(sum(v for v, _ in per_day.values()), sum(p for _, p in per_day.values()), visits, bounces,
+                     duration)
+    before = Totals(*sums["before"].get(("", None), [0] * 5))
+    for name, value in pinned.items():
+        sums[name] = {(value, None): [current.pageviews, current.visitors, visits, bounces, 0]} \
+            if current.pageviews else {}
+    for (value, key), (_, _, entry_visits, entry_bounces, _) in sums["entry_visits"].items():
+        if (value, key) in sums["entry_pages"]:
+            sums["entry_pages"][(value, key)][2:4] = [entry_visits, entry_bounces]
     answer: dict[str, Any] = {
         "totals": totals_json(current, before),
-        "series": _filtered_series(span, labels, per_day, figures["hour"]),
+        "series": _filtered_series(span, labels, per_day, per_hour),
         "pages": [{"pathname": value, "pageviews": views, "visitors": people}
-                  for value, _, views, people, *_ in figures["pages"]],
+                  for value, views, people, *_ in _top(sums, "pages", limit)],
         "sources": [{"source": value, "pageviews": views, "visitors": people}
-                    for value, _, views, people, *_ in figures["sources"]],
-        **{name: [kind.row(value, views, people, visits, bounces)
-                  for value, _, views, people, visits, bounces in figures[name]]
-           for name, kind in BREAKDOWNS.items()},
+                    for value, views, people, *_ in _top(sums, "sources", limit)],
+        **{name: [kind.row(*row) for row in _top(sums, name, limit)] for name, kind in BREAKDOWNS.items()},
         "current_visitors": await current_visitors(db, domain, now, filters),
         "filters": [condition.json() for condition in filters],
         "filtered_from": kept_from.isoformat() if kept_from and span.first < kept_from else None,
@@ -647,30 +757,15 @@ def _hours(span: DateRange, tz: ZoneInfo) -> tuple[list[str], list[int]]:
     return labels, starts
 
 
-def _filtered_series(span: DateRange, labels: Sequence[str], per_day: dict[int, tuple[int, int]],
-                     per_hour: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+def _filtered_series(span: DateRange, labels: Sequence[str], per_day: Mapping[int | None, tuple[int, int]],
+                     per_hour: Mapping[int | None, tuple[int, int]]) -> list[dict[str, Any]]:
     if labels:
-        found = {hour: (views, people) for _, hour, views, people, *_ in per_hour}
+        found = per_hour
         return [{"time": label, "pageviews": found.get(index, (0, 0))[0], "visitors": found.get(index, (0, 0))[1]}
                 for index, label in enumerate(labels)]
     return [{"time": day.isoformat(), "pageviews": per_day.get(day_number(day), (0, 0))[0],
              "visitors": per_day.get(day_number(day), (0, 0))[1]}
             for day in (span.first + timedelta(days=n) for n in range(span.days))]
-
-
-async def filtered_totals(db: aiosqlite.Connection, domain: str, span: DateRange, filters: Sequence[Filter]
-                          ) -> Totals:
-    """The headline figures alone, for the previous period: one narrow pass over the rows
-    (cheaper than materializing them whole)."""
-    rows = await matching_rows(db, domain, span, filters)
-    found = list(await db.execute_fetchall(
-        "SELECT coalesce(sum(views), 0), coalesce(sum(people), 0), coalesce(sum(visits), 0), coalesce(sum(bounces), "
-        "0), coalesce(sum(duration), 0) FROM (SELECT count(*) AS views, count(DISTINCT r.visitor) AS people, "
-        "sum(r.id = r.visit) AS visits, sum(r.id = r.visit AND r.views = 1) AS bounces, sum(iif(r.id = r.visit, "
-        f"r.duration_ms, 0)) AS duration FROM pageview_rows r WHERE {rows.where} GROUP BY r.day)",
-        rows.params,
-    ))
-    return Totals(*found[0])
 
 
 # -- custom events ----------------------------------------------------------------------------------

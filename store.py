@@ -437,6 +437,16 @@ class Store:
         async with self._statistics.connection(may_refuse) as conn:
             yield conn
 
+    @asynccontextmanager
+    async def spare_reading(self, wanted: bool = True) -> AsyncIterator[aiosqlite.Connection | None]:
+        """For a request inside `reading()`: a second statistics connection if `wanted` and one
+        is idle right now (None otherwise; it never waits)."""
+        if not wanted or self._reader is None:
+            yield None
+            return
+        async with self._statistics.spare() as conn:
+            yield conn
+
     def statistics_load(self) -> dict[str, int]:
         """How many statistics requests hold a connection, and how many wait for one."""
         return self._statistics.load()
@@ -980,6 +990,17 @@ class _ReaderPool:
         finally:
             self._busy -= 1
             self._free.release()
+
+    @asynccontextmanager
+    async def spare(self) -> AsyncIterator[aiosqlite.Connection | None]:
+        """A connection if one is idle and no request waits for it, else None, at once: a
+        request that already holds one may share its work with it, and two such requests never
+        wait on each other."""
+        if self._free is None or self._free.locked():
+            yield None
+            return
+        async with self.connection(may_refuse=False) as conn:
+            yield conn
 
     def load(self) -> dict[str, int]:
         return {"connections": self._size, "busy": self._busy, "waiting": self._waiting}

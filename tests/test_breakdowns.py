@@ -30,17 +30,22 @@ import csv
 import hashlib
 import io
 import random
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import aiosqlite
 import pytest
 from conftest import Start
 from helpers import FakeClock, utc
 from test_event_stats import event
 from test_stats import seed
 
+import stats as stats_module
 from pathways import Event, time_uuid
+from store import DB_FILENAME
 
 NOW = utc(2025, 6, 10, 18)
 DK_FIREFOX = {"country": "DK", "browser": "Firefox", "os": "Linux", "device": "desktop"}
@@ -385,3 +390,41 @@ def assert_narrower(wider: dict[str, Any], narrower: dict[str, Any]) -> None:
             for count in ("pageviews", "visitors", "visits"):
                 if count in row:
                     assert row[count] <= wide[row[key]][count], (name, row)
+
+
+# -- one connection or two: the same answer --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed_number", [4])
+async def test_a_filtered_answer_shared_between_two_connections_is_the_one_connections(
+    data_dir: Path, seed_number: int
+) -> None:
+    """With a spare connection, each counts part of the days and what they find is added up
+    (the lists' top rows chosen after): the answer is the same as one connection's, for periods
+    whose days split across the traffic's two days and for short lists with ties."""
+    await seed(data_dir, [*traffic(seed_number), *events_of(seed_number)], tz="UTC")
+    now, tz = utc(2025, 6, 10, 20), ZoneInfo("UTC")
+    path = f"file:{data_dir / DB_FILENAME}?mode=ro"
+    async with aiosqlite.connect(path, uri=True) as db, aiosqlite.connect(path, uri=True) as spare:
+        compared = 0
+        for first, last in (("2025-06-09", "2025-06-10"), ("2025-06-08", "2025-06-11"), ("2025-06-10", "2025-06-10")):
+            span = stats_module.custom_range(first, last)
+            for texts in (["browser:Chrome"], ["page:/a"], ["country:DK", "device:mobile"], ["event:Signup"]):
+                filters = stats_module.parse_filters(texts)
+                for limit in (2, 100):
+                    alone = await stats_module.overview(db, "example.com", "custom", span, limit, now, tz, filters,
+                                                        "Signup")
+                    shared = await stats_module.overview(db, "example.com", "custom", span, limit, now, tz, filters,
+                                                         "Signup", spare)
+                    assert shared == alone, (first, last, texts, limit)
+                    compared += alone["totals"]["pageviews"]["value"] > 0
+    assert compared >= 20
+
+
+def events_of(seed_number: int) -> list[Event]:
+    """Signups of some of `traffic`'s visitors, a minute after one of their page views."""
+    signups = []
+    for seen in random.Random(seed_number).sample(traffic(seed_number), 40):
+        signup = event(seen.valid_time + timedelta(minutes=1), "", "Signup")
+        signups.append(replace(signup, payload={**signup.payload, "visitorHash": seen.payload["visitorHash"]}))
+    return signups

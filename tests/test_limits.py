@@ -267,6 +267,28 @@ async def test_statistics_wait_in_a_bounded_queue_and_page_views_go_on(start_col
     assert store.statistics_load()["busy"] == 0
 
 
+async def test_a_filtered_answer_takes_a_spare_connection_only_when_one_is_idle(
+    start_collector: Start, data_dir: Path
+) -> None:
+    """A filtered request shares its work with the other statistics connection if it is idle,
+    and never waits for it: two filtered requests at once each keep to their own."""
+    await seed(data_dir, FIXTURE)
+    client = await start_collector(clock=FakeClock(NOW), TIMEZONE=TZ)
+    store = client.app[STORE]
+    async with store.reading() as _:
+        async with store.spare_reading() as spare:
+            assert spare is not None and store.statistics_load()["busy"] == 2
+        async with store.spare_reading(wanted=False) as spare:
+            assert spare is None
+        async with store.reading() as _, store.spare_reading() as spare:
+            assert spare is None
+    path = "/api/stats?domain=example.com&period=7d&filter=page:/"
+    answers = await asyncio.gather(*(client.get(path) for _ in range(6)))
+    bodies = [await answer.json() for answer in answers]
+    assert [answer.status for answer in answers] == [200] * 6 and all(body == bodies[0] for body in bodies)
+    assert store.statistics_load()["busy"] == 0
+
+
 async def until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0)
