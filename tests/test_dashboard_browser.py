@@ -64,8 +64,8 @@ async def seed_drops(data_dir: Path) -> None:
 
 
 def filtered(dropped: dict[str, Any]) -> str:
-    """The dashboard's "Filtered" line for the API's dropped object (its renderFiltered, in Python)."""
-    text = f"Filtered: {dropped['total']:,} page view{'' if dropped['total'] == 1 else 's'} not counted"
+    """The dashboard's "Not counted" line for the API's dropped object (its renderFiltered, in Python)."""
+    text = f"Not counted: {dropped['total']:,} page view{'' if dropped['total'] == 1 else 's'}"
     reasons = [f"{reason} {count:,}" for reason, count in dropped["by_reason"].items() if count]
     if reasons:
         text += f" ({', '.join(reasons)})"
@@ -107,7 +107,7 @@ async def test_the_dashboard_asks_for_the_token_and_shows_the_api_numbers(
     await assert_shows(page, await api_stats(client, "example.com", "30d"))
     assert await page.locator("[data-change=pageviews]").text_content() == "—"  # nothing the 30 days before
     assert await page.locator("#filtered").text_content() == (
-        "Filtered: 1,203 page views not counted (bot 1,200, gpc 3); 7 for domains outside ALLOWED_DOMAINS (all sites)"
+        "Not counted: 1,203 page views (bot 1,200, gpc 3); 7 for domains outside ALLOWED_DOMAINS (all sites)"
         "; 2 for new domains beyond MAX_SITES (all sites).")
 
     await page.get_by_label("Period").select_option("7d")

@@ -87,7 +87,7 @@ async def test_an_empty_dashboard_welcomes_and_turns_into_the_dashboard_by_itsel
     await wait_loaded(page, "example.com", "30d")
     assert await welcome.is_hidden()
     assert await page.locator("[data-metric=pageviews]").text_content() == "1"
-    assert await page.locator("#filtered").text_content() == "Filtered: 2 page views not counted (bot 1, gpc 1)."
+    assert await page.locator("#filtered").text_content() == "Not counted: 2 page views (bot 1, gpc 1)."
     today = await page.locator("#chart svg circle title").last.text_content() or ""
     assert today.endswith(": 1 page view, 1 visitor")
     await page.screenshot(path=tmp_path / "first-pageview-375.png", full_page=True)
@@ -179,6 +179,6 @@ async def test_one_filtered_page_view_is_one_page_view(
     await page.get_by_label("Period").wait_for()
     await page.get_by_label("Period").select_option("today")
     await wait_loaded(page, "example.com", "today")
-    assert await page.locator("#filtered").text_content() == "Filtered: 1 page view not counted (bot 1)."
+    assert await page.locator("#filtered").text_content() == "Not counted: 1 page view (bot 1)."
     await context.close()
     assert errors.messages == []
