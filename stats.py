@@ -491,13 +491,6 @@ class RowSet:
     def params(self) -> tuple[Any, ...]:
         return (self.site, self.first, self.last, *self.condition_params)
 
-    @property
-    def sql(self) -> str:
-        """The rows, with every column a filtered answer counts."""
-        return ("SELECT r.day, r.ts_ms, r.visitor, r.id = r.visit AS first, r.views, r.duration_ms, r.exit, r.page, "
-                "r.source, r.country, r.browser, r.os, r.device, r.utm_source, r.utm_medium, r.utm_campaign, r.entry "
-                f"FROM pageview_rows r WHERE {self.where}")
-
 
 async def filter_conditions(db: aiosqlite.Connection, filters: Sequence[Filter]) -> tuple[str, tuple[Any, ...]]:
     """The filters as SQL over a raw row `r` (each joined with AND, after whatever precedes) and
