@@ -300,7 +300,7 @@ class View:
     utm_medium_id: int = 0
     utm_campaign_id: int = 0
     visit: int = 0
-    first: View | None = None  # the first page view of its visit (itself, for a first one)
+    first: View | None = None  # the first page view of its visit (None for a first one: itself)
     views: int = 0  # on a visit's first view: the visit's page views, its duration and its exit page
     duration: int = 0
     exit: int = 0
@@ -542,7 +542,7 @@ def advance(visitor: Visitor, view: View, tally: Tally) -> None:
         visitor.visit, visitor.visit_day, visitor.visit_views = view.id, day, 1
         first = visitor.first = view
         view.views, view.duration, view.exit, view.exit_path = 1, 0, view.page, view.pathname
-        view.visit, view.first = view.id, view
+        view.visit = view.id  # `first` stays None, meaning itself: a cycle would outlive the cache (collector.py)
         key = view.combination = _combination(view, view)
         counts = combinations[key]
         counts[0] += 1

@@ -19,8 +19,11 @@ The router runs as production runs it for our own events (`LocalSink`): `process
 checked=True)` in one write, since `write` checked their contract when they were accepted.
 `--validate` routes them through `Pathways.deliver` instead, which checks every event's
 contract again, as for events that come from outside (all this bench measured before it had the option).
+The garbage collector is set as the served process sets it once started
+(`collector.settle_garbage_collector`); `--default-gc` keeps CPython's defaults.
 
     python bench/router_bench.py [--events N] [--batch 500] [--version v1|v0] [--kind pageviews|events] [--validate]
+                                 [--default-gc]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from collector import settle_garbage_collector  # noqa: E402
 from pathways import VISITOR_EVENT, VISITOR_TRACKED, VISITOR_TRACKED_V1, Event, Pathways, time_uuid  # noqa: E402
 from readmodel import ReadModel  # noqa: E402
 from store import DB_FILENAME, Store  # noqa: E402
@@ -115,7 +119,7 @@ def io_counters() -> dict[str, int]:
 
 
 async def run(count: int, batch: int, kind: str = "pageviews", version: str = "v1",
-              validate: bool = False) -> dict[str, float]:
+              validate: bool = False, default_gc: bool = False) -> dict[str, float]:
     feed = events(count, random.Random(1), version)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / DB_FILENAME, ZoneInfo("UTC"))
@@ -134,6 +138,8 @@ async def run(count: int, batch: int, kind: str = "pageviews", version: str = "v
             checkpoint = sqlite3.connect(Path(tmp) / DB_FILENAME)  # the page views' WAL is not theirs to pay
             checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             checkpoint.close()
+        if not default_gc:
+            settle_garbage_collector()
         io_before, started, cpu = io_counters(), time.perf_counter(), time.process_time()
         for index in range(0, count, batch):
             if validate:
@@ -159,11 +165,13 @@ if __name__ == "__main__":
     parser.add_argument("--version", choices=("v1", "v0"), default="v1")
     parser.add_argument("--validate", action="store_true",
                         help="route through Pathways.deliver, checking every contract again")
+    parser.add_argument("--default-gc", action="store_true", help="CPython's garbage collector settings")
     arguments = parser.parse_args()
     figures = asyncio.run(run(arguments.events, arguments.batch, arguments.kind, arguments.version,
-                              arguments.validate))
+                              arguments.validate, arguments.default_gc))
     print(f"{figures['events_per_s']:,.0f} events/s, {figures['cpu_us_per_event']:.0f} µs CPU per event, "
           f"{figures['wchar_kb_per_event']:.1f} KB written per event (wchar; "
           f"{figures['write_bytes_kb_per_event']:.1f} KB write_bytes), batches of {arguments.batch}, "
           f"{arguments.kind}, visitor.tracked.{arguments.version}"
-          f"{', contracts checked again (deliver)' if arguments.validate else ', checked=True'}")
+          f"{', contracts checked again (deliver)' if arguments.validate else ', checked=True'}"
+          f"{', default gc' if arguments.default_gc else ''}")
