@@ -829,28 +829,41 @@ def parse_sites_limit(text: str | None) -> int:
     return int(text)
 
 
-SITE_COLUMNS = "SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats"
+# A site's days and page views, from each table that names sites: a site may have custom events
+# and no page view yet (the event tables then give its days, and 0 page views).
+SITE_SOURCES = ("SELECT domain, min(day), max(day), sum(pageviews) FROM daily_stats",
+                "SELECT domain, min(day), max(day), 0 FROM event_stats")
 
 
 async def sites(db: aiosqlite.Connection, limit: int, after: str = "", search: str = "") -> dict[str, Any]:
     """A page of the sites in domain order: those after the cursor `after` (the previous page's
-    `next`), whose domain contains `search`. The primary key (domain, day) gives the order, so a
-    page reads only its own sites' rows, however many sites there are. NO_SITE (received events
+    `next`), whose domain contains `search`. Each table's primary key (domain, day) gives the
+    order, so a page reads only its own sites' rows, however many sites there are: the first
+    `limit + 1` of each table hold the first `limit + 1` of both. NO_SITE (received events
     without a usable domain) comes after every other site, so the dashboard never opens on it."""
     if after == NO_SITE:
         return {"sites": [], "next": None}
     needle = search.lower()
-    rows = list(await db.execute_fetchall(
-        f"{SITE_COLUMNS} WHERE domain > ? AND domain != ? AND instr(domain, ?) > 0 GROUP BY domain "
-        "ORDER BY domain LIMIT ?",
-        (after, NO_SITE, needle, limit + 1),
-    ))
+    rows = await _site_rows(db, "domain > ? AND domain != ? AND instr(domain, ?) > 0", (after, NO_SITE, needle),
+                            limit + 1)
     if len(rows) <= limit:  # the last page of named sites: NO_SITE follows them
-        rows += await db.execute_fetchall(
-            f"{SITE_COLUMNS} WHERE domain = ? AND instr(domain, ?) > 0 GROUP BY domain", (NO_SITE, needle)
-        )
-    page = [{"domain": row[0], "first_day": row[1], "last_day": row[2], "pageviews": row[3]} for row in rows[:limit]]
+        rows += await _site_rows(db, "domain = ? AND instr(domain, ?) > 0", (NO_SITE, needle), 1)
+    page = [{"domain": domain, "first_day": first, "last_day": last, "pageviews": pageviews}
+            for domain, first, last, pageviews in rows[:limit]]
     return {"sites": page, "next": page[-1]["domain"] if len(rows) > limit else None}
+
+
+async def _site_rows(db: aiosqlite.Connection, where: str, params: tuple[str, ...],
+                     limit: int) -> list[tuple[str, str, str, int]]:
+    """The first `limit` sites that match, in domain order, each table's rows merged per domain."""
+    merged: dict[str, tuple[str, str, str, int]] = {}
+    for source in SITE_SOURCES:
+        query = f"{source} WHERE {where} GROUP BY domain ORDER BY domain LIMIT ?"
+        for domain, first, last, pageviews in await db.execute_fetchall(query, (*params, limit)):
+            if known := merged.get(domain):
+                first, last, pageviews = min(first, known[1]), max(last, known[2]), pageviews + known[3]
+            merged[domain] = (domain, first, last, pageviews)
+    return sorted(merged.values())[:limit]
 
 
 # -- export ----------------------------------------------------------------------------------------------

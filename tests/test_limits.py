@@ -214,6 +214,36 @@ async def test_the_sites_without_a_name_come_last_in_every_paging(start_collecto
     assert [site["domain"] for site in found["sites"]] == [NO_SITE]
 
 
+async def test_sites_with_custom_events_only_are_listed_and_their_days_count(
+        start_collector: Start, data_dir: Path) -> None:
+    """A site may send custom events before (or without) any page view: it is a site all the same,
+    in its place in every paging, and an event's day widens a site's first and last days."""
+    client = await start_collector(clock=FakeClock(DAY))  # its start-up makes the event tables
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    with conn:
+        conn.executemany("INSERT INTO daily_stats VALUES (?, ?, ?, 1, 1, 1, 0)",
+                         [("a.example", "2025-06-03", 2), ("c.example", "2025-06-04", 3), (NO_SITE, "2025-06-04", 1)])
+        conn.executemany("INSERT INTO event_stats VALUES (?, ?, 'Signup', 1, 1)",
+                         [("b.example", "2025-06-02"), ("c.example", "2025-06-01"), ("c.example", "2025-06-05"),
+                          ("d.example", "2025-06-04")])
+    conn.close()
+    expected = [("a.example", "2025-06-03", "2025-06-03", 2), ("b.example", "2025-06-02", "2025-06-02", 0),
+                ("c.example", "2025-06-01", "2025-06-05", 3), ("d.example", "2025-06-04", "2025-06-04", 0),
+                (NO_SITE, "2025-06-04", "2025-06-04", 1)]
+    for limit in (1, 2, 3, 100):
+        seen, after = [], None
+        while True:
+            params = {"limit": str(limit), **({"after": after} if after else {})}
+            page = await (await client.get("/api/sites", params=params)).json()
+            assert len(page["sites"]) <= limit
+            seen += [(site["domain"], site["first_day"], site["last_day"], site["pageviews"]) for site in page["sites"]]
+            if (after := page["next"]) is None:
+                break
+        assert seen == expected, limit
+    found = await (await client.get("/api/sites", params={"search": "b.ex"})).json()
+    assert [site["domain"] for site in found["sites"]] == ["b.example"]
+
+
 async def test_sites_can_be_searched(start_collector: Start, data_dir: Path) -> None:
     await schema(data_dir)
     many_sites(data_dir, 250)
