@@ -1344,7 +1344,7 @@ def serve(config: Config) -> int:
 
 # Young collections wait for this many new objects, not CPython's 700: a router batch makes and
 # drops hundreds of events' payloads and views at a time, and at 700 nearly every batch set off one
-# collection after another (docs/performance.md#the-garbage-collector).
+# collection after another (docs/performance.md#the-garbage-collector-issue-11-2026-12-02).
 YOUNG_GENERATION_THRESHOLD = 5_000
 
 

@@ -10,6 +10,10 @@ writer, aiosqlite's reader). Prints every round and the medians.
 
     python bench/compare.py before=/tmp/before after=. [--rounds 5] [--seconds 8] [--loop asyncio]
 
+With --gc each variant runs with bench/gcprobe on its PYTHONPATH, which times every garbage
+collection: the line gains the collector's CPU per page view (in the figures above) and its
+collections per generation.
+
 With --latency RATE it measures instead each variant's latency at RATE page views a second
 offered by bench/open_loop.py (p50, p99) and its read model's largest lag (from /health).
 """
@@ -18,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,6 +76,8 @@ class Figures:
     loop_us: float
     other_us: float
     per_commit: float
+    gc_us: float = math.nan
+    collections: list[int] = field(default_factory=list)
 
 
 def settings(variant: Variant, loop: str, work: Path, port: int) -> dict[str, str]:
@@ -76,26 +85,50 @@ def settings(variant: Variant, loop: str, work: Path, port: int) -> dict[str, st
             "LOG_LEVEL": "WARNING", "HOST": "127.0.0.1", "PORT": str(port), **variant.settings}
 
 
-def measure(variant: Variant, loop: str, seconds: float, connections: int, work: Path) -> Figures:
+GC_PROBE = run.BENCH / "gcprobe"
+
+
+def gc_totals(pid: int, probe: Path) -> dict[str, Any]:
+    """The garbage collector's totals so far in the process (bench/gcprobe/sitecustomize.py)."""
+    probe.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    run.wait_until(probe.exists, 10, "the garbage collector's totals")
+    totals: dict[str, Any] = json.loads(probe.read_text())
+    return totals
+
+
+def measure(variant: Variant, loop: str, seconds: float, connections: int, work: Path,
+            probe_gc: bool = False) -> Figures:
     port = run.free_port()
     url = f"http://127.0.0.1:{port}"
     script = str(variant.root / "collector.py")
-    with run.process([sys.executable, script], settings(variant, loop, work, port), url + "/health") as child:
+    env = settings(variant, loop, work, port)
+    probe = Path(env["DATA_DIR"]) / "gc-probe.json"
+    if probe_gc:
+        env |= {"PYTHONPATH": str(GC_PROBE), "GC_PROBE": str(probe)}
+    with run.process([sys.executable, script], env, url + "/health") as child:
         run.wrk(url, 2, connections)  # warm-up
         run.wait_until(lambda: run.drained(url), 600, "the read model catching up after the warm-up")
         before = run.get_json(url + "/health") or {}
+        gc_before = gc_totals(child.pid, probe) if probe_gc else None
         main0, other0 = thread_cpu(child.pid)
         measured = run.wrk(url, seconds, connections)
         after = run.get_json(url + "/health") or {}
         run.wait_until(lambda: run.drained(url), 600, "the read model catching up")
         main1, other1 = thread_cpu(child.pid)
+        gc_after = gc_totals(child.pid, probe) if probe_gc else None
     requests = measured.requests
     commits = after["group_commit"]["commits"] - before["group_commit"]["commits"]
     events = after["group_commit"]["events"] - before["group_commit"]["events"]
     if measured.errors or measured.non_2xx:
         print(f"  {variant.name}: {measured.errors} errors, {measured.non_2xx} answers not 2xx", file=sys.stderr)
     loop_us, other_us = (main1 - main0) / requests * 1e6, (other1 - other0) / requests * 1e6
-    return Figures(measured.rate, loop_us + other_us, loop_us, other_us, events / commits if commits else 0.0)
+    figures = Figures(measured.rate, loop_us + other_us, loop_us, other_us, events / commits if commits else 0.0)
+    if gc_before and gc_after:
+        figures.gc_us = (gc_after["seconds"] - gc_before["seconds"]) / requests * 1e6
+        figures.collections = [later - earlier for later, earlier
+                               in zip(gc_after["collections"], gc_before["collections"], strict=True)]
+    return figures
 
 
 def latency(variant: Variant, loop: str, rate: int, seconds: float, work: Path) -> dict[str, float]:
@@ -150,6 +183,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
     parser.add_argument("--no-bare", action="store_true", help="skip the bare app (no ratios)")
+    parser.add_argument("--gc", action="store_true", help="time the garbage collector too (bench/gcprobe)")
     parser.add_argument("--latency", type=int, metavar="RATE", help="open-loop latency at RATE page views/s instead")
     args = parser.parse_args()
     if args.latency:
@@ -166,10 +200,12 @@ def main() -> int:
                 print(f"round {round_number} bare: {ceiling.rps:7.0f}/s {ceiling.cpu_us:6.0f} µs", flush=True)
             order = args.variants if round_number % 2 else list(reversed(args.variants))
             for variant in order:
-                figures = measure(variant, args.loop, args.seconds, args.connections, Path(tmp))
+                figures = measure(variant, args.loop, args.seconds, args.connections, Path(tmp), args.gc)
                 results[variant.name].append(figures)
+                collected = (f", garbage collector {figures.gc_us:.1f} µs ({'/'.join(map(str, figures.collections))}"
+                             " collections, youngest first)" if args.gc else "")
                 print(f"round {round_number} {variant.name}: {figures.rps:7.0f}/s {figures.cpu_us:6.0f} µs "
-                      f"(loop {figures.loop_us:.0f}, other threads {figures.other_us:.0f}), "
+                      f"(loop {figures.loop_us:.0f}, other threads {figures.other_us:.0f}{collected}), "
                       f"{figures.per_commit:.1f} per commit, load {os.getloadavg()[0]:.1f}", flush=True)
     print("\nmedians:")
     bare_cpu = statistics.median(c.cpu_us for c in ceilings) if ceilings else None
@@ -181,7 +217,8 @@ def main() -> int:
         rps = statistics.median(r.rps for r in runs)
         line = (f"  {name}: {rps:.0f}/s, {cpu:.0f} µs CPU per page view (loop "
                 f"{statistics.median(r.loop_us for r in runs):.0f}, other threads "
-                f"{statistics.median(r.other_us for r in runs):.0f})")
+                f"{statistics.median(r.other_us for r in runs):.0f}"
+                + (f", garbage collector {statistics.median(r.gc_us for r in runs):.1f}" if args.gc else "") + ")")
         if bare_cpu and bare_rps:
             line += f"; {cpu / bare_cpu:.2f} × the bare app's CPU, {rps / bare_rps:.2f} of its throughput"
         print(line)
