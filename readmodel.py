@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 VISIT_GAP_MS = 30 * 60 * 1000
 DIRECT = "(direct)"
 UNKNOWN_SOURCE = "(unknown)"
-VISITOR_CACHE_SIZE = 10_000  # visitors whose day is kept in memory (about 300 bytes each)
+# Visitors whose day is kept in memory, about 2 KB each with their visit's first view (measured,
+# docs/performance.md#memory-after-1000000-page-views); one the cache has dropped is read back.
+VISITOR_CACHE_SIZE = 5_000
 SMALL_SEEN = 16  # sightings kept in a tuple (smaller than a set) before a visitor gets a set
 DIMS_CACHE_SIZE = 50_000  # dictionary entries kept in memory
 REBUILD_BATCH = 1000

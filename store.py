@@ -398,7 +398,7 @@ class Store:
             "PRAGMA journal_mode = WAL",
             "PRAGMA synchronous = NORMAL",
             f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
-            "PRAGMA cache_size = -16000",  # 16 MB: the read model's hot pages stay in memory
+            "PRAGMA cache_size = -8000",  # 8 MB: the read model's hot pages (16 MB: 9 MB more RSS, no CPU saved)
             # Deleted rows are zeroed in their page where that costs no extra I/O: a deleted
             # ephemeral salt must not linger in the file (forget_salts also truncates the WAL).
             "PRAGMA secure_delete = FAST",
