@@ -2,9 +2,10 @@
 
 Writes N logged page view events (default 200,000) over D days (30) across 5 sites straight
 into `event_log` and `pathway_state` (as live processing leaves them), then times
-maintenance.rebuild, which replays them through the real handler.
+maintenance.rebuild, which replays them through the real handler, with the garbage collector
+set as the command sets it (`collector.settle_garbage_collector`; `--default-gc`: CPython's).
 
-    python bench/rebuild_bench.py
+    python bench/rebuild_bench.py [--events 200000] [--days 30] [--default-gc]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from collector import settle_garbage_collector  # noqa: E402
 from maintenance import rebuild  # noqa: E402
 from store import DB_FILENAME, Store, iso_ms  # noqa: E402
 
@@ -66,17 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--default-gc", action="store_true", help="CPython's garbage collector settings")
     args = parser.parse_args()
     now = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="rebuild-bench-") as tmp:
         data_dir = Path(tmp)
         asyncio.run(migrate(data_dir))
         fill(data_dir / DB_FILENAME, events(args.events, args.days, now, random.Random(1)))
+        if not args.default_gc:
+            settle_garbage_collector()
         started = time.perf_counter()
         summary = asyncio.run(rebuild(data_dir, ZoneInfo("UTC"), now))
         seconds = time.perf_counter() - started
         print(f"rebuild: replayed {summary.replayed:,} events from {summary.from_day} in {seconds:.1f} s "
-              f"({summary.replayed / seconds:,.0f} events/s)")
+              f"({summary.replayed / seconds:,.0f} events/s){', default gc' if args.default_gc else ''}")
 
 
 if __name__ == "__main__":
