@@ -190,6 +190,19 @@ async def test_sites_come_in_pages_that_cover_every_site_once(start_collector: S
     assert seen == domains
 
 
+async def every_site(client: Any, limit: int) -> list[dict[str, Any]]:
+    """Every site, `limit` a page, following `next` to the end; no page longer than `limit`."""
+    seen: list[dict[str, Any]] = []
+    after = None
+    while True:
+        params = {"limit": str(limit), **({"after": after} if after else {})}
+        page = await (await client.get("/api/sites", params=params)).json()
+        assert len(page["sites"]) <= limit
+        seen += page["sites"]
+        if (after := page["next"]) is None:
+            return seen
+
+
 async def test_the_sites_without_a_name_come_last_in_every_paging(start_collector: Start, data_dir: Path) -> None:
     """NO_SITE ("(no site)", received events without a usable domain) sorts before letters, yet is
     listed after every named site, on the last page, whatever the page size."""
@@ -201,15 +214,7 @@ async def test_the_sites_without_a_name_come_last_in_every_paging(start_collecto
     conn.close()
     client = await start_collector(clock=FakeClock(DAY))
     for limit in (1, 2, 5, 6, 100):
-        seen, after = [], None
-        while True:
-            params = {"limit": str(limit), **({"after": after} if after else {})}
-            page = await (await client.get("/api/sites", params=params)).json()
-            assert len(page["sites"]) <= limit
-            seen += [site["domain"] for site in page["sites"]]
-            if (after := page["next"]) is None:
-                break
-        assert seen == [*domains, NO_SITE], limit
+        assert [site["domain"] for site in await every_site(client, limit)] == [*domains, NO_SITE], limit
     found = await (await client.get("/api/sites", params={"search": "no site"})).json()
     assert [site["domain"] for site in found["sites"]] == [NO_SITE]
 
@@ -231,14 +236,8 @@ async def test_sites_with_custom_events_only_are_listed_and_their_days_count(
                 ("c.example", "2025-06-01", "2025-06-05", 3), ("d.example", "2025-06-04", "2025-06-04", 0),
                 (NO_SITE, "2025-06-04", "2025-06-04", 1)]
     for limit in (1, 2, 3, 100):
-        seen, after = [], None
-        while True:
-            params = {"limit": str(limit), **({"after": after} if after else {})}
-            page = await (await client.get("/api/sites", params=params)).json()
-            assert len(page["sites"]) <= limit
-            seen += [(site["domain"], site["first_day"], site["last_day"], site["pageviews"]) for site in page["sites"]]
-            if (after := page["next"]) is None:
-                break
+        seen = [(site["domain"], site["first_day"], site["last_day"], site["pageviews"])
+                for site in await every_site(client, limit)]
         assert seen == expected, limit
     found = await (await client.get("/api/sites", params={"search": "b.ex"})).json()
     assert [site["domain"] for site in found["sites"]] == ["b.example"]
